@@ -1,0 +1,101 @@
+"""The `ttc` command: run recipes, validate them, and (later) merge, evaluate, compare, launch.
+
+    ttc run recipes/SmolLM2-135M-Instruct/best_of_n.yaml --set n=8
+
+Commands are thin; heavy imports (torch, transformers, mlflow) happen inside their bodies so that
+`ttc --help` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+
+SET_HELP = "Override a recipe field: --set key=value (repeatable; values read as YAML)."
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _recipe(path: str, overrides: list[str]):
+    from .config import RecipeError, load_recipe
+
+    try:
+        return load_recipe(path, overrides)
+    except RecipeError as err:
+        _fail(str(err))
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+def validate(recipe: str = typer.Argument(..., help="Recipe YAML."),
+             set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+             show: bool = typer.Option(False, help="Print the resolved recipe.")) -> None:
+    """Check a recipe (fields, types, cross-field rules) without loading anything."""
+    from .config import recipe_yaml
+
+    r = _recipe(recipe, set_)
+    typer.echo(recipe_yaml(r) if show else f"ok: {recipe} ({r.approach}, n={r.n}, model={r.model_path})")
+
+
+@app.command()
+def run(recipe: str = typer.Argument(..., help="Recipe YAML."),
+        set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+        chunk: Optional[int] = typer.Option(None, help="This process's chunk (0-based)."),
+        num_chunks: Optional[int] = typer.Option(None, help="Chunks the problem set is split into."),
+        parent_run_id: Optional[str] = typer.Option(None, help="Log under this parent run."),
+        progress: bool = typer.Option(True, help="Show a progress bar.")) -> None:
+    """Run a search recipe (one chunk of it) as an MLflow child run under its configuration's parent."""
+    from .config import RecipeError
+
+    extra = [f"{k}={v}" for k, v in (("chunk", chunk), ("num_chunks", num_chunks), ("parent_run_id", parent_run_id)) if v is not None]
+    r = _recipe(recipe, [*set_, *extra])
+    from .runner import run_chunk
+
+    try:
+        result = run_chunk(r, progress=progress)
+    except RecipeError as err:
+        _fail(str(err))
+    _summary(r, result)
+
+
+def _summary(recipe, result) -> None:
+    from . import tracking
+
+    m = result.metrics
+    if result.skipped:
+        typer.echo(f"chunk already finished in run {result.run_id}: nothing to do")
+    acc = m.get(tracking.M_ACC_SELECTED)
+    rows = [
+        ("strategy", f"{recipe.approach} (n={recipe.n}, model={recipe.model_path})"),
+        ("problems", f"{len(result.records)}" + (f" ({result.resumed_from} from checkpoint)" if result.resumed_from and not result.skipped else "")),
+        ("accuracy (selected)", "n/a" if acc is None else f"{acc:.3f}"),
+        ("completion tokens", f"{m.get(tracking.M_COMPLETION_TOKENS, 0):.0f}"),
+        ("tokens/s", f"{m.get(tracking.M_TOKENS_PER_S, 0):.1f}"),
+        ("wall time", f"{m.get(tracking.M_WALL_S, 0):.1f} s"),
+        ("chunk run", result.run_id),
+        ("parent run", result.parent_run_id),
+        ("tracking", tracking.tracking_uri()),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        typer.echo(f"{k:<{width}}  {v}")
+    typer.echo(f"open: mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+
+
+if __name__ == "__main__":
+    app()

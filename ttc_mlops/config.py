@@ -1,0 +1,220 @@
+"""The one validated config of a search run.
+
+    ttc validate recipes/SmolLM2-135M-Instruct/best_of_n.yaml --set n=8
+
+Keys are exactly the `Recipe` field names, and follow huggingface/search-and-learn so its recipe
+files load unchanged. YAML sets values, `--set key=value` overrides them. Validation is pure (no
+I/O): whatever needs the disk or the network (dataset files, model directories) is checked by
+`preflight` in the CLI, still before any model loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+BUILTIN_DATASET = "builtin:math-mini"
+STEP_DELIMITER = "\n\n"
+
+SAL_SYSTEM_PROMPT = (
+    "Solve the following math problem efficiently and clearly:\n\n"
+    "- For simple problems (2 steps or fewer):\nProvide a concise solution with minimal explanation.\n\n"
+    "- For complex problems (3 steps or more):\nUse this step-by-step format:\n\n"
+    "## Step 1: [Concise description]\n[Brief explanation and calculations]\n\n"
+    "## Step 2: [Concise description]\n[Brief explanation and calculations]\n\n"
+    "...\n\n"
+    "Regardless of the approach, always conclude with:\n\n"
+    "Therefore, the final answer is: $\\boxed{answer}$. I hope it is correct.\n\n"
+    "Where [answer] is just the final number or expression that solves the problem."
+)
+
+# Fields that only say which slice of the data a process handles; a search configuration (and so
+# its parent run) is the recipe minus these.
+CHUNK_FIELDS = ("dataset_start", "dataset_end", "chunk", "num_chunks", "output_dir", "parent_run_id")
+# Fields that change nothing in the records a run produces.
+NON_RESULT_FIELDS = CHUNK_FIELDS + (
+    "push_to_hub", "hub_dataset_id", "hub_dataset_private", "overwrite_hub_revision",
+    "num_proc", "experiment_name", "search_batch_size", "prm_batch_size", "gpu_memory_utilization",
+)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: the message names the field, the value and what is expected."""
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    # --- search (the symbols of Snell et al. / search-and-learn)
+    approach: Literal["best_of_n", "beam_search", "dvts"] = "best_of_n"
+    n: int = Field(4, ge=1)  # N, completions per problem (the test-time compute budget)
+    beam_width: int = Field(4, ge=1)  # M, expansions kept per beam
+    num_iterations: int = Field(40, ge=1)  # maximum search depth, in steps
+    lookahead: int = Field(0, ge=0)  # greedy steps rolled out before scoring (k)
+    agg_strategy: Literal["last", "min", "prod", "mean"] = "last"  # step scores -> one score
+    filter_duplicates: bool = False  # drop identical partial solutions before selection
+    sort_completed: bool = False  # rank finished beams by score instead of finish order
+    apply_voting: bool = True  # evaluate majority / weighted voting besides the naive choice
+
+    # --- sampling
+    temperature: float = Field(0.8, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(2048, ge=1)  # per completion (per step bound in step-level search)
+    seed: int = 42
+    system_prompt: str = SAL_SYSTEM_PROMPT
+    custom_chat_template: str | None = None  # Jinja; None keeps the tokenizer's own
+
+    # --- models
+    model_path: str = "meta-llama/Llama-3.2-1B-Instruct"  # Hub id, local dir or EMBEDDED_MODEL
+    prm_path: str = "RLHFlow/Llama3.1-8B-PRM-Deepseek-Data"
+    prm_family: str | None = None  # overrides the family looked up from prm_path
+    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    trust_remote_code: bool = False  # remote model code runs only when the recipe says so
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)  # vLLM's share, the PRM gets the rest
+    search_batch_size: int = Field(25, ge=1)  # problems searched together (one generate call each step)
+    prm_batch_size: int = Field(4, ge=1)  # sequences per PRM forward pass
+
+    # --- data
+    dataset_name: str = "HuggingFaceH4/MATH-500"  # Hub id, local .jsonl/.json/.parquet, or BUILTIN_DATASET
+    dataset_config: str | None = None
+    dataset_split: str = "test"
+    dataset_start: int | None = Field(None, ge=0)
+    dataset_end: int | None = Field(None, ge=1)
+    num_samples: int | None = Field(None, ge=1)
+    chunk: int | None = Field(None, ge=0)  # this process's chunk, 0-based
+    num_chunks: int | None = Field(None, ge=1)
+
+    # --- tracking and outputs
+    experiment_name: str | None = None  # None: derived from the dataset name
+    parent_run_id: str | None = None
+    output_dir: str | None = None
+    num_proc: int | None = Field(None, ge=1)
+    push_to_hub: bool = False
+    hub_dataset_id: str | None = None
+    hub_dataset_private: bool = False
+    overwrite_hub_revision: bool = False
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "Recipe":
+        if self.approach in ("beam_search", "dvts"):
+            if self.beam_width > self.n:
+                raise ValueError(f"beam_width={self.beam_width} is larger than n={self.n}; "
+                                 f"{self.approach} keeps n / beam_width beams")
+            if self.n % self.beam_width:
+                raise ValueError(f"n={self.n} is not a multiple of beam_width={self.beam_width} "
+                                 f"({self.approach} splits n into n / beam_width beams)")
+        if self.dataset_start is not None and self.dataset_end is not None:
+            if self.dataset_end <= self.dataset_start:
+                raise ValueError(f"dataset_end={self.dataset_end} must be greater than "
+                                 f"dataset_start={self.dataset_start}")
+        if (self.chunk is None) != (self.num_chunks is None):
+            raise ValueError(f"chunk={self.chunk} and num_chunks={self.num_chunks} go together")
+        if self.chunk is not None and self.chunk >= self.num_chunks:
+            raise ValueError(f"chunk={self.chunk} must be below num_chunks={self.num_chunks}")
+        if self.chunk is not None and (self.dataset_start is not None or self.dataset_end is not None):
+            raise ValueError("use either chunk/num_chunks or dataset_start/dataset_end, not both")
+        for field in ("model_path", "prm_path"):
+            value = getattr(self, field)
+            if not looks_like_model_ref(value):
+                raise ValueError(f"{field}={value!r} is neither a Hub id (org/name), a local "
+                                 f"directory path, nor {EMBEDDED_MODEL!r}")
+        if self.push_to_hub and not self.hub_dataset_id:
+            raise ValueError("push_to_hub=true needs hub_dataset_id (org/name)")
+        return self
+
+    # --- derived values, never stored twice
+    @property
+    def search_key(self) -> str:
+        """A short, deterministic id of the search configuration (the recipe minus chunk fields)."""
+        payload = json.dumps(self.result_params(), sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def result_params(self) -> dict[str, Any]:
+        """The fields that decide the records (what a parent run is keyed on)."""
+        return {k: v for k, v in self.model_dump().items() if k not in NON_RESULT_FIELDS}
+
+    @property
+    def dataset_label(self) -> str:
+        name = self.dataset_name.rstrip("/").split("/")[-1].split(":")[-1]
+        return re.sub(r"\.(jsonl|json|parquet)$", "", name)
+
+    @property
+    def model_label(self) -> str:
+        return self.model_path.rstrip("/").split("/")[-1].split(":")[-1]
+
+
+def looks_like_model_ref(value: str) -> bool:
+    """A syntactic check only: whether a directory exists is preflight's job."""
+    if value == EMBEDDED_MODEL:
+        return True
+    if value.startswith(("/", "./", "../", "~")) or Path(value).suffix == "" and value.count("/") > 1:
+        return True
+    return bool(_HUB_ID.match(value))
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "recipe"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key {loc!r} in {source} (not a Recipe field)")
+        elif e["type"] == "value_error" and not e["loc"]:
+            lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"{loc}={e.get('input')!r} in {source}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key=value`; the value is read as YAML so `n=8`, `seed=null`, `filter_duplicates=true` work."""
+    if "=" not in item:
+        raise RecipeError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    # Text fields keep the text as typed ("system_prompt=1" is the string "1").
+    if key in Recipe.model_fields and Recipe.model_fields[key].annotation in (str, str | None):
+        value = raw if value is not None else None
+    return key, value
+
+
+def build_recipe(data: dict[str, Any], overrides: list[str] | dict[str, Any] = (), source: str = "recipe") -> Recipe:
+    merged = dict(data)
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
+    for key, value in items:
+        merged[key] = value
+    try:
+        return Recipe(**merged)
+    except ValidationError as err:
+        raise RecipeError(_format_error(err, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe={str(path)!r}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe={str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe={str(path)!r} must be a mapping of Recipe fields, got {type(data).__name__}")
+    return build_recipe(data, overrides, source=str(path))
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(), sort_keys=False, allow_unicode=True, width=100)

@@ -1,0 +1,187 @@
+"""Problems: from the Hub, a local file, or the built-in set; stable ids; slices and chunks.
+
+    python -c "from ttc_mlops.data import builtin_problems; print(len(builtin_problems()))"
+
+The problem set of a recipe is the dataset, cut to its first `num_samples` rows; a process then
+handles either `dataset_start:dataset_end` of it or chunk `chunk` of `num_chunks` (equal-sized up to
+one row, covering every row exactly once). A problem's id is the data's `unique_id` where it has
+one, else `<dataset>/<row index>`: never the text, so duplicate problems do not collide.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from .config import BUILTIN_DATASET, Recipe, RecipeError
+
+log = logging.getLogger(__name__)
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class Problem:
+    problem_id: str
+    problem: str
+    answer: str | None  # gold answer, as written in the data
+    level: int | None = None
+    subject: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# A few dozen problems with MATH-style answers of every common form (integers, fractions,
+# radicals, tuples, intervals, text), small enough for a 135M model to get some right.
+_BUILTIN: list[tuple[str, str, int, str]] = [
+    ("What is $2 + 3$?", "5", 1, "Prealgebra"),
+    ("What is $7 \\times 8$?", "56", 1, "Prealgebra"),
+    ("What is $100 - 37$?", "63", 1, "Prealgebra"),
+    ("Compute $12 \\div 4$.", "3", 1, "Prealgebra"),
+    ("What is $3^4$?", "81", 1, "Prealgebra"),
+    ("Solve for $x$: $x + 7 = 12$.", "5", 1, "Algebra"),
+    ("Solve for $x$: $3x = 27$.", "9", 1, "Algebra"),
+    ("What is $\\frac{1}{2} + \\frac{1}{3}$? Express your answer as a common fraction.", "\\frac{5}{6}", 2, "Prealgebra"),
+    ("What is $\\frac{3}{4} \\cdot \\frac{2}{9}$? Express your answer as a common fraction.", "\\frac{1}{6}", 2, "Prealgebra"),
+    ("What is $0.25$ written as a common fraction in lowest terms?", "\\frac{1}{4}", 1, "Prealgebra"),
+    ("Simplify $\\sqrt{50}$.", "5\\sqrt{2}", 2, "Algebra"),
+    ("Simplify $\\sqrt{12}$.", "2\\sqrt{3}", 2, "Algebra"),
+    ("What is the length of the hypotenuse of a right triangle with legs $1$ and $1$?", "\\sqrt{2}", 2, "Geometry"),
+    ("What is the sum of the interior angles of a triangle, in degrees?", "180", 1, "Geometry"),
+    ("What is the area of a rectangle with side lengths $6$ and $7$?", "42", 1, "Geometry"),
+    ("What is the perimeter of a square with side length $9$?", "36", 1, "Geometry"),
+    ("What is the midpoint of the segment from $(0,0)$ to $(4,6)$? Give your answer as an ordered pair.", "(2,3)", 2, "Algebra"),
+    ("Solve the system $x + y = 5$, $x - y = 1$. Give your answer as an ordered pair $(x,y)$.", "(3,2)", 2, "Algebra"),
+    ("Solve the inequality $2x - 4 > 0$. Express your answer in interval notation.", "(2,\\infty)", 3, "Algebra"),
+    ("For which $x$ is $x^2 \\le 9$? Express your answer in interval notation.", "[-3,3]", 3, "Algebra"),
+    ("What is the greatest common divisor of $12$ and $18$?", "6", 1, "Number Theory"),
+    ("What is the least common multiple of $4$ and $6$?", "12", 1, "Number Theory"),
+    ("What is the remainder when $17$ is divided by $5$?", "2", 1, "Number Theory"),
+    ("How many positive divisors does $12$ have?", "6", 2, "Number Theory"),
+    ("What is the smallest prime number greater than $20$?", "23", 1, "Number Theory"),
+    ("How many ways can you arrange the letters of the word CAT?", "6", 2, "Counting & Probability"),
+    ("A fair coin is flipped twice. What is the probability of getting two heads? Express your answer as a common fraction.", "\\frac{1}{4}", 2, "Counting & Probability"),
+    ("What is $\\binom{5}{2}$?", "10", 2, "Counting & Probability"),
+    ("What is the value of $\\sin(90^\\circ)$?", "1", 1, "Precalculus"),
+    ("What is $\\log_2 8$?", "3", 2, "Intermediate Algebra"),
+    ("Solve for $x$: $x^2 = 16$ with $x > 0$.", "4", 1, "Algebra"),
+    ("If $f(x) = 2x + 1$, what is $f(3)$?", "7", 1, "Algebra"),
+    ("What is the slope of the line through $(1,2)$ and $(3,6)$?", "2", 2, "Algebra"),
+    ("Which day of the week comes two days after Monday?", "\\text{Wednesday}", 1, "Prealgebra"),
+    ("Is $15$ even or odd? Answer with the word.", "\\text{odd}", 1, "Number Theory"),
+    ("What is $15\\%$ of $200$?", "30", 1, "Prealgebra"),
+]
+
+
+def builtin_problems() -> list[Problem]:
+    return [Problem(f"builtin/{i:03d}", p, a, level, subject) for i, (p, a, level, subject) in enumerate(_BUILTIN)]
+
+
+def is_local_dataset(name: str) -> bool:
+    return name.endswith(LOCAL_SUFFIXES) or name.startswith(("/", "./", "../", "~"))
+
+
+def _gold_answer(row: dict[str, Any]) -> str | None:
+    from .grading import last_boxed  # light: no math-verify import
+
+    answer = row.get("answer")
+    if isinstance(answer, str) and "####" in answer:  # GSM8K: worked solution, then "#### 18"
+        return answer.rsplit("####", 1)[1].strip().replace(",", "")
+    if answer is not None:
+        return str(answer)
+    if isinstance(row.get("solution"), str):
+        return last_boxed(row["solution"])
+    return None
+
+
+def _level(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    digits = "".join(c for c in str(value) if c.isdigit())  # MATH writes "Level 3"
+    return int(digits) if digits else None
+
+
+def rows_to_problems(rows: Iterable[dict[str, Any]], label: str) -> list[Problem]:
+    problems = []
+    for index, row in enumerate(rows):
+        text = row.get("problem", row.get("question"))
+        if not isinstance(text, str):
+            raise RecipeError(f"dataset {label!r} row {index} has no 'problem' or 'question' text field "
+                              f"(fields: {sorted(row)})")
+        problem_id = str(row["unique_id"]) if row.get("unique_id") is not None else f"{label}/{index}"
+        subject = row.get("subject", row.get("type"))
+        problems.append(Problem(problem_id, text, _gold_answer(row), _level(row.get("level")), subject))
+    ids = [p.problem_id for p in problems]
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise RecipeError(f"dataset {label!r} has duplicate unique_id values: {dupes}")
+    return problems
+
+
+def _read_local(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".parquet":
+        import pandas as pd
+
+        return pd.read_parquet(path).to_dict("records")
+    text = path.read_text()
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        return json.loads(text)
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise RecipeError(f"dataset_name={str(path)!r}: line {lineno} is not JSON ({err})") from None
+    return rows
+
+
+def load_dataset_problems(recipe: Recipe) -> list[Problem]:
+    """The whole problem set of the recipe (before any chunking)."""
+    name = recipe.dataset_name
+    if name == BUILTIN_DATASET:
+        problems = builtin_problems()
+    elif is_local_dataset(name):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise RecipeError(f"dataset_name={name!r}: no such file (expected a local "
+                              f".jsonl/.json/.parquet file, a Hub dataset id, or {BUILTIN_DATASET!r})")
+        problems = rows_to_problems(_read_local(path), recipe.dataset_label)
+    else:
+        import datasets
+
+        ds = datasets.load_dataset(name, recipe.dataset_config, split=recipe.dataset_split)
+        problems = rows_to_problems(ds, recipe.dataset_label)
+    if recipe.num_samples is not None:
+        problems = problems[: recipe.num_samples]
+    return problems
+
+
+def chunk_bounds(size: int, chunk: int, num_chunks: int) -> tuple[int, int]:
+    """Rows [start, end) of chunk `chunk` of `num_chunks`: sizes differ by at most one, none past the end."""
+    if num_chunks > size:
+        raise RecipeError(f"num_chunks={num_chunks} is larger than the {size} problems of the dataset")
+    return chunk * size // num_chunks, (chunk + 1) * size // num_chunks
+
+
+def row_range(size: int, recipe: Recipe) -> tuple[int, int]:
+    """Rows [start, end) of the problem set that this process handles."""
+    if recipe.chunk is not None:
+        return chunk_bounds(size, recipe.chunk, recipe.num_chunks)
+    start = recipe.dataset_start or 0
+    if start >= size:
+        raise RecipeError(f"dataset_start={start} is past the end of the dataset ({size} problems)")
+    end = size if recipe.dataset_end is None else min(recipe.dataset_end, size)
+    return start, end
+
+
+def load_problems(recipe: Recipe) -> list[Problem]:
+    problems = load_dataset_problems(recipe)
+    start, end = row_range(len(problems), recipe)
+    return problems[start:end]

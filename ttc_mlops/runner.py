@@ -1,0 +1,183 @@
+"""Running one chunk of a recipe as an MLflow child run: preflight, search, checkpoint, metrics.
+
+    ttc run recipes/SmolLM2-135M-Instruct/best_of_n.yaml --set num_samples=4
+
+Records are checkpointed to the chunk run after every search batch, so a chunk that dies part-way
+continues from the problems already saved when it is run again; a chunk whose run finished is not
+run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from .config import Recipe, RecipeError
+from .data import Problem, load_dataset_problems, row_range
+from .grading import is_equiv
+from .records import Record
+
+log = logging.getLogger(__name__)
+
+
+def preflight(recipe: Recipe) -> list[Problem]:
+    """Everything that can be checked before a model loads (may touch disk, never loads a model).
+    Returns the whole problem set."""
+    from .models import check_model_ref
+    from .prm.registry import family_for
+
+    check_model_ref("model_path", recipe.model_path)
+    check_model_ref("prm_path", recipe.prm_path)
+    family_for(recipe.prm_path, recipe.prm_family)
+    if recipe.backend == "vllm":
+        from .policy import vllm as vllm_backend
+
+        usable, why = vllm_backend.available(recipe)
+        if not usable:
+            raise RecipeError(f"backend='vllm' but vLLM cannot run here: {why}")
+    problems = load_dataset_problems(recipe)
+    row_range(len(problems), recipe)  # dataset_start past the end, too many chunks
+    return problems
+
+
+@dataclass
+class Meter:
+    """Wraps a policy and a PRM to count calls, tokens and seconds without the strategies knowing."""
+    policy: object
+    prm: object
+    generate_calls: int = 0
+    completion_tokens: int = 0
+    gen_s: float = 0.0
+    prm_calls: int = 0
+    prm_s: float = 0.0
+    history: list = field(default_factory=list)
+
+    def chat_prompt(self, system: str, user: str) -> str:
+        return self.policy.chat_prompt(system, user)
+
+    def generate(self, prompts, sampling, seeds):
+        t = time.perf_counter()
+        gens = self.policy.generate(prompts, sampling, seeds)
+        self.gen_s += time.perf_counter() - t
+        self.generate_calls += 1
+        self.completion_tokens += sum(g.num_tokens for g in gens)
+        return gens
+
+    def score(self, problems, completions):
+        t = time.perf_counter()
+        scores = self.prm.score(problems, completions)
+        self.prm_s += time.perf_counter() - t
+        self.prm_calls += 1
+        return scores
+
+    @property
+    def name(self) -> str:
+        return getattr(self.policy, "name", "policy")
+
+    @property
+    def prm_tokens(self) -> int | None:
+        return getattr(self.prm, "tokens_processed", None)
+
+
+@dataclass
+class ChunkResult:
+    run_id: str
+    parent_run_id: str
+    records: list[Record]
+    skipped: bool  # the chunk had finished before: nothing was run
+    resumed_from: int  # records found in a checkpoint
+    metrics: dict[str, float]
+
+
+def accuracy(records: list[Record]) -> float | None:
+    graded = [is_equiv(r.pred, r.answer) for r in records]
+    graded = [g for g in graded if g is not None]
+    return sum(graded) / len(graded) if graded else None
+
+
+def run_chunk(recipe: Recipe, policy=None, prm=None, progress: bool = True) -> ChunkResult:
+    """Run (or resume, or skip) this process's chunk. `policy` / `prm` default to the recipe's."""
+    from . import tracking
+    from .search import STRATEGIES
+
+    all_problems = preflight(recipe)
+    start, end = row_range(len(all_problems), recipe)
+    problems = all_problems[start:end]
+    experiment_id = tracking.ensure_experiment(tracking.experiment_name(recipe))
+    parent_id = tracking.find_or_create_parent(recipe, experiment_id)
+    artifact = tracking.chunk_artifact(start, end)
+
+    existing = tracking.find_chunk_run(parent_id, start, end)
+    done: list[Record] = []
+    if existing is not None and existing.info.status == "FINISHED":
+        log.info("rows %d:%d already finished in run %s; nothing to do", start, end, existing.info.run_id)
+        records = tracking.load_records(existing.info.run_id, artifact) or []
+        return ChunkResult(existing.info.run_id, parent_id, records, True, len(records), dict(existing.data.metrics))
+    if existing is not None:
+        run_id = existing.info.run_id
+        done = tracking.load_records(run_id, artifact) or []
+        tracking.reopen(run_id)
+        log.info("resuming rows %d:%d in run %s from %d saved problems", start, end, run_id, len(done))
+    else:
+        run_id = tracking.create_chunk_run(parent_id, recipe, start, end, len(all_problems))
+
+    try:
+        records, metrics = _search(recipe, problems, done, run_id, artifact, policy, prm, progress, STRATEGIES[recipe.approach])
+    except BaseException:
+        tracking.set_status(run_id, "FAILED")  # the checkpointed records stay on the run
+        raise
+    tracking.set_status(run_id, "FINISHED")
+    return ChunkResult(run_id, parent_id, records, False, len(done), metrics)
+
+
+def _search(recipe, problems, done, run_id, artifact, policy, prm, progress, strategy) -> tuple[list[Record], dict]:
+    from tqdm.auto import tqdm
+
+    from . import tracking
+
+    saved = {r.problem_id for r in done}
+    todo = [p for p in problems if p.problem_id not in saved]
+    records = {r.problem_id: r for r in done}
+    if todo:
+        if policy is None:
+            from .policy import load_policy
+
+            policy = load_policy(recipe)
+        if prm is None:
+            from .prm import load_prm
+
+            prm = load_prm(recipe)
+    meter = Meter(policy, prm)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(problems), initial=len(done), unit="problem", disable=not progress, desc=recipe.approach)
+    for i in range(0, len(todo), recipe.search_batch_size):
+        batch = todo[i : i + recipe.search_batch_size]
+        for record in strategy(batch, meter, prm=meter, recipe=recipe):
+            records[record.problem_id] = record
+        ordered = [records[p.problem_id] for p in problems if p.problem_id in records]
+        tracking.log_records(run_id, ordered, artifact)  # checkpoint
+        elapsed = time.perf_counter() - t0
+        bar.update(len(batch))
+        bar.set_postfix(tok_s=f"{meter.completion_tokens / max(elapsed, 1e-9):.0f}")
+    bar.close()
+    wall = time.perf_counter() - t0
+    ordered = [records[p.problem_id] for p in problems]
+    tokens = sum(t for r in ordered for t in r.completion_tokens if t is not None)
+    metrics = {
+        tracking.M_PROBLEMS: len(ordered),
+        tracking.M_COMPLETION_TOKENS: tokens,
+        tracking.M_WALL_S: wall,
+        tracking.M_TOKENS_PER_S: meter.completion_tokens / wall if wall > 0 else 0.0,
+        tracking.M_ACC_SELECTED: accuracy(ordered),
+        "generate_calls": meter.generate_calls,
+        "gen_s": meter.gen_s,
+        "prm_s": meter.prm_s,
+        "other_s": max(wall - meter.gen_s - meter.prm_s, 0.0),
+        "prm_tokens": meter.prm_tokens,
+    }
+    if not todo:
+        tracking.log_records(run_id, ordered, artifact)
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    tracking.log_metrics(run_id, metrics)
+    return ordered, metrics

@@ -1,0 +1,12 @@
+"""Search strategies: each a function (problems, policy, prm, recipe) -> one Record per problem.
+
+    python -c "from ttc_mlops.search import STRATEGIES; print(sorted(STRATEGIES))"
+"""
+
+from __future__ import annotations
+
+from .best_of_n import best_of_n
+
+STRATEGIES = {
+    "best_of_n": best_of_n,
+}
