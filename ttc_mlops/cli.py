@@ -58,12 +58,15 @@ def run(recipe: str = typer.Argument(..., help="Recipe YAML."),
         chunk: Optional[int] = typer.Option(None, help="This process's chunk (0-based)."),
         num_chunks: Optional[int] = typer.Option(None, help="Chunks the problem set is split into."),
         parent_run_id: Optional[str] = typer.Option(None, help="Log under this parent run."),
+        overrides: str = typer.Option("", help="Overrides in one string, 'n=8 seed=1' (MLproject's `set`)."),
         progress: bool = typer.Option(True, help="Show a progress bar.")) -> None:
     """Run a search recipe (one chunk of it) as an MLflow child run under its configuration's parent."""
+    import shlex
+
     from .config import RecipeError
 
     extra = [f"{k}={v}" for k, v in (("chunk", chunk), ("num_chunks", num_chunks), ("parent_run_id", parent_run_id)) if v is not None]
-    r = _recipe(recipe, [*set_, *extra])
+    r = _recipe(recipe, [*shlex.split(overrides), *set_, *extra])
     from .runner import run_chunk
 
     try:

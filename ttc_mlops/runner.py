@@ -26,6 +26,10 @@ def preflight(recipe: Recipe) -> list[Problem]:
     Returns the whole problem set."""
     from .models import check_model_ref
     from .prm.registry import family_for
+    from .search import STRATEGIES
+
+    if recipe.approach not in STRATEGIES:
+        raise RecipeError(f"approach={recipe.approach!r} is not implemented yet (available: {sorted(STRATEGIES)})")
 
     check_model_ref("model_path", recipe.model_path)
     check_model_ref("prm_path", recipe.prm_path)

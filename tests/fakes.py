@@ -1,0 +1,65 @@
+"""Deterministic fakes that satisfy the Policy and PRM protocols (no torch needed).
+
+FakePolicy continues a prompt with a solution drawn from the problem's script by the request's
+seed (so seeds matter and are reproducible). FakePRM scores a step from its text: a step holding
+"[s=0.7]" scores 0.7, any other 0.5; the right winner is obvious from the text.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from ttc_mlops.policy import Generation, Sampling
+
+PROMPT_SEP = "\nA: "
+
+
+class FakePolicy:
+    name = "fake-policy"
+
+    def __init__(self, script: dict[str, list[str]], steps: bool = False):
+        self.script = script  # problem text -> candidate full solutions
+        self.steps = steps
+        self.calls: list[list[str]] = []
+
+    def chat_prompt(self, system: str, user: str) -> str:
+        return f"{system}\nQ: {user}{PROMPT_SEP}"
+
+    def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[Generation]:
+        self.calls.append(list(prompts))
+        out = []
+        for prompt, seed in zip(prompts, seeds):
+            head, prefix = prompt.split(PROMPT_SEP, 1)
+            problem = head.split("\nQ: ", 1)[1]
+            options = [s for s in self.script[problem] if s.startswith(prefix)] or self.script[problem]
+            text = random.Random(seed).choice(options)[len(prefix):]
+            reason = "eos"
+            for stop in sampling.stop:
+                if stop in text:
+                    text = text[: text.index(stop) + len(stop)]
+                    reason = "stop"
+                    break
+            words = text.split()
+            if len(words) > sampling.max_tokens:
+                text, reason = " ".join(words[: sampling.max_tokens]), "length"
+            out.append(Generation(text=text, num_tokens=max(len(text.split()), 1), finish_reason=reason))
+        return out
+
+
+class FakePRM:
+    name = "fake-prm"
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, problems: list[str], completions: list[list[str]]) -> list[list[list[float]]]:
+        from ttc_mlops.prm import split_steps
+
+        self.calls += 1
+        return [[[_step_score(s) for s in split_steps(c)] for c in comps] for comps in completions]
+
+
+def _step_score(step: str) -> float:
+    m = re.search(r"\[s=([0-9.]+)\]", step)
+    return float(m.group(1)) if m else 0.5

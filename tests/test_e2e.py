@@ -1,0 +1,43 @@
+"""The README's main job, for real: `mlflow run` with the embedded SmolLM2 against a temporary store."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def test_best_of_n_entry_point_with_the_embedded_model(mlflow_store, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "HF_TOKEN": "hf_secret_never_logged"}
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "best_of_n", "--env-manager", "local",
+           "--experiment-name", "e2e", "-P", "set=num_samples=2 n=2 max_tokens=48"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "accuracy (selected)" in done.stdout
+
+    from ttc_mlops import tracking
+
+    c = tracking.client()
+    exp = c.get_experiment_by_name("e2e")
+    runs = c.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get(tracking.TAG_ROLE) == "parent")
+    chunk = next(r for r in runs if r.data.tags.get(tracking.TAG_ROLE) == "chunk")
+    assert chunk.data.tags[tracking.TAG_PARENT] == parent.info.run_id
+    assert parent.data.tags[tracking.TAG_MODEL] == "embedded:SmolLM2-135M-Instruct"
+    assert chunk.data.params["n"] == "2" and chunk.data.params["max_tokens"] == "48"
+    assert chunk.data.metrics[tracking.M_PROBLEMS] == 2
+    assert chunk.data.metrics[tracking.M_COMPLETION_TOKENS] > 0
+    assert 0.0 <= chunk.data.metrics[tracking.M_ACC_SELECTED] <= 1.0
+    records = tracking.load_records(chunk.info.run_id, tracking.chunk_artifact(0, 2))
+    assert len(records) == 2
+    for r in records:
+        assert len(r.completions) == 2 and all(0 <= s <= 1 for steps in r.step_scores for s in steps)
+        assert all(t is not None and 0 < t <= 48 for t in r.completion_tokens)
+    artifacts = {a.path for a in c.list_artifacts(chunk.info.run_id)}
+    assert tracking.RECIPE_ARTIFACT in artifacts
+    # secrets in the environment never reach params or tags
+    assert not any("hf_secret" in v for v in {**chunk.data.params, **chunk.data.tags}.values())

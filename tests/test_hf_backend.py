@@ -1,0 +1,83 @@
+"""The transformers policy and the RLHFlow PRM on a tiny random Llama (real plumbing, fast)."""
+
+import pytest
+
+from ttc_mlops.config import Recipe
+from ttc_mlops.policy import Sampling
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_llama_dir):
+    from ttc_mlops.policy.hf import HFPolicy
+
+    return HFPolicy(Recipe(model_path=str(tiny_llama_dir), dtype="float32", device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def prm(tiny_llama_dir):
+    from ttc_mlops.prm.rlhflow import RLHFlowPRM
+
+    return RLHFlowPRM(Recipe(prm_path=str(tiny_llama_dir), prm_family="rlhflow", dtype="float32", device="cpu",
+                             prm_batch_size=3))
+
+
+def test_finish_reasons_token_counts_and_delimiter(policy):
+    prompt = policy.chat_prompt("sys", "What is 1+1?")
+    gens = policy.generate([prompt] * 12, Sampling(temperature=1.5, max_tokens=40, stop=("\n\n",)), list(range(12)))
+    for g in gens:
+        assert 1 <= g.num_tokens <= 40
+        if g.finish_reason == "stop":
+            assert g.text.endswith("\n\n") and g.text.count("\n\n") == 1
+        elif g.finish_reason == "length":
+            assert g.num_tokens == 40
+    lengths = policy.generate([prompt] * 3, Sampling(max_tokens=5), [1, 2, 3])
+    assert all(g.finish_reason in ("length", "eos") and g.num_tokens <= 5 for g in lengths)
+
+
+def test_eos_is_reported(policy, monkeypatch):
+    real = policy.model.forward
+    eos = policy.tokenizer.eos_token_id
+
+    def eos_first(*args, **kwargs):  # the model now always wants to end the answer
+        out = real(*args, **kwargs)
+        out.logits[..., eos] = 1e4
+        return out
+
+    monkeypatch.setattr(policy.model, "forward", eos_first)
+    (g,) = policy.generate([policy.chat_prompt("", "hi")], Sampling(temperature=0.7, max_tokens=10), [0])
+    assert (g.finish_reason, g.num_tokens, g.text) == ("eos", 1, "")
+
+
+def test_seeds_reproduce_and_ignore_batch_neighbours(policy):
+    s = Sampling(temperature=1.0, max_tokens=12)
+    a = policy.chat_prompt("", "Problem A, a long one with several more words in it")
+    b = policy.chat_prompt("", "B")
+    together = policy.generate([a, b, a], s, [7, 8, 9])
+    alone = policy.generate([a], s, [9])
+    assert together[2] == alone[0]
+    assert policy.generate([b], s, [8])[0] == together[1]
+    assert together[0].text != together[2].text or together[0].num_tokens != together[2].num_tokens
+
+
+def test_prm_scores_every_step_in_range_and_caches(prm):
+    comps = [["Step one.\n\nStep two.\n\n\\boxed{2}", "Just \\boxed{3}\n\n"], ["a\n\nb"]]
+    scores = prm.score(["1+1?", "2+2?"], comps)
+    assert [len(s) for s in scores[0]] == [3, 1] and [len(s) for s in scores[1]] == [2]
+    assert all(0.0 <= v <= 1.0 for p in scores for c in p for v in c)
+    before = prm.tokens_processed
+    assert prm.score(["1+1?"], [comps[0]]) == [scores[0]]
+    assert prm.tokens_processed == before  # nothing re-run
+
+
+def test_prm_step_score_matches_a_single_unbatched_forward(prm):
+    import torch
+
+    problem, steps = "What is 2+2?", ["Two plus two.", "It is \\boxed{4}."]
+    (batched,) = prm.score([problem], [["\n\n".join(steps)]])
+    msgs = [{"role": "user", "content": f"{problem} {steps[0]}"}, {"role": "assistant", "content": "+"},
+            {"role": "user", "content": steps[1]}]
+    prefix = prm.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    ids = prm.tokenizer(prefix, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        logits = prm.model(ids).logits[0, -1, [prm.plus_id, prm.minus_id]].float()
+    assert batched[0][1] == pytest.approx(float(logits.softmax(-1)[0]), abs=1e-5)

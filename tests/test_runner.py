@@ -1,0 +1,77 @@
+import pytest
+from fakes import FakePolicy, FakePRM
+
+from ttc_mlops import tracking
+from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe, RecipeError
+from ttc_mlops.data import builtin_problems
+from ttc_mlops.runner import run_chunk
+
+PROBLEMS = builtin_problems()[:6]
+SCRIPT = {p.problem: [f"Work.[s=0.6]\n\nSo \\boxed{{{p.answer}}}[s=0.9]", "So \\boxed{0}[s=0.1]"] for p in PROBLEMS}
+
+
+def recipe(**kw):
+    return Recipe(**{"model_path": EMBEDDED_MODEL, "prm_path": EMBEDDED_MODEL, "dataset_name": BUILTIN_DATASET,
+                     "num_samples": 6, "n": 4, "search_batch_size": 2, "experiment_name": "t", **kw})
+
+
+def test_chunk_run_logs_params_tags_records_and_metrics(mlflow_store):
+    result = run_chunk(recipe(), FakePolicy(SCRIPT), FakePRM(), progress=False)
+    c = tracking.client()
+    run = c.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[tracking.TAG_PARENT] == result.parent_run_id
+    assert run.data.tags[tracking.TAG_STRATEGY] == "best_of_n"
+    assert run.data.params["n"] == "4" and run.data.params["agg_strategy"] == "last"
+    assert run.data.metrics[tracking.M_PROBLEMS] == 6
+    assert run.data.metrics[tracking.M_ACC_SELECTED] == 1.0
+    records = tracking.load_records(result.run_id, tracking.chunk_artifact(0, 6))
+    assert [r.problem_id for r in records] == [p.problem_id for p in PROBLEMS]
+    parent = c.get_run(result.parent_run_id)
+    assert parent.data.tags[tracking.TAG_ROLE] == "parent"
+    assert parent.data.tags[tracking.TAG_SEARCH_KEY] == recipe().search_key
+
+
+def test_finished_chunk_is_not_rerun(mlflow_store):
+    first = run_chunk(recipe(), FakePolicy(SCRIPT), FakePRM(), progress=False)
+    policy = FakePolicy(SCRIPT)
+    again = run_chunk(recipe(), policy, FakePRM(), progress=False)
+    assert again.skipped and again.run_id == first.run_id and policy.calls == []
+
+
+class Dying(FakePolicy):
+    def __init__(self, script, die_after):
+        super().__init__(script)
+        self.die_after = die_after
+
+    def generate(self, prompts, sampling, seeds):
+        if len(self.calls) == self.die_after:
+            raise KeyboardInterrupt("killed")
+        return super().generate(prompts, sampling, seeds)
+
+
+def test_killed_chunk_resumes_with_the_same_records(mlflow_store):
+    with pytest.raises(KeyboardInterrupt):
+        run_chunk(recipe(), Dying(SCRIPT, die_after=2), FakePRM(), progress=False)
+    policy = FakePolicy(SCRIPT)
+    resumed = run_chunk(recipe(), policy, FakePRM(), progress=False)
+    assert resumed.resumed_from == 4 and len(policy.calls) == 1  # only the last batch ran
+    fresh = run_chunk(recipe(experiment_name="u"), FakePolicy(SCRIPT), FakePRM(), progress=False)
+    assert [r.to_dict() for r in resumed.records] == [r.to_dict() for r in fresh.records]
+
+
+def test_chunks_share_one_parent(mlflow_store):
+    a = run_chunk(recipe(chunk=0, num_chunks=2), FakePolicy(SCRIPT), FakePRM(), progress=False)
+    b = run_chunk(recipe(chunk=1, num_chunks=2), FakePolicy(SCRIPT), FakePRM(), progress=False)
+    assert a.parent_run_id == b.parent_run_id and a.run_id != b.run_id
+    assert len(tracking.chunk_runs(a.parent_run_id)) == 2
+
+
+def test_bad_input_fails_before_any_run(mlflow_store):
+    with pytest.raises(RecipeError, match="dataset_start=50 is past the end"):
+        run_chunk(recipe(dataset_start=50), FakePolicy(SCRIPT), FakePRM(), progress=False)
+    with pytest.raises(RecipeError, match="prm_path='acme/unknown-prm' is not a known PRM"):
+        run_chunk(recipe(prm_path="acme/unknown-prm"), FakePolicy(SCRIPT), FakePRM(), progress=False)
+    with pytest.raises(RecipeError, match="model_path='./no/such/dir': no such directory"):
+        run_chunk(recipe(model_path="./no/such/dir"), FakePolicy(SCRIPT), FakePRM(), progress=False)
+    assert tracking.client().search_experiments(filter_string="name = 't'") == []
