@@ -25,6 +25,7 @@ def test_chunk_run_logs_params_tags_records_and_metrics(mlflow_store):
     assert run.data.params["n"] == "4" and run.data.params["agg_strategy"] == "last"
     assert run.data.metrics[tracking.M_PROBLEMS] == 6
     assert run.data.metrics[tracking.M_ACC_SELECTED] == 1.0
+    assert run.data.metrics[tracking.M_UNGRADED] == 0
     records = tracking.load_records(result.run_id, tracking.chunk_artifact(0, 6))
     assert [r.problem_id for r in records] == [p.problem_id for p in PROBLEMS]
     parent = c.get_run(result.parent_run_id)
@@ -75,3 +76,10 @@ def test_bad_input_fails_before_any_run(mlflow_store):
     with pytest.raises(RecipeError, match="model_path='./no/such/dir': no such directory"):
         run_chunk(recipe(model_path="./no/such/dir"), FakePolicy(SCRIPT), FakePRM(), progress=False)
     assert tracking.client().search_experiments(filter_string="name = 't'") == []
+
+
+def test_output_dir_gets_a_local_copy(mlflow_store, tmp_path):
+    from ttc_mlops.records import read_records
+
+    run_chunk(recipe(output_dir=str(tmp_path / "out")), FakePolicy(SCRIPT), FakePRM(), progress=False)
+    assert len(read_records(tmp_path / "out" / tracking.chunk_artifact(0, 6))) == 6

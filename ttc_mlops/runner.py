@@ -94,10 +94,12 @@ class ChunkResult:
     metrics: dict[str, float]
 
 
-def accuracy(records: list[Record]) -> float | None:
+def accuracy(records: list[Record]) -> tuple[float | None, int]:
+    """Accuracy of the selected answers over the gradable problems, and how many were not gradable
+    (a gold answer that does not parse is counted, not crashed on)."""
     graded = [is_equiv(r.pred, r.answer) for r in records]
-    graded = [g for g in graded if g is not None]
-    return sum(graded) / len(graded) if graded else None
+    ok = [g for g in graded if g is not None]
+    return (sum(ok) / len(ok) if ok else None), len(graded) - len(ok)
 
 
 def run_chunk(recipe: Recipe, policy=None, prm=None, progress: bool = True) -> ChunkResult:
@@ -168,12 +170,14 @@ def _search(recipe, problems, done, run_id, artifact, policy, prm, progress, str
     wall = time.perf_counter() - t0
     ordered = [records[p.problem_id] for p in problems]
     tokens = sum(t for r in ordered for t in r.completion_tokens if t is not None)
+    acc, ungraded = accuracy(ordered)
     metrics = {
         tracking.M_PROBLEMS: len(ordered),
         tracking.M_COMPLETION_TOKENS: tokens,
         tracking.M_WALL_S: wall,
         tracking.M_TOKENS_PER_S: meter.completion_tokens / wall if wall > 0 else 0.0,
-        tracking.M_ACC_SELECTED: accuracy(ordered),
+        tracking.M_ACC_SELECTED: acc,
+        tracking.M_UNGRADED: ungraded,
         "generate_calls": meter.generate_calls,
         "gen_s": meter.gen_s,
         "prm_s": meter.prm_s,
@@ -182,6 +186,13 @@ def _search(recipe, problems, done, run_id, artifact, policy, prm, progress, str
     }
     if not todo:
         tracking.log_records(run_id, ordered, artifact)
+    if recipe.output_dir:  # a local copy besides the artifact, as the reference writes one
+        from pathlib import Path
+
+        from .records import write_records
+
+        Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
+        write_records(ordered, Path(recipe.output_dir) / artifact)
     metrics = {k: v for k, v in metrics.items() if v is not None}
     tracking.log_metrics(run_id, metrics)
     return ordered, metrics

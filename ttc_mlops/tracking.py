@@ -52,6 +52,7 @@ M_COMPLETION_TOKENS = "completion_tokens"
 M_TOKENS_PER_S = "tokens_per_s"
 M_WALL_S = "wall_s"
 M_ACC_SELECTED = "acc_selected"
+M_UNGRADED = "ungraded"  # problems whose gold answer could not be parsed
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value; the full recipe is the YAML artifact
 
