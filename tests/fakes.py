@@ -63,3 +63,40 @@ class FakePRM:
 def _step_score(step: str) -> float:
     m = re.search(r"\[s=([0-9.]+)\]", step)
     return float(m.group(1)) if m else 0.5
+
+
+class StepPolicy:
+    """Emits scripted steps, for exact assertions on step-level search.
+
+    `steps[problem][partial solution]` lists the next steps; within one generate call the k-th
+    request for the same prompt gets option k (cyclic), so a problem's result ignores its batch.
+    A step ending in a blank line continues the solution ("stop"); any other ends it ("eos").
+    Without stop strings (a search's last iteration) it follows first options to the end.
+    """
+
+    name = "step-policy"
+
+    def __init__(self, steps: dict[str, dict[str, list[str]]]):
+        self.steps = steps
+        self.calls: list[list[str]] = []
+
+    def chat_prompt(self, system: str, user: str) -> str:
+        return f"{system}\nQ: {user}{PROMPT_SEP}"
+
+    def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[Generation]:
+        from collections import Counter
+
+        self.calls.append(list(prompts))
+        seen: Counter = Counter()
+        out = []
+        for prompt in prompts:
+            head, prefix = prompt.split(PROMPT_SEP, 1)
+            script = self.steps[head.split("\nQ: ", 1)[1]]
+            options = script[prefix]
+            text = options[seen[prompt] % len(options)]
+            seen[prompt] += 1
+            while not sampling.stop and text.endswith("\n\n") and prefix + text in script:
+                text += script[prefix + text][0]
+            reason = "stop" if sampling.stop and text.endswith("\n\n") else "eos"
+            out.append(Generation(text=text, num_tokens=len(text.split()), finish_reason=reason))
+        return out

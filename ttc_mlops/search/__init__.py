@@ -5,8 +5,12 @@
 
 from __future__ import annotations
 
+from .beam_search import beam_search
 from .best_of_n import best_of_n
+from .dvts import dvts
 
 STRATEGIES = {
     "best_of_n": best_of_n,
+    "beam_search": beam_search,
+    "dvts": dvts,
 }

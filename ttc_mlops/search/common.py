@@ -1,12 +1,17 @@
-"""What every strategy shares: per-request seeds and turning a problem's candidates into a Record."""
+"""What every strategy shares: per-request seeds, a problem's candidates -> Record, step expansion.
+
+    python -c "from ttc_mlops.search.common import sample_seed; print(sample_seed(42, 'test/1.json', 0, 3))"
+"""
 
 from __future__ import annotations
 
 import hashlib
 
+from ..config import STEP_DELIMITER
 from ..data import Problem
-from ..grading import extract_answer
-from ..prm import aggregate
+from ..grading import extract_answer, last_boxed
+from ..policy import Generation, Policy, Sampling
+from ..prm import aggregate, split_steps
 from ..records import Record
 
 
@@ -31,3 +36,42 @@ def make_record(problem: Problem, recipe, completions: list[str], step_scores: l
         groups=groups if groups is not None else list(range(len(completions))),
         tree=tree or [], notes=notes or [],
     )
+
+
+# --- step-level search (beam search, DVTS)
+
+def step_sampling(recipe, last: bool) -> Sampling:
+    """One step (stop at the blank line, kept in the text), or the rest of the solution when `last`."""
+    stop = () if last else (STEP_DELIMITER,)
+    return Sampling(temperature=recipe.temperature, top_p=recipe.top_p, max_tokens=recipe.max_tokens, stop=stop)
+
+
+def ended(gen: Generation) -> bool:
+    """A step that ends its solution: EOS, out of tokens (a runaway step is not continued), a
+    `\\boxed{}` answer, or nothing but whitespace (the model has nothing more to say)."""
+    return gen.finish_reason != "stop" or not gen.text.strip() or last_boxed(gen.text) is not None
+
+
+def expand(policy: Policy, prompts: list[str], seeds: list[int], recipe, last: bool) -> tuple[list[Generation], list[str]]:
+    """One sampled step per prompt (prompt = chat prompt + partial solution), and for each step that
+    did not end the solution, `recipe.lookahead` greedy steps rolled out after it. The lookahead text
+    is only scored, never kept (search-and-learn's `generate_k_steps`). One generate call, plus one
+    per lookahead step, for all prompts together."""
+    steps = policy.generate(prompts, step_sampling(recipe, last), seeds)
+    looks = [""] * len(prompts)
+    live = [] if last else [i for i, g in enumerate(steps) if not ended(g)]
+    greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=recipe.max_tokens, stop=(STEP_DELIMITER,))
+    for _ in range(recipe.lookahead):
+        if not live:
+            break
+        outs = policy.generate([prompts[i] + steps[i].text + looks[i] for i in live], greedy, [seeds[i] for i in live])
+        for i, out in zip(live, outs):
+            looks[i] += out.text
+        live = [i for i, out in zip(live, outs) if not ended(out)]
+    return steps, looks
+
+
+def own_scores(scores: list[float], text: str, lookahead: str) -> list[float]:
+    """The step scores of `text` alone, from the scores of `text + lookahead`: a PRM scores a step
+    from its prefix only, and `text` ends at a step delimiter, so its steps come first."""
+    return scores[: len(split_steps(text))] if lookahead else scores

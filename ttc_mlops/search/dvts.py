@@ -1,0 +1,97 @@
+"""Diverse verifier tree search (DVTS): N / M independent subtrees, each following the PRM's best step.
+
+    ttc run recipes/SmolLM2-135M-Instruct/dvts.yaml --set n=8 beam_width=2
+
+Every iteration, every live subtree of every problem samples M candidate steps (one generate call
+for the whole batch), the PRM scores them (one call), and the subtree continues with the best one.
+A subtree stops when its chosen step ends the solution (EOS, out of tokens, a `\\boxed{}` answer);
+the last iteration writes each live subtree to its end. The output keeps the M candidates of each
+subtree's last iteration, so a problem has N completions, grouped by subtree (voting at a smaller
+n keeps subtrees whole, which is exactly DVTS at that n: subtrees are seeded independently).
+
+Unlike search-and-learn's DVTS, completions carry real token counts (the subtree's chosen steps
+plus the candidate's own), `max_tokens` is the recipe's, and every candidate step is a node of the
+record's `tree`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..data import Problem
+from ..policy import Policy
+from ..prm import PRM, aggregate
+from ..records import Record
+from .common import ended, expand, make_record, own_scores, sample_seed
+
+
+@dataclass
+class _Subtree:
+    index: int
+    node: int | None = None  # its chosen last step in the problem's tree
+    text: str = ""  # the chosen steps so far
+    tokens: int = 0  # completion tokens of `text`
+    live: bool = True
+    # the candidates of its last iteration: (completion text, own step scores, tokens, finish, node)
+    last: list[tuple[str, list[float], int, str, int]] = field(default_factory=list)
+
+
+@dataclass
+class _Search:
+    problem: Problem
+    prompt: str
+    subtrees: list[_Subtree]
+    tree: list[dict] = field(default_factory=list)
+
+
+def dvts(problems: list[Problem], policy: Policy, prm: PRM, recipe) -> list[Record]:
+    width = recipe.beam_width
+    searches = [_Search(p, policy.chat_prompt(recipe.system_prompt, p.problem),
+                        [_Subtree(i) for i in range(recipe.n // width)]) for p in problems]
+    for it in range(recipe.num_iterations):
+        last = it == recipe.num_iterations - 1
+        live = [(s, t) for s in searches for t in s.subtrees if t.live]
+        if not live:
+            break
+
+        # generate: M candidate steps for every live subtree of every problem
+        steps, looks = expand(policy, [s.prompt + t.text for s, t in live for _ in range(width)],
+                              [sample_seed(recipe.seed, s.problem.problem_id, it, t.index, j)
+                               for s, t in live for j in range(width)], recipe, last)
+
+        # score: one row per subtree (subtrees never see each other's candidates)
+        scores = prm.score([s.problem.problem for s, _ in live],
+                           [[t.text + steps[k].text + looks[k] for k in range(i * width, (i + 1) * width)]
+                            for i, (s, t) in enumerate(live)])
+
+        # select: each subtree follows its best candidate
+        for i, ((s, t), row) in enumerate(zip(live, scores)):
+            ks = range(i * width, (i + 1) * width)
+            aggs = [aggregate(sc, recipe.agg_strategy) for sc in row]
+            best = max(range(width), key=aggs.__getitem__)  # ties: the first candidate
+            t.last = []
+            for j, k in enumerate(ks):
+                text = t.text + steps[k].text
+                node = len(s.tree)
+                s.tree.append({"id": node, "parent": t.node, "subtree": t.index, "iteration": it,
+                               "step": steps[k].text, "lookahead": looks[k], "tokens": steps[k].num_tokens,
+                               "finish": steps[k].finish_reason, "step_score": row[j][-1] if row[j] else None,
+                               "agg": aggs[j], "status": "chosen" if j == best else "rejected", "completion": None})
+                t.last.append((text, own_scores(row[j], text, looks[k]), t.tokens + steps[k].num_tokens,
+                               steps[k].finish_reason, node))
+            chosen = steps[ks[best]]
+            t.node, t.text, t.tokens = t.last[best][4], t.last[best][0], t.last[best][2]
+            t.live = not (last or ended(chosen))
+
+    return [_record(s, recipe) for s in searches]
+
+
+def _record(s: _Search, recipe) -> Record:
+    outputs = [(t.index, c) for t in s.subtrees for c in t.last]
+    for i, (_, c) in enumerate(outputs):
+        s.tree[c[4]]["completion"] = i
+    depths = [1 + max(node["iteration"] for node in s.tree if node["subtree"] == t.index) for t in s.subtrees]
+    notes = [f"dvts: {len(s.subtrees)} subtrees x beam_width={recipe.beam_width}; steps per subtree {depths}"]
+    return make_record(s.problem, recipe, [c[0] for _, c in outputs], [c[1] for _, c in outputs],
+                       [c[2] for _, c in outputs], [c[3] for _, c in outputs],
+                       groups=[g for g, _ in outputs], tree=s.tree, notes=notes)
