@@ -11,12 +11,22 @@ KNOWN_PRMS = {
     "RLHFlow/Llama3.1-8B-PRM-Deepseek-Data": "rlhflow",
     "RLHFlow/Llama3.1-8B-PRM-Mistral-Data": "rlhflow",
     EMBEDDED_MODEL: "rlhflow",  # the embedded model asked in RLHFlow's +/- format
+    "peiyi9979/math-shepherd-mistral-7b-prm": "math_shepherd",
+    "Skywork/Skywork-o1-Open-PRM-Qwen-2.5-1.5B": "skywork",
+    "Skywork/Skywork-o1-Open-PRM-Qwen-2.5-7B": "skywork",
+    "Qwen/Qwen2.5-Math-PRM-7B": "qwen_math_prm",
+    "Qwen/Qwen2.5-Math-PRM-72B": "qwen_math_prm",
 }
 
 
 def _families() -> dict[str, str]:
     # family -> "module:Class", imported only when the PRM is built
-    return {"rlhflow": "ttc_mlops.prm.rlhflow:RLHFlowPRM"}
+    return {
+        "rlhflow": "ttc_mlops.prm.rlhflow:RLHFlowPRM",
+        "math_shepherd": "ttc_mlops.prm.math_shepherd:MathShepherdPRM",
+        "skywork": "ttc_mlops.prm.skywork:SkyworkPRM",
+        "qwen_math_prm": "ttc_mlops.prm.qwen_prm:QwenMathPRM",
+    }
 
 
 def family_for(prm_path: str, prm_family: str | None = None) -> str:
