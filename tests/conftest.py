@@ -10,9 +10,22 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session")
+def _migrated_db(tmp_path_factory):
+    """An empty SQLite store, migrated once: creating one runs MLflow's migrations (seconds each)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
-    """A fresh MLflow SQLite store and artifact root for one test."""
+def mlflow_store(tmp_path, monkeypatch, _migrated_db):
+    """A fresh MLflow SQLite store and artifact root for one test (a copy of the migrated template)."""
+    import shutil
+
+    shutil.copy(_migrated_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)

@@ -224,3 +224,204 @@ def reopen(run_id: str) -> None:
 
 def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
+
+
+# --- merge, evaluate, registry and compare (the parent run's side) ---------------------------
+
+TAG_MERGED_PROBLEMS = "ttc.merged_problems"  # problems in the merged records
+TAG_MERGED_DIGEST = "ttc.merged_digest"  # sha256 of the merged records (what evaluate graded)
+TAG_EVALUATED = "ttc.evaluated"  # the merged digest that evaluate's metrics belong to
+TAG_GROUP = "ttc.group"  # "<model>/<strategy>": group-by key for the mlflow ui chart view
+TAG_REGISTERED = "ttc.registered"  # "<registered model>/<version>"
+ROLE_COMPARE = "compare"  # a run that holds a comparison figure of an experiment
+ROLE_STEP = "step"  # the run `mlflow run -e merge|evaluate` starts, nested under the parent
+
+EVAL_TABLE = "eval/accuracy.json"
+EVAL_PLOT = "eval/accuracy.png"
+COMPARE_TABLE = "compare/accuracy.json"
+COMPARE_PLOT = "compare/accuracy.png"
+MODEL_ARTIFACT = "model"
+BEST_ALIAS = "best"
+
+# evaluate's metrics, logged on the parent with step = n
+M_ACC_NAIVE = "acc_naive"  # the completion with the highest aggregated score
+M_ACC_WEIGHTED = "acc_weighted"  # equivalent answers pooled, aggregated scores summed
+M_ACC_MAJ = "acc_maj"  # the most frequent answer
+M_PASS = "pass"  # any of the n completions is correct (pass@n)
+VOTING_METRICS = (M_ACC_NAIVE, M_ACC_WEIGHTED, M_ACC_MAJ, M_PASS)
+M_EVAL_PROBLEMS = "eval_problems"  # problems with a gold answer, at step = n
+
+
+def level_metric(metric: str, level: int) -> str:
+    return f"{metric}_level_{level}"
+
+
+def get_run(run_id: str):
+    try:
+        return client().get_run(run_id)
+    except mlflow.exceptions.MlflowException as err:
+        raise LookupError(f"parent_run_id={run_id!r}: no such run in {tracking_uri()} ({err.message.splitlines()[0]})") from None
+
+
+def find_parent(recipe: Recipe):
+    """The parent run of this configuration (never creates one)."""
+    name = experiment_name(recipe)
+    exp = client().get_experiment_by_name(name)
+    found = _parents(exp.experiment_id, recipe.search_key) if exp is not None else []
+    if not found:
+        raise LookupError(f"no parent run with {TAG_SEARCH_KEY}={recipe.search_key} in experiment {name!r} "
+                          f"({tracking_uri()}): run the recipe first (`ttc run`)")
+    return found[0]
+
+
+def load_run_text(run_id: str, artifact_file: str) -> str | None:
+    """A text artifact of a run, or None where it has none."""
+    c = client()
+    parent_dir = str(Path(artifact_file).parent) if "/" in artifact_file else None
+    names = {f.path for f in c.list_artifacts(run_id, parent_dir)}
+    if artifact_file not in names:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return Path(c.download_artifacts(run_id, artifact_file, tmp)).read_text()
+
+
+def adopt_launched_run(parent_id: str, role: str) -> None:
+    """`mlflow run -e merge|evaluate` starts a run of its own: nest it under the parent it works on."""
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    if launched and launched != parent_id:
+        set_tags(launched, {TAG_ROLE: role, TAG_PARENT: parent_id})
+
+
+def log_table(run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+    import pandas as pd
+
+    client().log_table(run_id, data=pd.DataFrame(rows), artifact_file=artifact_file)
+
+
+def log_figure(run_id: str, figure, artifact_file: str) -> None:
+    client().log_figure(run_id, figure, artifact_file)
+
+
+def log_step_metrics(run_id: str, per_step: dict[int, dict[str, float]]) -> None:
+    """Metrics with step = n, all in batches."""
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, step) for step, values in per_step.items() for k, v in values.items() if v is not None]
+    for start in range(0, len(metrics), 1000):
+        client().log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+def evaluated_parents(experiment: str, model: str | None = None) -> list:
+    """Evaluated parent runs of an experiment, optionally of one policy model (path or label)."""
+    c = client()
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(e.name for e in c.search_experiments())
+        raise LookupError(f"experiment={experiment!r} does not exist in {tracking_uri()} (experiments: {names})")
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'parent'", max_results=10000)
+    runs = [r for r in runs if TAG_EVALUATED in r.data.tags]
+    if model is not None:
+        runs = [r for r in runs if model in (r.data.tags.get(TAG_MODEL), model_label_of(r.data.tags.get(TAG_MODEL, "")))]
+    return runs
+
+
+def model_label_of(model_path: str) -> str:
+    return model_path.rstrip("/").split("/")[-1].split(":")[-1]
+
+
+def metric_steps(run_id: str, key: str) -> dict[int, float]:
+    """step -> the latest value logged at that step."""
+    history = sorted(client().get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return {m.step: m.value for m in history}
+
+
+def experiments_with_parents() -> list[str]:
+    c = client()
+    names = []
+    for exp in c.search_experiments():
+        if c.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'parent'", max_results=1):
+            names.append(exp.name)
+    return sorted(names)
+
+
+def create_compare_run(experiment: str, tags: dict[str, str]) -> str:
+    exp_id = ensure_experiment(experiment)
+    run = client().create_run(exp_id, tags={TAG_ROLE: ROLE_COMPARE, TAG_RUN_NAME: "compare", **tags})
+    return run.info.run_id
+
+
+# --- registry ---
+
+def registered_model_name(recipe: Recipe) -> str:
+    """One registered model per (policy model, strategy)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"ttc-{recipe.model_label}-{recipe.approach}")
+
+
+MAX_TAG_CHARS = 5000  # MLflow's limit on a model version tag value
+
+
+def register_version(parent_id: str, recipe: Recipe, metrics: dict[str, float], primary: str) -> tuple[str, str, bool]:
+    """Log the pyfunc model on the parent and register it as a version of the (model, strategy)
+    registered model; move the `best` alias to the best version by `primary`.
+    Returns (name, version, created). A parent that was registered before is not registered again."""
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from .registry import TTCSearchModel
+
+    c = client()
+    name = registered_model_name(recipe)
+    try:
+        c.create_registered_model(name, tags={TAG_MODEL: recipe.model_path, TAG_STRATEGY: recipe.approach},
+                                  description=f"{recipe.approach} over {recipe.model_path}; one version per evaluated configuration")
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    done = [v for v in c.search_model_versions(f"name = '{name}'") if v.run_id == parent_id]
+    if done:
+        version = done[0].version
+        update_best_alias(name, primary)
+        return name, str(version), False
+    yaml_text = recipe_yaml(recipe)
+    signature = ModelSignature(inputs=Schema([ColSpec("string", "problem")]),
+                               outputs=Schema([ColSpec("string", "problem"), ColSpec("string", "answer"),
+                                               ColSpec("string", "completion"), ColSpec("double", "score")]))
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe_file = Path(tmp) / RECIPE_ARTIFACT
+        recipe_file.write_text(yaml_text)
+        model_dir = Path(tmp) / MODEL_ARTIFACT
+        mlflow.pyfunc.save_model(str(model_dir), python_model=TTCSearchModel(), artifacts={"recipe": str(recipe_file)},
+                                 signature=signature, pip_requirements=[f"mlflow=={mlflow.__version__}", "ttc_mlops"])
+        c.log_artifacts(parent_id, str(model_dir), MODEL_ARTIFACT)
+    source = f"{c.get_run(parent_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+    tags = {"recipe": yaml_text[:MAX_TAG_CHARS], TAG_SEARCH_KEY: recipe.search_key, TAG_PRM: recipe.prm_path,
+            TAG_N: str(recipe.n), TAG_DATASET: recipe.dataset_name, "agg_strategy": recipe.agg_strategy,
+            **{k: f"{v:.6g}" for k, v in metrics.items() if v is not None}}
+    mv = c.create_model_version(name, source, run_id=parent_id, tags=tags,
+                                description=f"{run_name(recipe)} on {recipe.dataset_name} (PRM {recipe.prm_path}, N={recipe.n})")
+    update_best_alias(name, primary)
+    return name, str(mv.version), True
+
+
+def update_best_alias(name: str, primary: str) -> str | None:
+    """Point `best` at the version with the highest `primary` metric tag (the older one on a tie)."""
+    c = client()
+    scored = [(float(v.tags[primary]), -int(v.version), v.version) for v in c.search_model_versions(f"name = '{name}'")
+              if primary in v.tags]
+    if not scored:
+        return None
+    best = max(scored)[2]
+    c.set_registered_model_alias(name, BEST_ALIAS, str(best))
+    return str(best)
+
+
+def model_version_by_alias(name: str, alias: str = BEST_ALIAS):
+    return client().get_model_version_by_alias(name, alias)
+
+
+def load_pyfunc(model_uri: str):
+    import mlflow.pyfunc
+
+    return mlflow.pyfunc.load_model(model_uri)
