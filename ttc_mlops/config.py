@@ -62,7 +62,9 @@ class Recipe(BaseModel):
     lookahead: int = Field(0, ge=0)  # greedy steps rolled out before scoring (k)
     agg_strategy: Literal["last", "min", "prod", "mean"] = "last"  # step scores -> one score
     filter_duplicates: bool = False  # drop identical partial solutions before selection
-    sort_completed: bool = False  # rank finished beams by score instead of finish order
+    # Best N finished beams by score; the reference defaults to the first N to finish (often one-step
+    # answers from the first iteration), so this default differs on purpose.
+    sort_completed: bool = True
     apply_voting: bool = True  # evaluate majority / weighted voting besides the naive choice
 
     # --- sampling
