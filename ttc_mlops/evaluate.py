@@ -1,0 +1,274 @@
+"""Grading merged records and voting at every budget n = 1, 2, 4, ..., N; never loads a model.
+
+    ttc evaluate recipes/SmolLM2-135M-Instruct/best_of_n.yaml
+
+For each n the first n completions of a problem are kept (whole DVTS subtrees / beams: a group is
+never cut), and four choices are graded: naive (the highest aggregated score), weighted
+(equivalent answers pooled, their scores summed), majority (the most frequent answer) and pass@n
+(any completion correct). Scores are aggregated with the recipe's `agg_strategy`.
+
+Grading is the hot path (MATH-500 at N=256 is 128,000 completions). It works per problem on its
+distinct answers only: each is compared once with the gold answer and, when wrong, with the other
+wrong answers' classes (math-verify, cached by pair); plain numbers (5, -2.5, \\frac{3}{4}, 3/4)
+compare exactly without math-verify. Large record sets are graded on all cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from fractions import Fraction
+
+from .grading import extract_answer, is_equiv
+from .prm import aggregate
+from .records import Record
+
+log = logging.getLogger(__name__)
+
+LEVELS = (1, 2, 3, 4, 5)
+POOL_MIN_ANSWERS = 3000  # distinct answers below which a process pool costs more than it saves
+
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+_FRAC = re.compile(r"^([+-]?)\\[dt]?frac(?:\{([+-]?\d+)\}\{(\d+)\}|(\d)(\d))$")
+_SLASH = re.compile(r"^([+-]?\d+)/(\d+)$")
+
+
+class EvaluateError(ValueError):
+    """Evaluate cannot go on; the message names the run and what is missing."""
+
+
+def plain_number(answer: str) -> Fraction | None:
+    """The exact value of an integer, decimal or simple fraction; None for anything else."""
+    text = answer.replace(" ", "").replace("$", "")
+    try:
+        if _NUMBER.match(text):
+            return Fraction(text)
+        m = _FRAC.match(text)
+        if m:
+            num, den = (m.group(2), m.group(3)) if m.group(2) is not None else (m.group(4), m.group(5))
+            value = Fraction(int(num), int(den))
+            return -value if m.group(1) == "-" else value
+        m = _SLASH.match(text)
+        if m:
+            return Fraction(int(m.group(1)), int(m.group(2)))
+    except ZeroDivisionError:
+        return None
+    return None
+
+
+def equivalent(a: str, b: str) -> bool | None:
+    """`a` equals `b` (b plays the gold answer); None when `b` cannot be parsed."""
+    x, y = plain_number(a), plain_number(b)
+    if x is not None and y is not None:
+        return x == y
+    return is_equiv(a, b)
+
+
+def classify(gold: str | None, answers: list[str]) -> tuple[list[int], list[bool]]:
+    """Answer classes of a problem's distinct answers: (class per answer, correct per class).
+    Correct answers form one class; a wrong answer joins the first wrong class it is equivalent to."""
+    classes: list[int] = []
+    reps: list[str] = []
+    correct: list[bool] = []
+    gold_class = None
+    for a in answers:
+        if gold is not None and equivalent(a, gold):
+            if gold_class is None:
+                gold_class = len(reps)
+                reps.append(a)
+                correct.append(True)
+            classes.append(gold_class)
+            continue
+        for k, rep in enumerate(reps):
+            if not correct[k] and equivalent(a, rep):
+                classes.append(k)
+                break
+        else:
+            classes.append(len(reps))
+            reps.append(a)
+            correct.append(False)
+    return classes, correct
+
+
+def _classify_task(task: tuple[str | None, list[str]]) -> tuple[list[int], list[bool]]:
+    return classify(*task)
+
+
+@dataclass
+class Graded:
+    """One problem, graded once for every n."""
+    level: int | None
+    classes: list[int]  # per completion: its answer class, -1 where no answer was extracted
+    correct: list[bool]  # per class
+    scores: list[float]  # per completion, aggregated with the recipe's agg_strategy
+    order: list[list[int]]  # completion indices per group, groups in the order they were produced
+
+
+def _groups(record: Record) -> list[list[int]]:
+    groups = record.groups if len(record.groups) == len(record.completions) else list(range(len(record.completions)))
+    by_group: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    return list(by_group.values())
+
+
+def grade(records: list[Record], agg_strategy: str, workers: int | None = None) -> tuple[list[Graded], int]:
+    """Grade every record that has a gold answer; returns (graded, distinct answers compared)."""
+    records = [r for r in records if r.answer is not None]
+    answers = [[extract_answer(c) for c in r.completions] for r in records]
+    distinct = [list(dict.fromkeys(a for a in ans if a is not None)) for ans in answers]
+    tasks = [(r.answer, d) for r, d in zip(records, distinct)]
+    total = sum(len(d) for d in distinct)
+    workers = workers or min(os.cpu_count() or 1, 8)
+    if workers > 1 and total >= POOL_MIN_ANSWERS:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the parent may hold MLflow's threads and connections
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_classify_task, tasks, chunksize=4))
+    else:
+        results = [classify(*t) for t in tasks]
+    graded = []
+    for r, ans, d, (classes, correct) in zip(records, answers, distinct, results):
+        index = dict(zip(d, classes))
+        scores = r.agg_scores if r.agg_strategy == agg_strategy and len(r.agg_scores) == len(r.completions) \
+            else [aggregate(s, agg_strategy) for s in r.step_scores]
+        graded.append(Graded(r.level, [index[a] if a is not None else -1 for a in ans], correct, scores, _groups(r)))
+    return graded, total
+
+
+def subset(g: Graded, n: int) -> list[int]:
+    """The first n completions, whole groups only (empty when the first group is larger than n)."""
+    kept: list[int] = []
+    for group in g.order:
+        if len(kept) + len(group) > n:
+            break
+        kept.extend(group)
+    return kept
+
+
+def choose(g: Graded, kept: list[int]) -> dict[str, bool]:
+    """Whether each voting rule picks a correct answer among the kept completions."""
+    from .tracking import M_ACC_MAJ, M_ACC_NAIVE, M_ACC_WEIGHTED, M_PASS
+
+    best = max(kept, key=lambda i: g.scores[i])  # the first of equal scores
+    answered = [i for i in kept if g.classes[i] >= 0]
+    weight: dict[int, float] = {}
+    for i in answered:
+        weight[g.classes[i]] = weight.get(g.classes[i], 0.0) + g.scores[i]
+    votes = Counter(g.classes[i] for i in answered)
+
+    def right(cls: int | None) -> bool:
+        return cls is not None and cls >= 0 and g.correct[cls]
+
+    return {
+        M_ACC_NAIVE: right(g.classes[best]),
+        M_ACC_WEIGHTED: right(max(weight, key=weight.get) if weight else None),
+        M_ACC_MAJ: right(votes.most_common(1)[0][0] if votes else None),
+        M_PASS: any(right(g.classes[i]) for i in kept),
+    }
+
+
+def budgets(max_n: int) -> list[int]:
+    """1, 2, 4, ... up to max_n, and max_n itself."""
+    ns = [1 << k for k in range(max_n.bit_length()) if 1 << k <= max_n]
+    return ns + ([max_n] if ns[-1] != max_n else [])
+
+
+@dataclass
+class Evaluation:
+    rows: list[dict]  # one per (n, level): the table artifact
+    metrics: dict[int, dict[str, float]]  # n -> metric name -> value, logged with step = n
+    problems: int
+    distinct_answers: int
+
+    def at(self, n: int | None = None) -> dict[str, float]:
+        """Overall accuracies at n (default: the largest n)."""
+        from .tracking import VOTING_METRICS
+
+        n = max(self.metrics) if n is None else n
+        return {k: v for k, v in self.metrics[n].items() if k in VOTING_METRICS}
+
+
+def evaluate_records(records: list[Record], agg_strategy: str, voting: bool = True, max_n: int | None = None,
+                     workers: int | None = None) -> Evaluation:
+    from .tracking import M_ACC_MAJ, M_ACC_WEIGHTED, M_EVAL_PROBLEMS, VOTING_METRICS, level_metric
+
+    graded, distinct = grade(records, agg_strategy, workers)
+    if not graded:
+        raise EvaluateError(f"none of the {len(records)} records has a gold answer: nothing to grade")
+    largest = max(len(g.scores) for g in graded)
+    rules = [m for m in VOTING_METRICS if voting or m not in (M_ACC_WEIGHTED, M_ACC_MAJ)]
+    rows, metrics = [], {}
+    for n in budgets(min(max_n or largest, largest)):
+        kept = [subset(g, n) for g in graded]
+        if not all(kept):  # n is smaller than a whole group (a DVTS subtree, a beam)
+            continue
+        outcomes = [(g.level, choose(g, k)) for g, k in zip(graded, kept)]
+        metrics[n] = {}
+        for level in ("all", *LEVELS):
+            chosen = [o for lv, o in outcomes if level == "all" or lv == level]
+            if not chosen:
+                continue
+            acc = {m: sum(o[m] for o in chosen) / len(chosen) for m in rules}
+            rows.append({"n": n, "level": str(level), "problems": len(chosen), **acc})
+            if level == "all":
+                metrics[n].update(acc)
+                metrics[n][M_EVAL_PROBLEMS] = len(chosen)
+            else:
+                metrics[n].update({level_metric(m, level): v for m, v in acc.items()})
+    if not metrics:
+        raise EvaluateError(f"no budget n <= {max_n or largest} keeps a whole group of completions in every record")
+    return Evaluation(rows, metrics, len(graded), distinct)
+
+
+@dataclass
+class EvaluateResult:
+    parent_run_id: str
+    evaluation: Evaluation
+    partial: bool
+    already: bool  # the same merged records were evaluated before: nothing was logged again
+    registered: tuple[str, str] | None  # (registered model, version)
+
+
+def evaluate_parent(parent_id: str, recipe, register: bool = True, workers: int | None = None) -> EvaluateResult:
+    """Evaluate the parent's merged records, log metrics (step = n), table and figure, then register."""
+    from . import tracking
+    from .merge import records_digest
+    from .plots import run_figure
+
+    run = tracking.get_run(parent_id)
+    try:
+        records = tracking.load_records(parent_id, tracking.MERGED_RECORDS)
+    except ValueError as err:
+        raise EvaluateError(f"parent run {parent_id}: {err}") from None
+    if records is None:
+        raise EvaluateError(f"parent run {parent_id} has no merged records ({tracking.RECORDS_DIR}/"
+                            f"{tracking.MERGED_RECORDS}): run `ttc merge --parent-run-id {parent_id}` first")
+    tags = run.data.tags
+    partial = tags.get(tracking.TAG_MERGED) == "partial"
+    evaluation = evaluate_records(records, recipe.agg_strategy, recipe.apply_voting, recipe.n, workers)
+    digest = records_digest(records)
+    already = tags.get(tracking.TAG_EVALUATED) == digest
+    if already:
+        log.info("parent %s: these merged records were evaluated before; metrics not logged again", parent_id)
+    else:
+        tracking.log_step_metrics(parent_id, evaluation.metrics)
+        tracking.log_table(parent_id, evaluation.rows, tracking.EVAL_TABLE)
+        tracking.log_figure(parent_id, run_figure(evaluation.rows, title=tracking.run_name(recipe)), tracking.EVAL_PLOT)
+        tracking.set_tags(parent_id, {tracking.TAG_EVALUATED: digest,
+                                      tracking.TAG_GROUP: f"{recipe.model_label}/{recipe.approach}"})
+    registered = None
+    if register and partial:
+        log.warning("parent %s was merged partially: not registered", parent_id)
+    elif register:
+        primary = tracking.M_ACC_WEIGHTED if recipe.apply_voting else tracking.M_ACC_NAIVE
+        name, version, created = tracking.register_version(parent_id, recipe, evaluation.at(), primary)
+        tracking.set_tags(parent_id, {tracking.TAG_REGISTERED: f"{name}/{version}"})
+        registered = (name, version)
+        log.info("%s version %s of %s", "registered" if created else "already registered as", version, name)
+    return EvaluateResult(parent_id, evaluation, partial, already, registered)
