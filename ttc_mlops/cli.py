@@ -100,5 +100,46 @@ def _summary(recipe, result) -> None:
     typer.echo(f"open: mlflow ui --backend-store-uri {tracking.tracking_uri()}")
 
 
+@app.command()
+def launch(recipe: str = typer.Argument(..., help="Recipe YAML."),
+           set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+           chunks: int = typer.Option(..., help="Chunks = Slurm array tasks the problems are split into."),
+           only_missing: bool = typer.Option(False, "--only-missing", help="Submit only chunks without a finished run, then merge + evaluate."),
+           sbatch_arg: list[str] = typer.Option([], "--sbatch-arg", help="Extra sbatch option for the chunk tasks, e.g. --sbatch-arg=--qos=high (repeatable)."),
+           merge_sbatch_arg: list[str] = typer.Option([], "--merge-sbatch-arg", help="Extra sbatch option for the merge + evaluate job (repeatable)."),
+           max_parallel: Optional[int] = typer.Option(None, help="Array tasks running at once (--array=...%N)."),
+           parent_run_id: Optional[str] = typer.Option(None, help="Launch under this parent run."),
+           log_dir: str = typer.Option("slurm-logs", help="Slurm logs and the recipe copy go to LOG_DIR/<parent run id>/ (a shared filesystem)."),
+           cluster_file: Optional[str] = typer.Option(None, help="Cluster specifics (default: $TTC_CLUSTER or slurm/cluster.sh).")) -> None:
+    """Submit a recipe to Slurm: one array task per chunk, then a dependent merge + evaluate job."""
+    import shlex
+
+    from .config import RecipeError
+    from .launch import launch as submit
+
+    try:
+        done = submit(recipe, set_, chunks, only_missing=only_missing, sbatch_args=sbatch_arg,
+                      merge_sbatch_args=merge_sbatch_arg, max_parallel=max_parallel, log_dir=log_dir,
+                      parent_run_id=parent_run_id, cluster_file=cluster_file)
+    except RecipeError as err:
+        _fail(str(err))
+    jobs = ",".join(j for j in (done.array_job, done.merge_job) if j)
+    rows = [
+        ("parent run", f"{done.parent_run_id} (experiment {done.experiment_id})"),
+        ("chunks", f"job {done.array_job}: {len(done.chunks)} of {done.num_chunks} chunks of {done.problems} problems"
+                   if done.array_job else f"none submitted: all {done.num_chunks} chunks finished"),
+        ("merge + evaluate", f"job {done.merge_job}" + (f" (after {done.array_job} succeeds)" if done.array_job else "")),
+        ("logs", str(done.log_dir)),
+        ("tracking", done.tracking_uri),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        typer.echo(f"{k:<{width}}  {v}")
+    typer.echo(f"follow: squeue -j {jobs}; tail -f {done.log_dir}/*.out; "
+               f"{done.tracking_uri.rstrip('/')}/#/experiments/{done.experiment_id}/runs/{done.parent_run_id}")
+    typer.echo(f"if a task fails: ttc launch {recipe} --chunks {done.num_chunks} --only-missing"
+               + "".join(f" --set {shlex.quote(s)}" for s in set_))
+
+
 if __name__ == "__main__":
     app()
