@@ -179,6 +179,7 @@ def _search(recipe, problems, done, run_id, artifact, policy, prm, progress, str
         tracking.M_ACC_SELECTED: acc,
         tracking.M_UNGRADED: ungraded,
         "generate_calls": meter.generate_calls,
+        "generated_tokens": meter.completion_tokens,  # all sampled, pruned beams and lookahead too
         "gen_s": meter.gen_s,
         "prm_s": meter.prm_s,
         "other_s": max(wall - meter.gen_s - meter.prm_s, 0.0),
