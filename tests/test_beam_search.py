@@ -146,3 +146,20 @@ def test_bad_input_names_the_values(bad, words):
     with pytest.raises(RecipeError) as err:
         build_recipe({"approach": "beam_search", **bad})
     assert all(w in str(err.value) for w in words)
+
+
+def test_prm_reuses_scores_within_a_search_and_forgets_finished_problems(tiny_llama_dir):
+    from ttc_mlops.prm.rlhflow import RLHFlowPRM
+
+    prm = RLHFlowPRM(Recipe(prm_path=str(tiny_llama_dir), prm_family="rlhflow", dtype="float32", device="cpu"))
+    first = prm.score(["P"], [["Add.\n\nSo 2.", "Add.\n\nSo 3."]])
+    spent = prm.tokens_processed
+    again = prm.score(["P", "P"], [["Add.\n\nSo 2."], ["Add.\n\nSo 3.", "Add.\n\nSo 2."]])
+    assert prm.tokens_processed == spent and again[1] == first[0][::-1]
+    # a step's score depends on its prefix only: a partial solution scores as the longer one began
+    [[prefix]] = prm.score(["P"], [["Add.\n\n"]])
+    assert prefix == pytest.approx(first[0][0][:1], abs=1e-5)
+    prm.score(["Q"], [["Other."]])  # a call without P drops P's entries
+    spent = prm.tokens_processed
+    prm.score(["P"], [["Add.\n\nSo 2."]])
+    assert prm.tokens_processed > spent

@@ -7,9 +7,13 @@ Each step is a user turn answered by an assistant "+"; the step's score is
 P("+") / (P("+") + P("-")) at the position where the assistant's answer is predicted. With
 RLHFlow/Llama3.1-8B-PRM-{Deepseek,Mistral}-Data this is the published PRM.
 
-Sequences are batched by `prm_batch_size` (the reference ignores it). A completion's step scores
-depend only on its own prefix, so scores are cached by (problem, steps): a beam whose steps were
-all scored before costs nothing, and in step-level search only new steps cost a forward pass.
+Sequences are batched by `prm_batch_size` (the reference ignores it), similar lengths together
+(less padding). A completion's step scores depend only on its own prefix, so scores are cached by
+(problem, steps): a completion scored before, or named twice in a call, costs nothing. A
+step-level search still runs a beam's whole prefix again when it grows by a step: the KV cache of
+a prefix is not kept between calls (it would cost accelerator memory per live beam). The cache
+lives as long as its problem is being scored: a call that does not name a problem drops that
+problem's entries, so memory stays bounded by one search batch.
 """
 
 from __future__ import annotations
@@ -33,14 +37,19 @@ class RLHFlowPRM:
         self._cache: dict[tuple[str, tuple[str, ...]], list[float]] = {}
         self.tokens_processed = 0  # PRM input tokens run through the model
 
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
     def score(self, problems: list[str], completions: list[list[str]]) -> list[list[list[float]]]:
+        current = set(problems)
+        self._cache = {k: v for k, v in self._cache.items() if k[0] in current}
         todo: dict[tuple[str, tuple[str, ...]], None] = {}
         keys = [[(problem, tuple(split_steps(c))) for c in comps] for problem, comps in zip(problems, completions)]
         for row in keys:
             for key in row:
                 if key not in self._cache:
                     todo[key] = None
-        pending = list(todo)
+        pending = sorted(todo, key=lambda key: len(key[0]) + sum(len(step) for step in key[1]))
         for start in range(0, len(pending), self.batch_size):
             batch = pending[start : start + self.batch_size]
             for key, scores in zip(batch, self._score_batch(batch)):
