@@ -1,0 +1,81 @@
+"""Registry round trip: evaluate registers a version, `best` follows accuracy, the version loads
+with mlflow.pyfunc and solves new problems with its strategy."""
+
+import pandas as pd
+import pytest
+from fakes import FakePolicy, FakePRM
+
+from ttc_mlops import tracking
+from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe
+from ttc_mlops.data import builtin_problems
+from ttc_mlops.evaluate import evaluate_parent
+from ttc_mlops.merge import log_merge, merge
+from ttc_mlops.runner import run_chunk
+
+PROBLEMS = builtin_problems()[:3]
+
+
+def script(right_wins: bool):
+    """Every sample right, or every sample wrong."""
+    return {p.problem: [f"So \\boxed{{{p.answer if right_wins else 0}}}[s=0.7]"] for p in PROBLEMS}
+
+
+def evaluated(recipe, right_wins):
+    pid = run_chunk(recipe, FakePolicy(script(right_wins)), FakePRM(), progress=False).parent_run_id
+    log_merge(merge(pid, recipe))
+    return evaluate_parent(pid, recipe, workers=1)
+
+
+def base(model, **kw):
+    return Recipe(**{"model_path": str(model), "prm_path": str(model), "prm_family": "rlhflow",
+                     "dataset_name": BUILTIN_DATASET, "num_samples": 3, "n": 2, "max_tokens": 24,
+                     "temperature": 1.0, "experiment_name": "reg", "device": "cpu", "dtype": "float32", **kw})
+
+
+def round_trip(model):
+    import mlflow.pyfunc
+
+    worse = evaluated(base(model, seed=1), right_wins=False)
+    name, v1 = worse.registered
+    assert name == f"ttc-{base(model).model_label}-best_of_n" and v1 == "1"
+    assert str(tracking.model_version_by_alias(name).version) == "1"
+    better = evaluated(base(model, seed=2), right_wins=True)
+    assert better.registered == (name, "2")
+    best = tracking.model_version_by_alias(name)
+    assert str(best.version) == "2" and float(best.tags["acc_weighted"]) == 1.0
+    assert best.tags[tracking.TAG_N] == "2" and best.tags[tracking.TAG_PRM] == str(model)
+    assert "seed: 2" in best.tags["recipe"] and best.run_id == better.parent_run_id
+    # evaluating the same parent again registers nothing new
+    again = evaluate_parent(better.parent_run_id, base(model, seed=2), workers=1)
+    assert again.registered == (name, "2")
+    assert len(tracking.client().search_model_versions(f"name = '{name}'")) == 2
+
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}@best")
+    out = loaded.predict(pd.DataFrame({"problem": ["What is $2 + 3$?", "What is $3^4$?"]}))
+    assert list(out.columns) == ["problem", "answer", "completion", "score"] and len(out) == 2
+    assert all(isinstance(c, str) and c for c in out["completion"]) and out["score"].between(0, 1).all()
+    return out
+
+
+def test_register_load_by_alias_and_predict(mlflow_store, tiny_llama_dir):
+    round_trip(tiny_llama_dir)  # a tiny random model: the real code path in seconds
+
+
+@pytest.mark.e2e
+def test_register_and_predict_with_the_embedded_model(mlflow_store, embedded_dir):
+    import mlflow.pyfunc
+
+    r = Recipe(model_path=EMBEDDED_MODEL, prm_path=EMBEDDED_MODEL, dataset_name=BUILTIN_DATASET, num_samples=2,
+               n=2, max_tokens=32, experiment_name="reg-e2e")
+    name, version = evaluated(r, right_wins=True).registered
+    out = mlflow.pyfunc.load_model(f"models:/{name}@best").predict(pd.DataFrame({"problem": ["What is $2 + 3$?"]}))
+    assert name == "ttc-SmolLM2-135M-Instruct-best_of_n" and len(out) == 1
+    assert out["completion"][0] and 0 <= out["score"][0] <= 1
+
+
+def test_predict_names_the_missing_column(mlflow_store, tiny_llama_dir):
+    import mlflow.pyfunc
+
+    name, _ = evaluated(base(tiny_llama_dir), right_wins=True).registered
+    with pytest.raises(Exception, match="problem"):
+        mlflow.pyfunc.load_model(f"models:/{name}@best").predict(pd.DataFrame({"question": ["1+1?"]}))
