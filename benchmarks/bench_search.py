@@ -1,0 +1,133 @@
+"""Batched search against a one-problem-at-a-time loop, on one backend and model, in one process.
+
+    python benchmarks/bench_search.py --problems 16 --n 4 --max-tokens 64 --strategies beam_search,dvts
+
+Prints, per strategy: problems/s of the batched search (all problems in one search batch: one
+generate call per iteration), and of the same function called on one problem at a time; their
+ratio; generated tokens/s as a fraction of the backend's peak batched sampling rate (measured
+first, in the same process: one generate call of problems x n rows, max-tokens each, no stop);
+PRM tokens processed per generated token; generate calls; and whether both runs produced the same
+records (per-request seeds: a problem's result should not depend on its batch). The PRM's score
+cache is cleared before every run, so no run profits from another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ttc_mlops.config import EMBEDDED_MODEL, build_recipe  # noqa: E402
+
+log = logging.getLogger("bench_search")
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "math500.jsonl"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problems", type=int, default=16, help="MATH-500 problems (the first ones)")
+    ap.add_argument("--n", type=int, default=4, help="N, completions per problem")
+    ap.add_argument("--beam-width", type=int, default=2, help="M (beam search, DVTS)")
+    ap.add_argument("--num-iterations", type=int, default=4, help="search depth in steps")
+    ap.add_argument("--max-tokens", type=int, default=64, help="per step (per completion for best_of_n)")
+    ap.add_argument("--strategies", default="best_of_n,beam_search,dvts", help="comma-separated")
+    ap.add_argument("--sequential", default="beam_search",
+                    help="strategies also run one problem at a time (comma-separated; '' for none)")
+    ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm", "auto"])
+    ap.add_argument("--model", default=EMBEDDED_MODEL, help="policy model (Hub id, local dir, embedded)")
+    ap.add_argument("--prm", default=EMBEDDED_MODEL, help="PRM (RLHFlow format)")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="problems (.jsonl)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    ap.add_argument("--prm-batch-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=42)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    strategies = [s for s in args.strategies.split(",") if s]
+    sequential = {s for s in args.sequential.split(",") if s}
+    base = {"model_path": args.model, "prm_path": args.prm, "backend": args.backend, "dtype": args.dtype,
+            "dataset_name": args.data, "num_samples": args.problems, "n": args.n, "beam_width": args.beam_width,
+            "num_iterations": args.num_iterations, "max_tokens": args.max_tokens, "seed": args.seed,
+            "prm_batch_size": args.prm_batch_size, "search_batch_size": args.problems}
+    recipes = {s: build_recipe({**base, "approach": s}, source="bench_search flags") for s in strategies}
+
+    from ttc_mlops.data import load_dataset_problems
+    from ttc_mlops.policy import Sampling, load_policy
+    from ttc_mlops.prm import load_prm
+    from ttc_mlops.runner import Meter
+    from ttc_mlops.search import STRATEGIES
+    from ttc_mlops.search.common import sample_seed
+
+    first = next(iter(recipes.values()))
+    problems = load_dataset_problems(first)[: args.problems]
+    policy, prm = load_policy(first), load_prm(first)
+    log.info("policy %s (%s), PRM %s, %d problems", policy.name, type(policy).__name__, prm.name, len(problems))
+
+    # the backend's peak: one batched sampling call, problems x n rows, no stop
+    prompts = [policy.chat_prompt(first.system_prompt, p.problem) for p in problems for _ in range(args.n)]
+    seeds = [sample_seed(args.seed, "peak", i) for i in range(len(prompts))]
+    t = time.perf_counter()
+    gens = policy.generate(prompts, Sampling(first.temperature, first.top_p, args.max_tokens), seeds)
+    peak = sum(g.num_tokens for g in gens) / (time.perf_counter() - t)
+    log.info("peak batched sampling: %.1f tok/s (%d rows x %d tokens)", peak, len(prompts), args.max_tokens)
+
+    rows = []
+    for name in strategies:
+        modes = ["batched"] + (["one-at-a-time"] if name in sequential else [])
+        results = {}
+        for mode in modes:
+            if hasattr(prm, "clear_cache"):
+                prm.clear_cache()
+            meter = Meter(policy, prm)
+            prm_before = getattr(prm, "tokens_processed", 0)
+            t = time.perf_counter()
+            batches = [problems] if mode == "batched" else [[p] for p in problems]
+            records = [r for batch in batches for r in STRATEGIES[name](batch, meter, meter, recipes[name])]
+            wall = time.perf_counter() - t
+            prm_tokens = getattr(prm, "tokens_processed", 0) - prm_before
+            results[mode] = records
+            rows.append({"strategy": name, "mode": mode, "problems/s": len(problems) / wall, "wall_s": wall,
+                         "gen_s": meter.gen_s, "prm_s": meter.prm_s, "calls": meter.generate_calls,
+                         "gen_tok": meter.completion_tokens,
+                         "tok/s gen": meter.completion_tokens / meter.gen_s if meter.gen_s else 0.0,
+                         "tok/s wall": meter.completion_tokens / wall,
+                         "prm_tok/gen_tok": prm_tokens / max(meter.completion_tokens, 1)})
+            log.info("%s %s: %.1f s", name, mode, wall)
+        if len(results) == 2:
+            same = all(a.completions == b.completions for a, b in zip(results["batched"], results["one-at-a-time"]))
+            rows[-2]["same_records"] = rows[-1]["same_records"] = "yes" if same else "no"
+
+    print(f"\nbackend {args.backend} ({type(policy).__name__}), model {args.model}, {len(problems)} problems, "
+          f"n={args.n}, beam_width={args.beam_width}, num_iterations={args.num_iterations}, "
+          f"max_tokens={args.max_tokens}")
+    print(f"peak batched sampling rate: {peak:.1f} tok/s ({len(prompts)} rows)\n")
+    cols = ["strategy", "mode", "problems/s", "wall_s", "gen_s", "prm_s", "calls", "gen_tok", "tok/s gen",
+            "tok/s wall", "prm_tok/gen_tok", "same_records"]
+    print("  ".join(f"{c:>15}" for c in cols))
+    for r in rows:
+        print("  ".join(f"{r.get(c, ''):>15.3f}" if isinstance(r.get(c), float) else f"{r.get(c, ''):>15}" for c in cols))
+    print()
+    for name in strategies:
+        mine = [r for r in rows if r["strategy"] == name]
+        b = mine[0]
+        print(f"{name}: generated tok/s / peak = {b['tok/s gen'] / peak:.2f} over generation time, "
+              f"{b['tok/s wall'] / peak:.2f} over wall time; PRM tokens per generated token "
+              f"{b['prm_tok/gen_tok']:.2f}")
+        if len(mine) == 2:
+            print(f"{name}: batched / one-at-a-time throughput = {b['problems/s'] / mine[1]['problems/s']:.2f}x "
+                  f"(same records: {b.get('same_records')})")
+
+
+if __name__ == "__main__":
+    main()
