@@ -30,4 +30,5 @@ stop slurmd.pid
 stop slurmctld.pid
 stop mlflow.pid group
 stop munged.pid
+[[ -s $dir/munge_dir ]] && rm -rf -- "$(<"$dir/munge_dir")" && rm -f "$dir/munge_dir"
 echo "down.sh: stopped the test cluster in $dir"

@@ -4,8 +4,8 @@
 #     tests/cluster/up.sh /tmp/ttc-cluster && source /tmp/ttc-cluster/env.sh && sinfo
 #     tests/cluster/down.sh /tmp/ttc-cluster
 #
-# Everything lives in the state directory (slurm.conf, a munge key and socket, spool, logs, the
-# MLflow store and artifacts) on free ports, so neither /etc/slurm nor a cluster or server already
+# Everything lives in the state directory (slurm.conf, spool, logs, the MLflow store and
+# artifacts; the munge key and socket in a /tmp dir it names) on free ports, so neither /etc/slurm nor a cluster or server already
 # running here is touched. Needs root (slurmd starts the jobs) and Debian's slurmctld, slurmd,
 # slurm-client and munge (.ci/run installs them). There is no systemd: the daemons are started by
 # hand, munged as the user munge. env.sh exports SLURM_CONF and MLFLOW_TRACKING_URI for clients.
@@ -31,16 +31,19 @@ for tool in munged slurmctld slurmd sbatch; do
 done
 [[ $(id -u) == 0 ]] || { echo "up.sh: must run as root (slurmd starts jobs as their users)" >&2; exit 1; }
 
-chmod 755 "$dir"
-mkdir -p "$dir/log" "$dir/state" "$dir/spool" "$dir/munge" "$dir/mlflow/artifacts"
+mkdir -p "$dir/log" "$dir/state" "$dir/spool" "$dir/mlflow/artifacts"
 
-# munge: a key of our own and a socket in the state dir, so another munged is left alone
-head -c 1024 /dev/urandom > "$dir/munge/munge.key"
-chown -R munge:munge "$dir/munge" && chmod 711 "$dir/munge" && chmod 400 "$dir/munge/munge.key"
-runuser -u munge -- munged --socket="$dir/munge/munge.socket" --key-file="$dir/munge/munge.key" \
-    --pid-file="$dir/munge/munged.pid" --log-file="$dir/munge/munged.log" --seed-file="$dir/munge/munged.seed"
-wait_for 10 munged test -S "$dir/munge/munge.socket"
-cp "$dir/munge/munged.pid" "$dir/munged.pid"
+# munge: a key and a socket of our own, so another munged is left alone. They live in a directory
+# the user munge can reach (the state dir may sit under a private one, e.g. pytest's tmp).
+munge=$(mktemp -d "${TMPDIR:-/tmp}/ttc-munge.XXXXXX")
+echo "$munge" > "$dir/munge_dir"
+head -c 1024 /dev/urandom > "$munge/munge.key"
+chown -R munge:munge "$munge" && chmod 711 "$munge" && chmod 400 "$munge/munge.key"
+runuser -u munge -- munged --socket="$munge/munge.socket" --key-file="$munge/munge.key" \
+    --pid-file="$munge/munged.pid" --log-file="$munge/munged.log" --seed-file="$munge/munged.seed" \
+    < /dev/null >> "$dir/log/daemons.out" 2>&1  # a daemon holding the caller's stdout would block its reader
+wait_for 10 munged test -S "$munge/munge.socket"
+cp "$munge/munged.pid" "$dir/munged.pid"
 
 # MLflow server first: it creates and migrates the SQLite store once, before any concurrent writer
 mlflow_port=$(free_port)
@@ -61,7 +64,7 @@ SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$ctld_port
 SlurmdPort=$slurmd_port
 AuthType=auth/munge
-AuthInfo=socket=$dir/munge/munge.socket
+AuthInfo=socket=$munge/munge.socket
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
@@ -90,9 +93,9 @@ PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
 
 export SLURM_CONF=$dir/slurm.conf
-slurmctld -c -f "$SLURM_CONF"
+slurmctld -c -f "$SLURM_CONF" < /dev/null >> "$dir/log/daemons.out" 2>&1
 wait_for 30 slurmctld scontrol ping
-slurmd -f "$SLURM_CONF"
+slurmd -f "$SLURM_CONF" < /dev/null >> "$dir/log/daemons.out" 2>&1
 node_idle() { [[ $(sinfo -h -n "$host" -o %t) == idle ]]; }
 wait_for 30 "slurmd (node $host idle)" node_idle
 
