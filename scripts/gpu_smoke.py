@@ -1,0 +1,250 @@
+"""GPU smoke test: each strategy on 10 MATH-500 problems, with accuracy, tokens/s and wall time.
+
+    python scripts/gpu_smoke.py                                    # Llama-3.2-1B-Instruct + RLHFlow PRM (Hub or --model/--prm dirs)
+    python scripts/gpu_smoke.py --random-weights                   # no network, no weights: throughput only
+    python scripts/gpu_smoke.py --random-weights --tiny --device cpu --problems 2   # the same code path on a CPU
+
+Real mode runs recipes/Llama-3.2-1B-Instruct/{best_of_n,beam_search,dvts}.yaml (the reference
+settings, n=4) on the first `--problems` problems, policy and PRM loaded once and shared by the
+three strategies (vLLM where installed). It is sized to finish in under 8 minutes on one H100.
+
+Random-weights mode (chosen by --random-weights, or by --mode auto when the weights cannot be
+found) builds models with the architectures of Llama-3.2-1B (policy) and Llama-3.1-8B (PRM, in
+RLHFlow's +/- format) from the configs below, with random weights and a synthetic word-level
+tokenizer of Llama 3's vocabulary size. Random weights never write a step delimiter, so every step
+is exactly `--tokens-per-step` tokens and every search runs `--num-iterations` steps: the
+throughput is that of the real models' shapes; the accuracy is meaningless and is not reported.
+`--tiny` shrinks both architectures so the whole path runs on a CPU in a minute or two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+log = logging.getLogger("gpu_smoke")
+
+STRATEGIES = ("best_of_n", "beam_search", "dvts")
+
+# The architectures (config.json of meta-llama/Llama-3.2-1B-Instruct and Llama-3.1-8B), minus the
+# llama3 rope scaling, which changes no shape and no cost. Context capped at 8192 tokens.
+LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                    max_position_embeddings=8192, rms_norm_eps=1e-5)
+LLAMA_3_1_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+                    max_position_embeddings=8192, rms_norm_eps=1e-5)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16)
+
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<unk>"]
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                 "{{ m['content'] }}<|eot_id|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=["auto", "real", "random"], default="auto",
+                    help="auto: real weights when they can be found, else random weights")
+    ap.add_argument("--random-weights", action="store_true", help="same as --mode random")
+    ap.add_argument("--tiny", action="store_true", help="random mode: shrink both architectures (CPU check)")
+    ap.add_argument("--problems", type=int, default=10)
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--model", default="meta-llama/Llama-3.2-1B-Instruct", help="real mode: Hub id or local dir")
+    ap.add_argument("--prm", default="RLHFlow/Llama3.1-8B-PRM-Deepseek-Data", help="real mode: Hub id or local dir")
+    ap.add_argument("--dataset", default=None,
+                    help="problems: Hub id or .jsonl (default: HuggingFaceH4/MATH-500; random mode: the built-in set)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--tokens-per-step", type=int, default=64, help="random mode")
+    ap.add_argument("--num-iterations", type=int, default=4, help="random mode: steps per search")
+    ap.add_argument("--workdir", default=None, help="random mode: where the random models are written "
+                                                    "(default $TTC_CACHE/gpu_smoke)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override key=value")
+    args = ap.parse_args(argv)
+    if args.random_weights:
+        args.mode = "random"
+    return args
+
+
+def weights_found(name: str) -> bool:
+    from transformers.utils import cached_file
+
+    if Path(name).expanduser().is_dir():
+        return (Path(name).expanduser() / "config.json").is_file()
+    try:
+        return cached_file(name, "config.json") is not None
+    except Exception as err:  # offline, gated, not found: all mean "not here"
+        log.info("%s: weights not reachable (%s)", name, type(err).__name__)
+        return False
+
+
+# --- random-weights mode
+
+def synthetic_tokenizer(vocab_size: int):
+    """A word-level tokenizer with exactly `vocab_size` ids and a Llama-3-like chat template; it
+    keeps "+" and "-" as tokens (RLHFlow's PRM format) and needs no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIALS + ["+", "-"] + [str(d) for d in range(10)]
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                  pad_token="<|end_of_text|>", unk_token="<unk>")
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS[2:4]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def random_model_dir(name: str, arch: dict, tiny: bool, device: str, workdir: Path) -> Path:
+    """A saved random-weight Llama with `arch` (bf16 on a GPU), built once per workdir."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = {**arch, **TINY} if tiny else arch
+    out = workdir / (name + ("-tiny" if tiny else ""))
+    if (out / "config.json").is_file():
+        return out
+    tok = synthetic_tokenizer(shape["vocab_size"])
+    config = LlamaConfig(**shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    log.info("building random %s (%s) on %s", out.name, dtype, device)
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    log.info("wrote %s in %.0f s", out, time.perf_counter() - t0)
+    return out
+
+
+class FixedSteps:
+    """Random weights never write the step delimiter: every step request runs exactly `tokens`
+    tokens and is reported as a step that ended at the delimiter, so searches run their full depth."""
+
+    def __init__(self, policy, tokens: int):
+        self.policy, self.tokens = policy, tokens
+        self.name = getattr(policy, "name", "policy")
+
+    def chat_prompt(self, system: str, user: str) -> str:
+        return self.policy.chat_prompt(system, user)
+
+    def generate(self, prompts, sampling, seeds):
+        from ttc_mlops.policy import Generation
+
+        if not sampling.stop:  # a whole solution (best-of-N): the recipe's max_tokens
+            return self.policy.generate(prompts, sampling, seeds)
+        gens = self.policy.generate(prompts, dataclasses.replace(sampling, max_tokens=self.tokens, stop=()), seeds)
+        return [Generation(g.text + sampling.stop[0], g.num_tokens, "stop") for g in gens]
+
+
+# --- both modes
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from ttc_mlops.config import BUILTIN_DATASET, load_recipe
+    from ttc_mlops.data import load_dataset_problems
+    from ttc_mlops.models import cache_dir, pick_device
+    from ttc_mlops.policy import load_policy
+    from ttc_mlops.prm import load_prm
+    from ttc_mlops.runner import Meter, accuracy
+    from ttc_mlops.search import STRATEGIES as REGISTERED
+
+    strategies = [s for s in args.strategies.split(",") if s]
+    missing = [s for s in strategies if s not in REGISTERED]
+    if missing:
+        log.error("strategies %s are not registered (available: %s)", missing, sorted(REGISTERED))
+        return 2
+    mode = args.mode
+    if mode == "auto":
+        mode = "real" if weights_found(args.model) and weights_found(args.prm) else "random"
+    device = pick_device(args.device)
+    overrides = {"num_samples": args.problems, "device": args.device, "backend": args.backend,
+                 "experiment_name": "gpu-smoke"}
+    if mode == "random":
+        workdir = Path(args.workdir) if args.workdir else cache_dir() / "gpu_smoke"
+        workdir.mkdir(parents=True, exist_ok=True)
+        overrides |= {
+            "model_path": str(random_model_dir("random-Llama-3.2-1B", LLAMA_3_2_1B, args.tiny, device, workdir)),
+            "prm_path": str(random_model_dir("random-Llama-3.1-8B", LLAMA_3_1_8B, args.tiny, device, workdir)),
+            "prm_family": "rlhflow", "dataset_name": args.dataset or BUILTIN_DATASET,
+            "num_iterations": args.num_iterations, "max_tokens": args.tokens_per_step * args.num_iterations,
+        }
+        print("RANDOM WEIGHTS: throughput only; accuracy is meaningless and is not reported "
+              f"({'tiny ' if args.tiny else ''}Llama-3.2-1B policy, Llama-3.1-8B PRM, "
+              f"{args.tokens_per_step} tokens per step, {args.num_iterations} steps)", flush=True)
+    else:
+        overrides |= {"model_path": args.model, "prm_path": args.prm}
+        if args.dataset:
+            overrides["dataset_name"] = args.dataset
+    extra = [o for o in args.overrides]
+
+    recipes = {s: load_recipe(REPO / "recipes" / "Llama-3.2-1B-Instruct" / f"{s}.yaml",
+                              [f"{k}={v}" for k, v in overrides.items()] + extra) for s in strategies}
+    first = recipes[strategies[0]]
+    problems = load_dataset_problems(first)[: args.problems]
+    t0 = time.perf_counter()
+    policy = load_policy(first)
+    prm = load_prm(first)
+    load_s = time.perf_counter() - t0
+    if mode == "random":
+        policy = FixedSteps(policy, args.tokens_per_step)
+    print(f"policy {first.model_path} ({type(getattr(policy, 'policy', policy)).__name__}), PRM {first.prm_path}, "
+          f"{len(problems)} problems, device {device}, models loaded in {load_s:.0f} s", flush=True)
+
+    rows = []
+    for name in strategies:
+        recipe = recipes[name]
+        prm_cache = getattr(prm, "_cache", None)
+        if prm_cache is not None:
+            prm_cache.clear()  # no strategy profits from another's scores
+        meter = Meter(policy, prm)
+        t = time.perf_counter()
+        records = []
+        for i in range(0, len(problems), recipe.search_batch_size):
+            records += REGISTERED[name](problems[i : i + recipe.search_batch_size], meter, prm=meter, recipe=recipe)
+        wall = time.perf_counter() - t
+        acc = accuracy(records) if mode == "real" else None
+        rows.append((name, f"n={recipe.n}" + (f" M={recipe.beam_width}" if name != "best_of_n" else ""),
+                     "n/a" if acc is None else f"{acc:.2f}", meter.completion_tokens,
+                     meter.completion_tokens / wall, wall, meter.gen_s, meter.prm_s))
+        print(f"{name}: {wall:.1f} s", flush=True)
+
+    header = ("strategy", "budget", "accuracy", "tokens", "tokens/s", "wall s", "generate s", "PRM s")
+    print(f"{header[0]:<12} {header[1]:<9} {header[2]:>8} {header[3]:>8} {header[4]:>9} {header[5]:>7} "
+          f"{header[6]:>10} {header[7]:>6}")
+    for r in rows:
+        print(f"{r[0]:<12} {r[1]:<9} {r[2]:>8} {r[3]:>8} {r[4]:>9.1f} {r[5]:>7.1f} {r[6]:>10.1f} {r[7]:>6.1f}")
+    print(f"total {sum(r[5] for r in rows) + load_s:.0f} s (models {load_s:.0f} s)"
+          + ("; RANDOM WEIGHTS: accuracy not measured" if mode == "random" else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
