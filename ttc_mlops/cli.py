@@ -74,6 +74,12 @@ def run(recipe: str = typer.Argument(..., help="Recipe YAML."),
     except RecipeError as err:
         _fail(str(err))
     _summary(r, result)
+    if all(getattr(r, k) is None for k in ("chunk", "num_chunks", "dataset_start", "dataset_end")):
+        # the whole problem set in one process: finish the pipeline on its parent
+        from .merge import strip_chunk_fields
+
+        _merge_and_report(result.parent_run_id, strip_chunk_fields(r), allow_partial=False, push=False)
+        _evaluate_and_report(result.parent_run_id, strip_chunk_fields(r))
 
 
 def _summary(recipe, result) -> None:
@@ -98,6 +104,110 @@ def _summary(recipe, result) -> None:
     for k, v in rows:
         typer.echo(f"{k:<{width}}  {v}")
     typer.echo(f"open: mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+
+
+def _parent(recipe: Optional[str], set_: list[str], parent_run_id: Optional[str]):
+    """(parent run id, recipe) from exactly one of RECIPE or --parent-run-id."""
+    from .config import RecipeError
+    from .merge import resolve_parent
+
+    if (recipe is None) == (parent_run_id is None):
+        _fail("give exactly one of RECIPE or --parent-run-id to say which parent run")
+    r = _recipe(recipe, set_) if recipe is not None else None
+    try:
+        return resolve_parent(r, parent_run_id, set_ if recipe is None else [])
+    except RecipeError as err:
+        _fail(str(err), code=1)
+
+
+def _merge_and_report(parent_id: str, recipe, allow_partial: bool, push: bool) -> None:
+    from .config import RecipeError
+    from .merge import log_merge, merge as merge_chunks, push_to_hub
+
+    try:
+        result = merge_chunks(parent_id, recipe, allow_partial)
+    except RecipeError as err:
+        _fail(str(err), code=1)
+    log_merge(result)
+    state = "partial" if result.partial else "complete"
+    typer.echo(f"merged {len(result.records)} of {result.total} problems from {len(result.chunks)} chunk run(s) "
+               f"into parent {parent_id} ({state})")
+    for line in result.problems_report:
+        typer.echo(f"  {line}")
+    if push or recipe.push_to_hub:
+        try:
+            config = push_to_hub(result)
+        except RecipeError as err:
+            _fail(str(err), code=1)
+        typer.echo(f"pushed to https://huggingface.co/datasets/{recipe.hub_dataset_id} (config {config})")
+
+
+def _evaluate_and_report(parent_id: str, recipe) -> None:
+    from . import tracking
+    from .evaluate import EvaluateError, evaluate_parent
+    from .plots import format_table
+
+    try:
+        result = evaluate_parent(parent_id, recipe)
+    except (EvaluateError, LookupError) as err:
+        _fail(str(err), code=1)
+    ev = result.evaluation
+    overall = [r for r in ev.rows if r["level"] == "all"]
+    rules = [m for m in tracking.VOTING_METRICS if m in overall[0]]
+    typer.echo(format_table(["n", *rules], [[str(r["n"]), *[f"{r[m]:.3f}" for m in rules]] for r in overall]))
+    typer.echo(f"{ev.problems} problems, {ev.distinct_answers} distinct answers; metrics on parent run {parent_id}"
+               + (" (unchanged: evaluated before)" if result.already else ""))
+    if result.registered:
+        typer.echo(f"registered: models:/{result.registered[0]}/{result.registered[1]} "
+                   f"(best: models:/{result.registered[0]}@{tracking.BEST_ALIAS})")
+
+
+@app.command()
+def merge(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML (or give --parent-run-id)."),
+          set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+          parent_run_id: Optional[str] = typer.Option(None, help="The parent run to merge."),
+          allow_partial: bool = typer.Option(False, "--allow-partial", envvar="TTC_ALLOW_PARTIAL",
+                                             help="Merge despite missing / duplicate problems; tag the result partial."),
+          push_to_hub: bool = typer.Option(False, "--push-to-hub", help="Also upload the merged records to hub_dataset_id.")) -> None:
+    """Merge the chunk runs of a parent, checking that every problem comes exactly once."""
+    from . import tracking
+
+    pid, r = _parent(recipe, set_, parent_run_id)
+    tracking.adopt_launched_run(pid, tracking.ROLE_STEP)
+    _merge_and_report(pid, r, allow_partial, push_to_hub)
+
+
+@app.command()
+def evaluate(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML (or give --parent-run-id)."),
+             set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+             parent_run_id: Optional[str] = typer.Option(None, help="The merged parent run to evaluate.")) -> None:
+    """Grade a parent's merged records at n = 1, 2, 4, ..., N; log metrics (step = n) and register."""
+    from . import tracking
+
+    pid, r = _parent(recipe, set_, parent_run_id)
+    tracking.adopt_launched_run(pid, tracking.ROLE_STEP)
+    _evaluate_and_report(pid, r)
+
+
+@app.command()
+def compare(experiment: Optional[str] = typer.Option(None, help="Experiment (default: the only one with parent runs)."),
+            model: Optional[str] = typer.Option(None, help="Only this policy model (path or label)."),
+            output: str = typer.Option("accuracy_vs_n.png", help="Where to write the PNG.")) -> None:
+    """Draw accuracy against N for every strategy and voting rule of an experiment; log it to MLflow."""
+    from . import tracking
+    from .plots import compare as draw
+
+    if experiment is None:
+        names = tracking.experiments_with_parents()
+        if len(names) != 1:
+            _fail(f"--experiment is needed: {len(names)} experiments have parent runs ({names})")
+        experiment = names[0]
+    try:
+        _, text, run_id = draw(experiment, model, output)
+    except LookupError as err:
+        _fail(str(err), code=1)
+    typer.echo(text)
+    typer.echo(f"wrote {output}; logged to run {run_id} of experiment {experiment!r}")
 
 
 @app.command()

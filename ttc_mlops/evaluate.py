@@ -8,9 +8,10 @@ never cut), and four choices are graded: naive (the highest aggregated score), w
 (any completion correct). Scores are aggregated with the recipe's `agg_strategy`.
 
 Grading is the hot path (MATH-500 at N=256 is 128,000 completions). It works per problem on its
-distinct answers only: each is compared once with the gold answer and, when wrong, with the other
-wrong answers' classes (math-verify, cached by pair); plain numbers (5, -2.5, \\frac{3}{4}, 3/4)
-compare exactly without math-verify. Large record sets are graded on all cores.
+distinct answers only: each is parsed once into a canonical key (plain numbers such as 5, -2.5,
+\\frac{3}{4}, 3/4 without math-verify), compared with the gold answer once (by key where that
+decides, else math-verify, cached by pair), and wrong answers are classed by key for voting.
+Large record sets are graded on all cores.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 
-from .grading import extract_answer, is_equiv
+from .grading import _normalise_text, _parse, extract_answer, is_equiv  # the cached parse: one per answer
 from .prm import aggregate
 from .records import Record
 
@@ -59,37 +60,78 @@ def plain_number(answer: str) -> Fraction | None:
     return None
 
 
-def equivalent(a: str, b: str) -> bool | None:
-    """`a` equals `b` (b plays the gold answer); None when `b` cannot be parsed."""
-    x, y = plain_number(a), plain_number(b)
-    if x is not None and y is not None:
-        return x == y
-    return is_equiv(a, b)
+_SIZING = re.compile(r"\\(left|right)(?![A-Za-z])|\\[!,;: ]|\\?\$")
+_ASSIGN = re.compile(r"^[A-Za-z]\s*=\s*(?=[^=]+$)")  # "x = 5": math-verify reads it as 5 too
+_WRAPPED = re.compile(r"^\(([^(),]*)\)$")  # "(5)", but never a tuple or an interval
+
+
+def tidy(answer: str) -> str:
+    """The same answer without sizing, spacing and wrapper notation, so that forms which differ only
+    in those share one parse (and plain numbers skip math-verify)."""
+    text = _SIZING.sub("", answer).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    text = " ".join(text.split())
+    text = _ASSIGN.sub("", text)
+    return _WRAPPED.sub(r"\1", text).strip()
+
+
+def answer_key(answer: str) -> tuple:
+    """A canonical form of an answer, from one parse: ("num", re, im) for numbers (12 significant
+    digits), ("expr", sympy text) for other parsed expressions, ("text", normalised) otherwise.
+    Equal keys are equivalent answers."""
+    answer = tidy(answer)
+    value = plain_number(answer)
+    if value is None:
+        parsed = _parse(answer)  # math-verify, cached per distinct answer
+        expr = parsed[0] if parsed else None
+        if expr is None or isinstance(expr, str):
+            return ("text", _normalise_text(answer))
+        if getattr(expr, "is_number", False):
+            try:
+                z = complex(expr.evalf(15))
+                return ("num", f"{z.real:.12g}", f"{z.imag:.12g}")
+            except (TypeError, ValueError, ArithmeticError):
+                pass
+        return ("expr", str(expr))
+    return ("num", f"{float(value):.12g}", "0")
+
+
+def equivalent(a: str, gold: str, keys: dict[str, tuple]) -> bool:
+    """`a` is equivalent to `gold`: exact where both are numbers far apart or keys agree, math-verify
+    (grading.is_equiv, cached by pair) for the rest."""
+    ka, kg = keys[a], keys[gold]
+    if ka == kg or _normalise_text(a) == _normalise_text(gold):
+        return True
+    if ka[0] == "text":  # nothing math-verify could read
+        return False
+    if ka[0] == kg[0] == "num" and "%" not in a + gold:
+        x, y = complex(float(ka[1]), float(ka[2])), complex(float(kg[1]), float(kg[2]))
+        if abs(x - y) > 1e-4 * max(abs(x), abs(y), 1.0):  # close calls go to math-verify's rounding
+            return False
+    return bool(is_equiv(tidy(a), tidy(gold)))
 
 
 def classify(gold: str | None, answers: list[str]) -> tuple[list[int], list[bool]]:
     """Answer classes of a problem's distinct answers: (class per answer, correct per class).
-    Correct answers form one class; a wrong answer joins the first wrong class it is equivalent to."""
+    Answers equivalent to the gold answer form one class; wrong answers are classed by their
+    canonical key (so N=256 costs one parse per distinct answer, not a comparison per pair)."""
+    keys = {a: answer_key(a) for a in answers}
+    if gold is not None:
+        keys.setdefault(gold, answer_key(gold))
     classes: list[int] = []
-    reps: list[str] = []
     correct: list[bool] = []
+    by_key: dict[tuple, int] = {}
     gold_class = None
     for a in answers:
-        if gold is not None and equivalent(a, gold):
+        if gold is not None and equivalent(a, gold, keys):
             if gold_class is None:
-                gold_class = len(reps)
-                reps.append(a)
+                gold_class = len(correct)
                 correct.append(True)
             classes.append(gold_class)
             continue
-        for k, rep in enumerate(reps):
-            if not correct[k] and equivalent(a, rep):
-                classes.append(k)
-                break
-        else:
-            classes.append(len(reps))
-            reps.append(a)
+        if keys[a] not in by_key:
+            by_key[keys[a]] = len(correct)
             correct.append(False)
+        classes.append(by_key[keys[a]])
     return classes, correct
 
 

@@ -1,0 +1,67 @@
+"""`ttc compare`: accuracy against N per strategy and voting rule, from evaluated parent runs."""
+
+from pathlib import Path
+
+from fakes import FakePolicy, FakePRM
+from typer.testing import CliRunner
+
+from ttc_mlops import tracking
+from ttc_mlops.cli import app
+from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe
+from ttc_mlops.data import builtin_problems
+from ttc_mlops.evaluate import evaluate_parent
+from ttc_mlops.merge import log_merge, merge
+from ttc_mlops.plots import collect, compare_figure
+from ttc_mlops.runner import run_chunk
+
+PROBLEMS = builtin_problems()[:4]
+SCRIPT = {p.problem: [f"Work.[s=0.6]\n\nSo \\boxed{{{p.answer}}}[s=0.8]", "So \\boxed{0}[s=0.4]"] for p in PROBLEMS}
+
+
+def evaluated(**kw):
+    r = Recipe(**{"model_path": EMBEDDED_MODEL, "prm_path": EMBEDDED_MODEL, "dataset_name": BUILTIN_DATASET,
+                  "num_samples": 4, "experiment_name": "cmp", **kw})
+    pid = run_chunk(r, FakePolicy(SCRIPT), FakePRM(), progress=False).parent_run_id
+    log_merge(merge(pid, r))
+    evaluate_parent(pid, r, register=False, workers=1)
+    return pid
+
+
+def relabel(pid, strategy):
+    """A second strategy's parent, as the other strategies' modules would produce it."""
+    tracking.set_tags(pid, {tracking.TAG_STRATEGY: strategy})
+
+
+def test_compare_draws_one_line_per_strategy_in_every_panel(mlflow_store, tmp_path):
+    evaluated(n=4)
+    evaluated(n=8)  # the same strategy at a larger N: one line, points from the N=8 run
+    relabel(evaluated(n=4, seed=7), "dvts")
+    curves = collect("cmp")
+    fig = compare_figure(curves, "cmp")
+    assert len(fig.axes) == 4  # naive, weighted, majority, pass@n
+    for ax in fig.axes:
+        assert ax.get_xscale() == "log"
+        assert sorted(line.get_label() for line in ax.lines) == ["SmolLM2-135M-Instruct best_of_n",
+                                                                  "SmolLM2-135M-Instruct dvts"]
+    bon = next(c for c in curves if c.strategy == "best_of_n" and c.rule == "acc_naive")
+    assert sorted(bon.points) == [1, 2, 4, 8] and all(src[0] == 8 for src in bon.source.values())
+
+    out = CliRunner().invoke(app, ["compare", "--experiment", "cmp", "--output", str(tmp_path / "cmp.png")])
+    assert out.exit_code == 0, out.output
+    png = Path(tmp_path / "cmp.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "best_of_n  acc_naive" in out.output and "n=8" in out.output
+    runs = tracking.client().search_runs([tracking.client().get_experiment_by_name("cmp").experiment_id],
+                                         filter_string=f"tags.`{tracking.TAG_ROLE}` = 'compare'")
+    assert len(runs) == 1
+    assert {a.path for a in tracking.client().list_artifacts(runs[0].info.run_id, "compare")} == {
+        tracking.COMPARE_PLOT, tracking.COMPARE_TABLE}
+
+
+def test_compare_names_what_is_missing(mlflow_store):
+    cli = CliRunner()
+    out = cli.invoke(app, ["compare", "--experiment", "nope"])
+    assert out.exit_code == 1 and "experiment='nope' does not exist" in out.output
+    tracking.ensure_experiment("empty")
+    out = cli.invoke(app, ["compare", "--experiment", "empty"])
+    assert out.exit_code == 1 and "has no evaluated parent runs" in out.output

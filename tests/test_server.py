@@ -1,0 +1,106 @@
+"""The pipeline against a real `mlflow server` on 127.0.0.1 (started here on a free port, stopped
+after): chunk runs, then the MLproject entry points `merge` and `evaluate`, then the registry."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from fakes import FakePolicy, FakePRM
+
+from conftest import REPO
+from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe
+from ttc_mlops.data import builtin_problems
+from ttc_mlops.runner import run_chunk
+
+pytestmark = pytest.mark.server
+
+PROBLEMS = builtin_problems()[:4]
+SCRIPT = {p.problem: [f"Work.[s=0.6]\n\nSo \\boxed{{{p.answer}}}[s=0.8]"] for p in PROBLEMS}  # always right
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, monkeypatch, _migrated_db):
+    import shutil
+
+    shutil.copy(_migrated_db, tmp_path / "server.db")  # migrating a fresh store takes the server long
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts")]
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                pytest.fail(f"mlflow server did not come up: {(tmp_path / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+        monkeypatch.chdir(tmp_path)
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        yield uri
+        mlflow.set_tracking_uri(None)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def mlflow_run(entry: str, *params: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local",
+           "--experiment-name", "srv", *[x for p in params for x in ("-P", p)]]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+
+
+def test_chunks_merge_and_evaluate_entry_points_against_a_server(mlflow_server):
+    import mlflow.pyfunc
+
+    from ttc_mlops import tracking
+
+    r = Recipe(model_path=EMBEDDED_MODEL, prm_path=EMBEDDED_MODEL, dataset_name=BUILTIN_DATASET, num_samples=4,
+               n=4, experiment_name="srv")
+    pid = run_chunk(r.model_copy(update={"chunk": 0, "num_chunks": 2}), FakePolicy(SCRIPT), FakePRM(), progress=False).parent_run_id
+    c = tracking.client()
+
+    done = mlflow_run("merge", f"parent_run_id={pid}", "allow_partial=true")  # rows 2:4 are missing
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "missing 2 problem(s) of rows 2:4 (no chunk run)" in done.stdout
+    assert c.get_run(pid).data.tags[tracking.TAG_MERGED] == "partial"
+
+    run_chunk(r.model_copy(update={"chunk": 1, "num_chunks": 2}), FakePolicy(SCRIPT), FakePRM(), progress=False)
+    for entry in ("merge", "evaluate"):
+        done = mlflow_run(entry, f"parent_run_id={pid}")
+        assert done.returncode == 0, done.stderr[-3000:]
+    parent = c.get_run(pid)
+    assert parent.data.tags[tracking.TAG_MERGED] == "complete"
+    assert sorted(m.step for m in c.get_metric_history(pid, "acc_weighted")) == [1, 2, 4]
+    assert parent.data.metrics["acc_weighted"] == 1.0
+    # the entry points' own runs nest under the parent they worked on
+    steps = c.search_runs([parent.info.experiment_id], filter_string=f"tags.`{tracking.TAG_ROLE}` = '{tracking.ROLE_STEP}'")
+    assert len(steps) == 3 and all(s.data.tags[tracking.TAG_PARENT] == pid for s in steps)
+
+    version = tracking.model_version_by_alias("ttc-SmolLM2-135M-Instruct-best_of_n")
+    assert version.run_id == pid and float(version.tags["acc_weighted"]) == 1.0
+    model = mlflow.pyfunc.load_model("models:/ttc-SmolLM2-135M-Instruct-best_of_n@best")  # the policy loads on predict
+    assert model.metadata.get_input_schema().input_names() == ["problem"]
