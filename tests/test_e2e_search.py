@@ -10,8 +10,8 @@ from conftest import REPO
 
 pytestmark = pytest.mark.e2e
 
-# One problem, 2 x 2 candidates per step, 2 steps of at most 24 tokens: about 100 tokens of sampling.
-TINY = "num_samples=1 n=4 beam_width=2 num_iterations=2 max_tokens=24"
+# One problem, 2 x 2 candidates per step, 2 steps of at most 16 tokens: at most 128 tokens of sampling.
+TINY = "num_samples=1 n=4 beam_width=2 num_iterations=2 max_tokens=16"
 
 
 def _run(entry_point: str, mlflow_store, tmp_path):
@@ -49,7 +49,7 @@ def _run(entry_point: str, mlflow_store, tmp_path):
 def test_beam_search_entry_point_with_the_embedded_model(mlflow_store, tmp_path):
     record = _run("beam_search", mlflow_store, tmp_path)
     assert set(record.groups) == {0}
-    assert all(n["iteration"] < 2 and n["tokens"] <= 24 for n in record.tree)
+    assert all(n["iteration"] < 2 and n["tokens"] <= 16 for n in record.tree)
 
 
 def test_dvts_entry_point_with_the_embedded_model(mlflow_store, tmp_path):
