@@ -19,10 +19,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..data import Problem
-from ..policy import Policy
+from ..policy import Generation, Policy
 from ..prm import PRM, aggregate
 from ..records import Record
 from .common import ended, expand, make_record, own_scores, sample_seed
+
+
+@dataclass
+class _Candidate:
+    text: str  # the subtree's chosen steps plus this candidate step
+    scores: list[float]  # per step, of `text`
+    tokens: int  # completion tokens of `text`
+    finish: str
+    node: int  # this step in the problem's tree
 
 
 @dataclass
@@ -32,8 +41,7 @@ class _Subtree:
     text: str = ""  # the chosen steps so far
     tokens: int = 0  # completion tokens of `text`
     live: bool = True
-    # the candidates of its last iteration: (completion text, own step scores, tokens, finish, node)
-    last: list[tuple[str, list[float], int, str, int]] = field(default_factory=list)
+    last: list[_Candidate] = field(default_factory=list)  # the candidates of its last iteration
 
 
 @dataclass
@@ -67,31 +75,34 @@ def dvts(problems: list[Problem], policy: Policy, prm: PRM, recipe) -> list[Reco
         # select: each subtree follows its best candidate
         for i, ((s, t), row) in enumerate(zip(live, scores)):
             ks = range(i * width, (i + 1) * width)
-            aggs = [aggregate(sc, recipe.agg_strategy) for sc in row]
-            best = max(range(width), key=aggs.__getitem__)  # ties: the first candidate
-            t.last = []
-            for j, k in enumerate(ks):
-                text = t.text + steps[k].text
-                node = len(s.tree)
-                s.tree.append({"id": node, "parent": t.node, "subtree": t.index, "iteration": it,
-                               "step": steps[k].text, "lookahead": looks[k], "tokens": steps[k].num_tokens,
-                               "finish": steps[k].finish_reason, "step_score": row[j][-1] if row[j] else None,
-                               "agg": aggs[j], "status": "chosen" if j == best else "rejected", "completion": None})
-                t.last.append((text, own_scores(row[j], text, looks[k]), t.tokens + steps[k].num_tokens,
-                               steps[k].finish_reason, node))
-            chosen = steps[ks[best]]
-            t.node, t.text, t.tokens = t.last[best][4], t.last[best][0], t.last[best][2]
-            t.live = not (last or ended(chosen))
+            _follow_best(s, t, [steps[k] for k in ks], [looks[k] for k in ks], row, recipe, it)
 
     return [_record(s, recipe) for s in searches]
+
+
+def _follow_best(s: _Search, t: _Subtree, steps: list[Generation], looks: list[str], scores: list[list[float]],
+                 recipe, it: int) -> None:
+    aggs = [aggregate(sc, recipe.agg_strategy) for sc in scores]
+    best = max(range(len(steps)), key=aggs.__getitem__)  # ties: the first candidate
+    t.last = []
+    for j, (step, look, sc) in enumerate(zip(steps, looks, scores)):
+        text = t.text + step.text
+        node = len(s.tree)
+        s.tree.append({"id": node, "parent": t.node, "subtree": t.index, "iteration": it, "step": step.text,
+                       "lookahead": look, "tokens": step.num_tokens, "finish": step.finish_reason,
+                       "step_score": sc[-1] if sc else None, "agg": aggs[j],
+                       "status": "chosen" if j == best else "rejected", "completion": None})
+        t.last.append(_Candidate(text, own_scores(sc, text, look), t.tokens + step.num_tokens, step.finish_reason, node))
+    t.node, t.text, t.tokens = t.last[best].node, t.last[best].text, t.last[best].tokens
+    t.live = not (it == recipe.num_iterations - 1 or ended(steps[best]))
 
 
 def _record(s: _Search, recipe) -> Record:
     outputs = [(t.index, c) for t in s.subtrees for c in t.last]
     for i, (_, c) in enumerate(outputs):
-        s.tree[c[4]]["completion"] = i
+        s.tree[c.node]["completion"] = i
     depths = [1 + max(node["iteration"] for node in s.tree if node["subtree"] == t.index) for t in s.subtrees]
     notes = [f"dvts: {len(s.subtrees)} subtrees x beam_width={recipe.beam_width}; steps per subtree {depths}"]
-    return make_record(s.problem, recipe, [c[0] for _, c in outputs], [c[1] for _, c in outputs],
-                       [c[2] for _, c in outputs], [c[3] for _, c in outputs],
+    return make_record(s.problem, recipe, [c.text for _, c in outputs], [c.scores for _, c in outputs],
+                       [c.tokens for _, c in outputs], [c.finish for _, c in outputs],
                        groups=[g for g, _ in outputs], tree=s.tree, notes=notes)
