@@ -116,7 +116,8 @@ def main(argv=None) -> None:
             "tok/s wall", "prm_tok/gen_tok", "same_records"]
     print("  ".join(f"{c:>15}" for c in cols))
     for r in rows:
-        print("  ".join(f"{r.get(c, ''):>15.3f}" if isinstance(r.get(c), float) else f"{r.get(c, ''):>15}" for c in cols))
+        cells = [r.get(c, "") for c in cols]
+        print("  ".join(f"{v:>15.3f}" if isinstance(v, float) else f"{v:>15}" for v in cells))
     print()
     for name in strategies:
         mine = [r for r in rows if r["strategy"] == name]

@@ -52,7 +52,8 @@ def ended(gen: Generation) -> bool:
     return gen.finish_reason != "stop" or not gen.text.strip() or last_boxed(gen.text) is not None
 
 
-def expand(policy: Policy, prompts: list[str], seeds: list[int], recipe, last: bool) -> tuple[list[Generation], list[str]]:
+def expand(policy: Policy, prompts: list[str], seeds: list[int], recipe,
+           last: bool) -> tuple[list[Generation], list[str]]:
     """One sampled step per prompt (prompt = chat prompt + partial solution), and for each step that
     did not end the solution, `recipe.lookahead` greedy steps rolled out after it. The lookahead text
     is only scored, never kept (search-and-learn's `generate_k_steps`). One generate call, plus one

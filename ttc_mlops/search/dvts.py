@@ -92,7 +92,8 @@ def _follow_best(s: _Search, t: _Subtree, steps: list[Generation], looks: list[s
                        "lookahead": look, "tokens": step.num_tokens, "finish": step.finish_reason,
                        "step_score": sc[-1] if sc else None, "agg": aggs[j],
                        "status": "chosen" if j == best else "rejected", "completion": None})
-        t.last.append(_Candidate(text, own_scores(sc, text, look), t.tokens + step.num_tokens, step.finish_reason, node))
+        t.last.append(_Candidate(text, own_scores(sc, text, look), t.tokens + step.num_tokens,
+                                 step.finish_reason, node))
     t.node, t.text, t.tokens = t.last[best].node, t.last[best].text, t.last[best].tokens
     t.live = not (it == recipe.num_iterations - 1 or ended(steps[best]))
 
