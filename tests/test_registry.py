@@ -79,3 +79,21 @@ def test_predict_names_the_missing_column(mlflow_store, tiny_llama_dir):
     name, _ = evaluated(base(tiny_llama_dir), right_wins=True).registered
     with pytest.raises(Exception, match="problem"):
         mlflow.pyfunc.load_model(f"models:/{name}@best").predict(pd.DataFrame({"question": ["1+1?"]}))
+
+
+def test_a_whole_set_ttc_run_ends_merged_evaluated_and_registered(mlflow_store, tiny_llama_dir, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from ttc_mlops.cli import app
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(base(tiny_llama_dir, num_samples=2, max_tokens=8).model_dump()))
+    out = CliRunner().invoke(app, ["run", str(path), "--no-progress"])
+    assert out.exit_code == 0, out.output
+    assert "merged 2 of 2 problems from 1 chunk run(s)" in out.output and "acc_weighted" in out.output
+    name = f"ttc-{base(tiny_llama_dir).model_label}-best_of_n"
+    version = tracking.model_version_by_alias(name)
+    c = tracking.client()
+    assert sorted(m.step for m in c.get_metric_history(version.run_id, "acc_weighted")) == [1, 2]
+    assert c.get_run(version.run_id).data.tags[tracking.TAG_MERGED] == "complete"
