@@ -42,7 +42,7 @@ def test_engine_settings_and_one_engine_per_process(policy):
 @pytest.mark.vllm
 def test_finish_reasons_token_counts_and_delimiter(policy):
     prompt = policy.chat_prompt("", "Explain in two short paragraphs how to add 17 and 25.")
-    gens = policy.generate([prompt] * 8, Sampling(temperature=1.0, max_tokens=32, stop=STOP), list(range(8)))
+    gens = policy.generate([prompt] * 6, Sampling(temperature=1.0, max_tokens=32, stop=STOP), list(range(6)))
     assert {g.finish_reason for g in gens} >= {"stop"}
     for g in gens:
         assert 1 <= g.num_tokens <= 32
@@ -63,7 +63,7 @@ def test_eos_is_reported(policy):
 
 @pytest.mark.vllm
 def test_seeds_reproduce_and_ignore_batch_neighbours(policy):
-    s = Sampling(temperature=1.0, max_tokens=12)
+    s = Sampling(temperature=1.0, max_tokens=8)
     a = policy.chat_prompt("", "Problem A, a long one with several more words in it")
     b = policy.chat_prompt("", "B")
     together = policy.generate([a, b, a], s, [7, 8, 2**62 + 9])

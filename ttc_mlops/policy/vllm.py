@@ -105,6 +105,9 @@ def engine(recipe):
                   enable_prefix_caching=True, seed=recipe.seed, trust_remote_code=recipe.trust_remote_code,
                   enforce_eager=on_cpu)
     _engine_key = key
+    # Registered after vLLM's own exit handlers, so it runs before them (atexit is last-in, first-out).
+    atexit.unregister(shutdown)
+    atexit.register(shutdown)
     log.info("vLLM started in %.1f s", time.perf_counter() - t0)
     return _engine
 
@@ -116,9 +119,6 @@ def shutdown() -> None:
     if llm is not None:
         llm.llm_engine.engine_core.shutdown()
         log.info("vLLM engine shut down")
-
-
-atexit.register(shutdown)  # before the interpreter tears down what the engine's workers use
 
 
 class VLLMPolicy:
