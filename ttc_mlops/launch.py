@@ -44,11 +44,12 @@ SERVER_SCHEMES = ("http", "https", "databricks", "postgresql", "mysql", "mssql")
 
 START_SERVER = (
     "A cluster needs an MLflow tracking server (or another server-backed store such as postgresql://) "
-    "that every node reaches. Start one on a machine the nodes can reach, e.g.\n"
-    "    mlflow server --backend-store-uri sqlite:///$HOME/mlflow/mlflow.db "
-    "--artifacts-destination $HOME/mlflow/artifacts --host 0.0.0.0 --port 5000\n"
-    "(one process writes the SQLite file, so it may live anywhere), then\n"
-    "    export MLFLOW_TRACKING_URI=http://<that-host>:5000"
+    "that every node reaches. Start one on a machine the nodes can reach, with its SQLite file on that "
+    "machine's local disk (the server is then its only writer; tasks upload artifacts through it):\n"
+    "    mlflow server --backend-store-uri sqlite:////<local-dir>/mlflow.db --artifacts-destination "
+    "/<local-dir>/artifacts --host 0.0.0.0 --port 5000 --allowed-hosts \"$(hostname):5000\"\n"
+    "then, where you launch:\n"
+    "    export MLFLOW_TRACKING_URI=http://<that-hostname>:5000"
 )
 
 

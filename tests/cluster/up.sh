@@ -103,4 +103,4 @@ cat > "$dir/env.sh" <<ENV
 export SLURM_CONF=$dir/slurm.conf
 export MLFLOW_TRACKING_URI=$tracking_uri
 ENV
-echo "up.sh: cluster ttctest ($host, $cpus slots) and mlflow server $tracking_uri are up; source $dir/env.sh"
+echo "up.sh: cluster ttctest ($host, $cpus slots) and mlflow server $tracking_uri are up in ${SECONDS}s; source $dir/env.sh"
