@@ -66,6 +66,12 @@ class Cluster:
             states[task.group(1) if task else job] = re.search(r"JobState=(\w+)", line).group(1)
         return states
 
+    def spans(self, job: str) -> list[tuple[str, str]]:
+        """(StartTime, EndTime) of each task of a finished array job, ISO strings (compare as text)."""
+        shown = self.run("scontrol", "-o", "show", "job", job, cwd=self.state).stdout
+        return [(re.search(r"StartTime=(\S+)", line).group(1), re.search(r"EndTime=(\S+)", line).group(1))
+                for line in shown.splitlines()]
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((self.state / "log").glob("*.log")))
 
@@ -191,6 +197,8 @@ def test_eight_tasks_at_once_one_cancelled_then_only_missing_completes(cluster, 
     cluster.run("scancel", f"{array}_1", cwd=tmp_path)
     states = cluster.states(array)
     assert states == {str(i): "CANCELLED" if i == 1 else "COMPLETED" for i in range(k)}, job_logs(tmp_path, parent)
+    tasks = cluster.spans(array)
+    assert len(tasks) == k and max(s for s, _ in tasks) < min(e for _, e in tasks), tasks  # all K ran at once
     assert cluster.states(merge)[merge] == "CANCELLED"  # afterok never holds: no merge of a partial parent
     killed = chunk_runs_by_rows(parent)["4:8"]
     checkpoint = tracking.load_records(killed.info.run_id, tracking.chunk_artifact(4, 8))
@@ -236,3 +244,5 @@ def test_eight_tasks_at_once_one_cancelled_then_only_missing_completes(cluster, 
     overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
     assert overlap >= k // 2, spans  # the tasks were writing at once
     assert cluster.requests("runs/log-metric") == single_metric_calls
+    errors = re.findall(r'"[A-Z]+ (\S+) HTTP/[\d.]+" 5\d\d', (cluster.state / "log" / "mlflow.log").read_text())
+    assert errors == [], errors  # the server failed no request
