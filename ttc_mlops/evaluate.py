@@ -96,14 +96,18 @@ def answer_key(answer: str) -> tuple:
 
 
 def equivalent(a: str, gold: str, keys: dict[str, tuple]) -> bool:
-    """`a` is equivalent to `gold`: exact where both are numbers far apart or keys agree, math-verify
-    (grading.is_equiv, cached by pair) for the rest."""
+    """`a` is equivalent to `gold`. Decided by the keys where they suffice (equal keys; numbers far
+    apart; a number against an expression with symbols; text math-verify cannot read), by
+    math-verify (grading.is_equiv, cached by pair) for the rest: expressions, sets, intervals,
+    matrices, percentages and numbers within rounding of each other."""
     ka, kg = keys[a], keys[gold]
     if ka == kg or _normalise_text(a) == _normalise_text(gold):
         return True
-    if ka[0] == "text":  # nothing math-verify could read
+    if "%" in a + gold or "Eq(" in ka[-1] + kg[-1]:  # 10\% is 10 and 0.1; "2x=5" is 5 to math-verify
+        return bool(is_equiv(tidy(a), tidy(gold)))
+    if ka[0] == "text" or {ka[0], kg[0]} == {"num", "expr"}:  # unreadable, or a number against symbols
         return False
-    if ka[0] == kg[0] == "num" and "%" not in a + gold:
+    if ka[0] == kg[0] == "num":
         x, y = complex(float(ka[1]), float(ka[2])), complex(float(kg[1]), float(kg[2]))
         if abs(x - y) > 1e-4 * max(abs(x), abs(y), 1.0):  # close calls go to math-verify's rounding
             return False
