@@ -103,7 +103,7 @@ def main(argv=None) -> None:
                          "tok/s gen": meter.completion_tokens / meter.gen_s if meter.gen_s else 0.0,
                          "tok/s wall": meter.completion_tokens / wall,
                          "prm_tok/gen_tok": prm_tokens / max(meter.completion_tokens, 1)})
-            log.info("%s %s: %.1f s", name, mode, wall)
+            log.info("%s %s: %s", name, mode, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()})
         if len(results) == 2:
             same = all(a.completions == b.completions for a, b in zip(results["batched"], results["one-at-a-time"]))
             rows[-2]["same_records"] = rows[-1]["same_records"] = "yes" if same else "no"
