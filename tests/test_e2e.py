@@ -41,3 +41,7 @@ def test_best_of_n_entry_point_with_the_embedded_model(mlflow_store, tmp_path):
     assert tracking.RECIPE_ARTIFACT in artifacts
     # secrets in the environment never reach params or tags
     assert not any("hf_secret" in v for v in {**chunk.data.params, **chunk.data.tags}.values())
+    # the whole set ran in one process, so the job ends merged, evaluated (step = n) and registered
+    assert sorted(m.step for m in c.get_metric_history(parent.info.run_id, tracking.M_ACC_WEIGHTED)) == [1, 2]
+    assert c.get_run(parent.info.run_id).data.tags[tracking.TAG_MERGED] == "complete"
+    assert tracking.model_version_by_alias("ttc-SmolLM2-135M-Instruct-best_of_n").run_id == parent.info.run_id
