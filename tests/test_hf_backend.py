@@ -81,3 +81,12 @@ def test_prm_step_score_matches_a_single_unbatched_forward(prm):
     with torch.inference_mode():
         logits = prm.model(ids).logits[0, -1, [prm.plus_id, prm.minus_id]].float()
     assert batched[0][1] == pytest.approx(float(logits.softmax(-1)[0]), abs=1e-5)
+
+
+def test_identical_prompts_share_one_prefill_and_keep_their_own_samples(policy):
+    s = Sampling(temperature=1.0, max_tokens=10)
+    a, b = policy.chat_prompt("", "Same prompt twice"), policy.chat_prompt("", "Other")
+    together = policy.generate([a, b, a, a], s, [1, 2, 3, 4])
+    assert [policy.generate([p], s, [seed])[0] for p, seed in ((a, 3), (b, 2), (a, 1))] == \
+        [together[2], together[1], together[0]]
+    assert len({g.text for g in (together[0], together[2], together[3])}) > 1  # seeds still differ

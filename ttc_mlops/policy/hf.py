@@ -59,8 +59,12 @@ class HFPolicy:
     def _generate_batch(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[Generation]:
         import torch
 
-        tok = self.tokenizer
-        enc = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+        # Identical prompts (N samples of a problem, M expansions of a beam) are prefilled once and
+        # their KV cache rows copied: the prompt, not the sampled tokens, dominates the work on a CPU.
+        unique = list(dict.fromkeys(prompts))
+        row_of = {p: i for i, p in enumerate(unique)}
+        expand_rows = torch.tensor([row_of[p] for p in prompts], device=self.device)
+        enc = [self.tokenizer(p, add_special_tokens=False).input_ids for p in unique]
         width = max(len(e) for e in enc)
         input_ids = torch.tensor([[self.pad_id] * (width - len(e)) + e for e in enc], device=self.device)
         attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=self.device)
@@ -77,7 +81,11 @@ class HFPolicy:
                 out = self.model(input_ids=step_input, attention_mask=attention, position_ids=step_pos,
                                  use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
                 cache = getattr(out, self._cache_kw)
-                next_ids = self._sample(out.logits[:, -1, :].float(), sampling, [generators[row] for row in alive])
+                logits = out.logits[:, -1, :].float()
+                if step_input is input_ids and len(unique) < len(prompts):  # after the prefill: one row per request
+                    cache.batch_select_indices(expand_rows)
+                    attention, step_pos, logits = attention[expand_rows], step_pos[expand_rows], logits[expand_rows]
+                next_ids = self._sample(logits, sampling, [generators[row] for row in alive])
                 keep = []
                 for b, row in enumerate(alive):
                     tokens[row].append(next_ids[b])
