@@ -41,6 +41,12 @@ class Policy(Protocol):
         """One generation per prompt, the i-th sampled with seeds[i]."""
 
 
+def chat_prompt(tokenizer, system: str, user: str) -> str:
+    """The chat-template prompt that every backend continues (one place, so backends agree)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def load_policy(recipe) -> Policy:
     """The recipe's policy backend (heavy imports happen here, not at module import)."""
     from ..config import RecipeError

@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 
-from . import Generation, Sampling
+from . import Generation, Sampling, chat_prompt
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,7 @@ class HFPolicy:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
 
     def chat_prompt(self, system: str, user: str) -> str:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat_prompt(self.tokenizer, system, user)
 
     def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[Generation]:
         if len(prompts) != len(seeds):

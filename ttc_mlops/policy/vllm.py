@@ -27,7 +27,7 @@ import logging
 import os
 import time
 
-from . import Generation, Sampling
+from . import Generation, Sampling, chat_prompt
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,7 @@ class VLLMPolicy:
             self.tokenizer.chat_template = recipe.custom_chat_template
 
     def chat_prompt(self, system: str, user: str) -> str:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat_prompt(self.tokenizer, system, user)
 
     def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[Generation]:
         from vllm import SamplingParams
