@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -26,15 +27,23 @@ def mlflow_store(tmp_path, monkeypatch, _migrated_db):
     import shutil
 
     shutil.copy(_migrated_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.chdir(tmp_path)
+    with tracking_at(f"sqlite:///{tmp_path}/mlflow.db", monkeypatch, tmp_path) as uri:
+        yield uri
+
+
+@contextlib.contextmanager
+def tracking_at(uri, monkeypatch, cwd):
+    """Point this process and its children at `uri`, in `cwd`, with no inherited run."""
     import mlflow
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.chdir(cwd)
     mlflow.set_tracking_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture

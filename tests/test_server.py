@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from fakes import FakePolicy, FakePRM
 
-from conftest import REPO
+from conftest import REPO, tracking_at
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe
 from ttc_mlops.data import builtin_problems
 from ttc_mlops.runner import run_chunk
@@ -50,14 +50,8 @@ def mlflow_server(tmp_path, monkeypatch, _migrated_db):
             if server.poll() is not None or time.time() > deadline:
                 pytest.fail(f"mlflow server did not come up: {(tmp_path / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-        monkeypatch.chdir(tmp_path)
-        import mlflow
-
-        mlflow.set_tracking_uri(uri)
-        yield uri
-        mlflow.set_tracking_uri(None)
+        with tracking_at(uri, monkeypatch, tmp_path):
+            yield uri
     finally:
         server.terminate()
         try:
