@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 
-from .grading import _normalise_text, _parse, extract_answer, is_equiv  # the cached parse: one per answer
+from .grading import extract_answer, is_equiv, normalise_text, parse_answer  # the cached parse: one per answer
 from .prm import aggregate
 from .records import Record
 
@@ -81,10 +81,10 @@ def answer_key(answer: str) -> tuple:
     answer = tidy(answer)
     value = plain_number(answer)
     if value is None:
-        parsed = _parse(answer)  # math-verify, cached per distinct answer
+        parsed = parse_answer(answer)  # math-verify, cached per distinct answer
         expr = parsed[0] if parsed else None
         if expr is None or isinstance(expr, str):
-            return ("text", _normalise_text(answer))
+            return ("text", normalise_text(answer))
         if getattr(expr, "is_number", False):
             try:
                 z = complex(expr.evalf(15))
@@ -101,7 +101,7 @@ def equivalent(a: str, gold: str, keys: dict[str, tuple]) -> bool:
     math-verify (grading.is_equiv, cached by pair) for the rest: expressions, sets, intervals,
     matrices, percentages and numbers within rounding of each other."""
     ka, kg = keys[a], keys[gold]
-    if ka == kg or _normalise_text(a) == _normalise_text(gold):
+    if ka == kg or normalise_text(a) == normalise_text(gold):
         return True
     if "%" in a + gold or "Eq(" in ka[-1] + kg[-1]:  # 10\% is 10 and 0.1; "2x=5" is 5 to math-verify
         return bool(is_equiv(tidy(a), tidy(gold)))

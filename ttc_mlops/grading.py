@@ -52,7 +52,7 @@ def extract_answer(completion: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=1 << 18)
-def _parse(answer: str):
+def parse_answer(answer: str):
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
     configs = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
@@ -63,7 +63,7 @@ def _parse(answer: str):
         return ()
 
 
-def _normalise_text(answer: str) -> str:
+def normalise_text(answer: str) -> str:
     answer = re.sub(r"\\text\{(.*?)\}", r"\1", answer)
     return re.sub(r"[\s$\\{}.]", "", answer).lower()
 
@@ -75,12 +75,12 @@ def is_equiv(pred: str | None, gold: str | None) -> bool | None:
         return None
     if pred is None:
         return False
-    if _normalise_text(pred) == _normalise_text(gold):
+    if normalise_text(pred) == normalise_text(gold):
         return True
-    gold_parsed = _parse(gold)
+    gold_parsed = parse_answer(gold)
     if not gold_parsed:
         return None
-    pred_parsed = _parse(pred)
+    pred_parsed = parse_answer(pred)
     if not pred_parsed:
         return False
     from math_verify import verify
