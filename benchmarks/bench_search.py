@@ -5,10 +5,11 @@
 Prints, per strategy: problems/s of the batched search (all problems in one search batch: one
 generate call per iteration), and of the same function called on one problem at a time; their
 ratio; generated tokens/s as a fraction of the backend's peak batched sampling rate (measured
-first, in the same process: one generate call of problems x n rows, max-tokens each, no stop);
-PRM tokens processed per generated token; generate calls; and whether both runs produced the same
-records (per-request seeds: a problem's result should not depend on its batch). The PRM's score
-cache is cleared before every run, so no run profits from another.
+first, in the same process: one generate call of problems x n rows, --peak-tokens each, no stop,
+prompts already cached); PRM tokens processed per generated token; generate calls; and whether both
+runs produced the same records (per-request seeds: a problem's result should not depend on its batch). The policy's and
+the PRM's caches (scores, prefix keys/values) are cleared before every run, so no run profits from
+another.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--beam-width", type=int, default=2, help="M (beam search, DVTS)")
     ap.add_argument("--num-iterations", type=int, default=4, help="search depth in steps")
     ap.add_argument("--max-tokens", type=int, default=64, help="per step (per completion for best_of_n)")
+    ap.add_argument("--peak-tokens", type=int, default=128, help="tokens per row of the peak-rate call")
     ap.add_argument("--strategies", default="best_of_n,beam_search,dvts", help="comma-separated")
     ap.add_argument("--sequential", default="beam_search",
                     help="strategies also run one problem at a time (comma-separated; '' for none)")
@@ -74,21 +76,24 @@ def main(argv=None) -> None:
     policy, prm = load_policy(first), load_prm(first)
     log.info("policy %s (%s), PRM %s, %d problems", policy.name, type(policy).__name__, prm.name, len(problems))
 
-    # the backend's peak: one batched sampling call, problems x n rows, no stop
+    # the backend's peak: one batched sampling call of problems x n rows, no stop, prompts already
+    # run (a search's prompts mostly are), so mostly the batched decoding rate
     prompts = [policy.chat_prompt(first.system_prompt, p.problem) for p in problems for _ in range(args.n)]
     seeds = [sample_seed(args.seed, "peak", i) for i in range(len(prompts))]
+    policy.generate(prompts, Sampling(first.temperature, first.top_p, 1), seeds)
     t = time.perf_counter()
-    gens = policy.generate(prompts, Sampling(first.temperature, first.top_p, args.max_tokens), seeds)
+    gens = policy.generate(prompts, Sampling(first.temperature, first.top_p, args.peak_tokens), seeds)
     peak = sum(g.num_tokens for g in gens) / (time.perf_counter() - t)
-    log.info("peak batched sampling: %.1f tok/s (%d rows x %d tokens)", peak, len(prompts), args.max_tokens)
+    log.info("peak batched sampling: %.1f tok/s (%d rows x %d tokens)", peak, len(prompts), args.peak_tokens)
 
     rows = []
     for name in strategies:
         modes = ["batched"] + (["one-at-a-time"] if name in sequential else [])
         results = {}
         for mode in modes:
-            if hasattr(prm, "clear_cache"):
-                prm.clear_cache()
+            for model in (policy, prm):  # no run profits from another's caches
+                if hasattr(model, "clear_cache"):
+                    model.clear_cache()
             meter = Meter(policy, prm)
             prm_before = getattr(prm, "tokens_processed", 0)
             t = time.perf_counter()

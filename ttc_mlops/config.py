@@ -42,6 +42,7 @@ CHUNK_FIELDS = ("dataset_start", "dataset_end", "chunk", "num_chunks", "output_d
 NON_RESULT_FIELDS = CHUNK_FIELDS + (
     "push_to_hub", "hub_dataset_id", "hub_dataset_private", "overwrite_hub_revision",
     "num_proc", "experiment_name", "search_batch_size", "prm_batch_size", "gpu_memory_utilization",
+    "prefix_cache_gib",
 )
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -86,6 +87,9 @@ class Recipe(BaseModel):
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)  # vLLM's share, the PRM gets the rest
     search_batch_size: int = Field(25, ge=1)  # problems searched together (one generate call each step)
     prm_batch_size: int = Field(4, ge=1)  # sequences per PRM forward pass
+    # GiB of keys/values the transformers policy and PRM each keep between calls, so a step-level
+    # search runs only the new step of a prefix seen before; 0 turns the reuse off
+    prefix_cache_gib: float = Field(2.0, ge=0.0)
 
     # --- data
     dataset_name: str = "HuggingFaceH4/MATH-500"  # Hub id, local .jsonl/.json/.parquet, or BUILTIN_DATASET

@@ -13,7 +13,6 @@ cheap: most beams stop at the step delimiter long before `max_tokens`.
 
 from __future__ import annotations
 
-import inspect
 import logging
 
 from . import Generation, Sampling, chat_prompt
@@ -25,6 +24,7 @@ MAX_BATCH = 64  # rows per decoding loop; bounds the KV cache on small machines
 
 class HFPolicy:
     def __init__(self, recipe, max_batch: int = MAX_BATCH):
+        from ..kvcache import PrefixStore, reusable
         from ..models import load_causal_lm
 
         self.name = recipe.model_path
@@ -35,10 +35,13 @@ class HFPolicy:
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.eos_ids = set(eos) | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
-        # transformers renamed `past_key_values` to `cache`; take whichever this version has
-        params = inspect.signature(self.model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
+        # A prompt of the next iteration is a prompt of this one plus a sampled step: keep both.
+        self.store = PrefixStore(int(recipe.prefix_cache_gib * 2**30)) if reusable(self.model) else None
+
+    def clear_cache(self) -> None:
+        if self.store is not None:
+            self.store.clear()
 
     def chat_prompt(self, system: str, user: str) -> str:
         return chat_prompt(self.tokenizer, system, user)
@@ -58,57 +61,75 @@ class HFPolicy:
     def _generate_batch(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[Generation]:
         import torch
 
+        from ..kvcache import cache_kwarg, common_prefix, prefill, row_kv, warm
+
         # Identical prompts (N samples of a problem, M expansions of a beam) are prefilled once and
         # their KV cache rows copied: the prompt, not the sampled tokens, dominates the work on a CPU.
+        # Prefixes run by earlier calls come from the store.
         unique = list(dict.fromkeys(prompts))
         row_of = {p: i for i, p in enumerate(unique)}
-        expand_rows = torch.tensor([row_of[p] for p in prompts], device=self.device)
         enc = [self.tokenizer(p, add_special_tokens=False).input_ids for p in unique]
-        width = max(len(e) for e in enc)
-        input_ids = torch.tensor([[self.pad_id] * (width - len(e)) + e for e in enc], device=self.device)
-        attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=self.device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
         generators = [torch.Generator(device=self.device).manual_seed(int(s) % (2**63)) for s in seeds]
+        if len(enc) > 1:  # e.g. the system prompt of every problem: run it once
+            warm(self.model.base_model, self.store, [common_prefix(enc)], self.pad_id)
+        pre = prefill(self.model, enc, self.store, self.pad_id, logits_to_keep=1)
+        cache, attention = pre.cache, pre.attention
+        if self.store is not None:
+            for r, ids in enumerate(enc):
+                self.store.add(ids, lambda r=r: row_kv(cache, r, attention[r]))
+        logits, step_pos = pre.out.logits[:, -1, :].float(), pre.positions[:, -1:]
+        if len(unique) < len(prompts):  # one row per request from here on
+            rows = torch.tensor([row_of[p] for p in prompts], device=self.device)
+            cache.batch_select_indices(rows)
+            attention, step_pos, logits = attention[rows], step_pos[rows], logits[rows]
 
-        alive = list(range(len(prompts)))  # original row of each batch row
+        batch: list[int | None] = list(range(len(prompts)))  # each batch row's request; None once finished
         tokens: list[list[int]] = [[] for _ in prompts]
         finish: list[str | None] = [None] * len(prompts)
-        cache = None
-        step_input, step_pos = input_ids, positions
+        kw = cache_kwarg(self.model)
         with torch.inference_mode():
             for _ in range(sampling.max_tokens):
-                out = self.model(input_ids=step_input, attention_mask=attention, position_ids=step_pos,
-                                 use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-                cache = getattr(out, self._cache_kw)
-                logits = out.logits[:, -1, :].float()
-                if step_input is input_ids and len(unique) < len(prompts):  # after the prefill: one row per request
-                    cache.batch_select_indices(expand_rows)
-                    attention, step_pos, logits = attention[expand_rows], step_pos[expand_rows], logits[expand_rows]
-                next_ids = self._sample(logits, sampling, [generators[row] for row in alive])
-                keep = []
-                for b, row in enumerate(alive):
-                    tokens[row].append(next_ids[b])
-                    if next_ids[b] in self.eos_ids:
-                        finish[row] = "eos"
-                    elif sampling.stop and self._hit_stop(tokens[row], sampling.stop):
-                        finish[row] = "stop"
-                    elif len(tokens[row]) >= sampling.max_tokens:
-                        finish[row] = "length"
-                    else:
-                        keep.append(b)
-                if not keep:
+                live = [b for b, row in enumerate(batch) if row is not None]
+                sampled = self._sample(logits if len(live) == len(batch) else logits[live], sampling,
+                                       [generators[batch[b]] for b in live])
+                next_ids = [self.pad_id] * len(batch)
+                for b, token in zip(live, sampled):
+                    row = batch[b]
+                    tokens[row].append(token)
+                    next_ids[b] = token
+                    finish[row] = self._finished(tokens[row], sampling)
+                    if finish[row] is not None:
+                        batch[b] = None
+                    if finish[row] == "stop" and self.store is not None:
+                        # the next prompt of a search is this one plus the step: keep what was run
+                        self.store.add(enc[row_of[prompts[row]]] + tokens[row][:-1],
+                                       lambda b=b: row_kv(cache, b, attention[b]))
+                live = [b for b, row in enumerate(batch) if row is not None]
+                if not live:
                     break
-                if len(keep) < len(alive):
-                    sel = torch.tensor(keep, device=self.device)
+                # Finished rows ride along (fed padding, outputs unused) until a quarter of the batch
+                # has finished: dropping rows copies the whole cache.
+                if 4 * (len(batch) - len(live)) >= len(batch):
+                    sel = torch.tensor(live, device=self.device)
                     cache.batch_select_indices(sel)
-                    attention = attention[sel]
-                    step_pos = step_pos[sel]
-                    next_ids = [next_ids[b] for b in keep]
-                    alive = [alive[b] for b in keep]
-                step_input = torch.tensor(next_ids, device=self.device).unsqueeze(-1)
-                step_pos = step_pos[:, -1:] + 1
-                attention = torch.cat([attention, attention.new_ones((len(alive), 1))], dim=-1)
+                    attention, step_pos = attention[sel], step_pos[sel]
+                    next_ids, batch = [next_ids[b] for b in live], [batch[b] for b in live]
+                step_pos = step_pos + 1
+                attention = torch.cat([attention, attention.new_ones((len(batch), 1))], dim=-1)
+                out = self.model(input_ids=torch.tensor(next_ids, device=self.device).unsqueeze(-1),
+                                 attention_mask=attention, position_ids=step_pos, use_cache=True, logits_to_keep=1,
+                                 **{kw: cache})
+                logits = out.logits[:, -1, :].float()
         return [self._finish(tokens[r], finish[r] or "length", sampling) for r in range(len(prompts))]
+
+    def _finished(self, ids: list[int], sampling: Sampling) -> str | None:
+        if ids[-1] in self.eos_ids:
+            return "eos"
+        if sampling.stop and self._hit_stop(ids, sampling.stop):
+            return "stop"
+        if len(ids) >= sampling.max_tokens:
+            return "length"
+        return None
 
     @staticmethod
     def _sample(logits, sampling: Sampling, generators: list) -> list[int]:
@@ -123,8 +144,14 @@ class HFPolicy:
             drop = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p
             sorted_probs[drop] = 0.0
             probs = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
-        # one draw per row from the row's own stream: a row's sample ignores its neighbours
-        return [int(torch.multinomial(probs[b], 1, generator=g)) for b, g in enumerate(generators)]
+        # One uniform draw per row from the row's own stream, so a row's sample ignores its
+        # neighbours, turned into a token through the row's CDF: one batched search, where
+        # `torch.multinomial` per row draws an exponential for every token of the vocabulary.
+        u = torch.tensor([float(torch.rand((), generator=g, device=probs.device)) for g in generators],
+                         dtype=torch.float64, device=probs.device)
+        cdf = probs.double().cumsum(-1)
+        picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        return picks.clamp(max=probs.shape[-1] - 1).tolist()
 
     def _hit_stop(self, ids: list[int], stop: tuple[str, ...]) -> bool:
         # Only the tail can hold a new stop string; a few tokens cover any delimiter.

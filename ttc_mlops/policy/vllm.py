@@ -132,6 +132,10 @@ class VLLMPolicy:
     def chat_prompt(self, system: str, user: str) -> str:
         return chat_prompt(self.tokenizer, system, user)
 
+    def clear_cache(self) -> None:
+        """Forget cached prefixes (benchmarks, so that no run profits from another's)."""
+        self.llm.reset_prefix_cache()
+
     def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[Generation]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt

@@ -1,0 +1,131 @@
+"""Prefix key/value reuse: the store's bookkeeping, and that reuse changes no output (tiny random Llama)."""
+
+import pytest
+import torch
+
+from ttc_mlops.config import Recipe
+from ttc_mlops.kvcache import BLOCK, PrefixStore, prefill, row_kv
+from ttc_mlops.policy import Sampling
+
+
+def kv_of(n: int, fill: float = 0.0):
+    return torch.full((2, 2, 1, n, 4), fill)  # layers x 2 x heads x tokens x dim, 4 bytes each
+
+
+def test_match_finds_the_longest_prefix_within_the_limit():
+    store = PrefixStore(1 << 20)
+    a = list(range(100))
+    b = list(range(40)) + [999] * 30
+    store.add(a, lambda: kv_of(len(a)))
+    store.add(b, lambda: kv_of(len(b)))
+    assert store.match(list(range(60)) + [5, 5])[1] == 60
+    assert store.match(list(range(40)) + [999, 1])[1] == 41  # b, beyond its last full block
+    assert store.match(a + [7])[1] == 100
+    assert store.match(a + [7], limit=90)[1] == 90
+    assert store.match([5] * 50) == (None, 0)
+    assert store.match(list(range(10))) == (None, 0)  # shorter than a block: nothing to hash
+
+
+def test_an_entry_that_a_newer_one_extends_is_dropped_and_covered_ones_are_not_stored():
+    store = PrefixStore(1 << 20)
+    prompt = list(range(3 * BLOCK))
+    store.add(prompt, lambda: kv_of(len(prompt)))
+    store.add(prompt + [1, 2, 3], lambda: kv_of(len(prompt) + 3))
+    assert len(store) == 1 and store.match(prompt + [1, 2, 3, 4])[1] == len(prompt) + 3
+
+    def fail():
+        raise AssertionError("a covered sequence must not be copied")
+
+    store.add(prompt[:-5], fail)
+    store.add(prompt + [1, 2, 3], fail)
+    assert len(store) == 1
+    store.add(prompt + [9], lambda: kv_of(len(prompt) + 1))  # a sibling: both stay
+    assert len(store) == 2 and store.match(prompt + [9, 9])[1] == len(prompt) + 1
+
+
+def test_least_recently_used_entries_leave_beyond_the_budget():
+    per_token = kv_of(1).numel() * 4
+    store = PrefixStore(per_token * 100)
+    seqs = [[k] * 40 for k in range(3)]
+    for s in seqs[:2]:
+        store.add(s, lambda s=s: kv_of(len(s)))
+    store.match(seqs[0] + [1])  # seqs[0] is now the most recently used
+    store.add(seqs[2], lambda: kv_of(40))
+    assert store.nbytes <= store.budget
+    assert store.match(seqs[1] + [1]) == (None, 0)
+    assert store.match(seqs[0] + [1])[1] == 40 and store.match(seqs[2] + [1])[1] == 40
+    store.add([7] * 200, lambda: kv_of(200))  # larger than the whole budget: not kept
+    assert store.match([7] * 201) == (None, 0) and len(store) == 2
+    PrefixStore(0).add(seqs[0], lambda: pytest.fail("a zero budget keeps nothing"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    from ttc_mlops.models import load_causal_lm
+
+    return load_causal_lm(str(tiny_llama_dir), Recipe(dtype="float32", device="cpu"))
+
+
+def test_prefill_with_cached_prefixes_gives_the_plain_forward_logits(tiny):
+    model, tok, _ = tiny
+    texts = ["The first row, a fairly long one with many words in it.", "Second row, which is also long enough for a few blocks of tokens.", "The first row, but then not."]
+    rows = [tok(t, add_special_tokens=False).input_ids * 3 for t in texts]
+    store = PrefixStore(1 << 26)
+    for cut, ids in zip((len(rows[0]) - 2, 20, 0), rows):  # cached prefixes of 3 lengths, one none
+        if cut >= BLOCK:
+            first = prefill(model, [ids[:cut]], None, tok.pad_token_id, logits_to_keep=1)
+            store.add(ids[:cut], lambda first=first: row_kv(first.cache, 0, first.attention[0]))
+    pre = prefill(model, rows, store, tok.pad_token_id, logits_to_keep=1)
+    assert pre.reused[0] == len(rows[0]) - 2 and pre.reused[1] == 20 and pre.reused[2] == 0
+    with torch.inference_mode():
+        for r, ids in enumerate(rows):
+            plain = model(torch.tensor([ids])).logits[0, -1]
+            assert torch.allclose(pre.out.logits[r, -1], plain, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def policies(tiny_llama_dir):
+    from ttc_mlops.policy.hf import HFPolicy
+
+    make = lambda gib: HFPolicy(Recipe(model_path=str(tiny_llama_dir), dtype="float32", device="cpu",  # noqa: E731
+                                       prefix_cache_gib=gib))
+    return make(1.0), make(0.0)
+
+
+def test_a_search_reuses_its_prompts_and_steps_without_changing_any_sample(policies):
+    reuse, plain = policies
+    s = Sampling(temperature=1.0, max_tokens=24, stop=("\n\n",))
+    prompts = [reuse.chat_prompt("Think step by step.", q) for q in ("What is 2+2?", "Name a prime above 10.")]
+    seeds = [1, 2, 3, 4]
+    for depth in range(3):  # three search iterations: each prompt grows by its sampled step
+        batch = [prompts[0], prompts[0], prompts[1], prompts[1]]
+        a, b = reuse.generate(batch, s, seeds), plain.generate(batch, s, seeds)
+        assert a == b
+        prompts = [batch[0] + a[0].text, batch[2] + a[2].text]
+        seeds = [x + 10 for x in seeds]
+    assert reuse.store.hit_tokens > reuse.store.miss_tokens  # most of every prompt came from the store
+    assert plain.store.hit_tokens == 0
+
+
+def test_prm_reuse_scores_only_the_new_step_and_changes_no_score(tiny_llama_dir):
+    from ttc_mlops.prm.rlhflow import RLHFlowPRM
+
+    make = lambda gib: RLHFlowPRM(Recipe(prm_path=str(tiny_llama_dir), prm_family="rlhflow", dtype="float32",  # noqa: E731
+                                         device="cpu", prm_batch_size=4, prefix_cache_gib=gib))
+    reuse, plain = make(1.0), make(0.0)
+    problem = "A long enough problem statement: what is the sum of the first ten positive integers?"
+    steps = ["Pair them up: 1+10, 2+9 and so on.\n\n", "Five pairs of 11.\n\n", "So the sum is \\boxed{55}.\n\n"]
+    grown = [["".join(steps[:k])] for k in range(1, 4)]
+    for comps in grown:
+        full_before = plain.tokens_processed
+        before = reuse.tokens_processed
+        (got,), (want,) = reuse.score([problem], [comps]), plain.score([problem], [comps])
+        assert got[0] == pytest.approx(want[0], abs=1e-5)
+        if comps is not grown[0]:  # a grown beam: only its new step runs
+            assert reuse.tokens_processed - before < (plain.tokens_processed - full_before) / 2
+    siblings = [steps[0], "Or use n(n+1)/2.\n\n", "Add them one by one.\n\n"]
+    fresh = make(1.0)
+    fresh.score(["Another problem, with a statement long enough to share?"], [siblings])
+    plain.clear_cache()
+    plain.score(["Another problem, with a statement long enough to share?"], [siblings])
+    assert fresh.tokens_processed < plain.tokens_processed  # the problem ran once for three candidates

@@ -1,0 +1,296 @@
+"""Prefix KV reuse for the transformers backends: a forward pass skips the tokens it has run before.
+
+    python -c "from ttc_mlops.kvcache import PrefixStore; print(PrefixStore(1 << 20).match([1, 2, 3]))"
+
+Step-level search sends the same prefixes again and again: iteration k's prompt is iteration k-1's
+prompt plus the step just sampled, and the PRM's conversation for k steps extends the one for k-1
+steps. `PrefixStore` keeps the keys and values of sequences run before (one entry per sequence,
+padding removed), and finds the longest cached prefix of a new sequence through chained hashes of
+16-token blocks, as vLLM's prefix cache does. `prefill` then runs only the new tokens of each row,
+with the cached ones laid into the batch's KV cache:
+
+    row r:   [pad .. | cached prefix (p_r tokens) | pad .. | new tokens (s_r)]
+             '------------ past, P = max p_r ----'-------- input, S = max s_r -'
+
+Holes are masked and positions are explicit, so a row's logits equal those of a plain forward pass
+up to float rounding. Entries are evicted least recently used beyond a byte budget; an entry that a
+newer one extends is dropped at once (the newer one serves every lookup the older one did).
+
+The batch's cache is a `DynamicCache` whose layers append into spare room (`GrowingLayer`) instead
+of concatenating the whole history for every decoded token, which costs O(rows x context) copies
+per token and dominates wide batches on a CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+BLOCK = 16  # tokens per hashed block; matches are found at block granularity, then extended
+ROOM = 128  # spare positions a growing cache layer allocates at a time
+
+
+@dataclass
+class _Entry:
+    ids: tuple[int, ...]
+    kv: object  # tensor [layers, 2, kv_heads, len(ids), head_dim]
+    hashes: list[int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+def _block_hashes(ids) -> list[int]:
+    out, h = [], 0
+    for end in range(BLOCK, len(ids) + 1, BLOCK):
+        h = hash((h, tuple(ids[end - BLOCK : end])))
+        out.append(h)
+    return out
+
+
+def _common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class PrefixStore:
+    """Keys and values of token sequences run before, looked up by longest common prefix."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
+        self._index: dict[int, set[int]] = {}  # block-chain hash -> entries holding that prefix
+        self._next = 0
+        self.nbytes = 0
+        self.hit_tokens = 0  # tokens served from the store
+        self.miss_tokens = 0  # tokens that had to be run
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._index.clear()
+        self.nbytes = 0
+
+    def match(self, ids, limit: int | None = None) -> tuple[_Entry | None, int]:
+        """The entry sharing the longest prefix with `ids`, and that length (at most `limit`)."""
+        key, n = self._best(ids, limit)
+        if key is None:
+            return None, 0
+        self._entries.move_to_end(key)
+        return self._entries[key], n
+
+    def _best(self, ids, limit: int | None = None) -> tuple[int | None, int]:
+        limit = len(ids) if limit is None else min(limit, len(ids))
+        found: set[int] = set()
+        for h in _block_hashes(ids[:limit]):
+            holders = self._index.get(h)
+            if not holders:
+                break
+            found = holders
+        best, best_len = None, 0
+        for key in found:
+            n = min(_common_prefix(self._entries[key].ids, ids), limit)
+            if n > best_len:
+                best, best_len = key, n
+        return best, best_len
+
+    def add(self, ids, make_kv) -> None:
+        """Keep `make_kv()` (layers x 2 x heads x len(ids) x dim) for `ids`, unless a held sequence
+        already covers `ids`; drops what it extends, then the least recently used beyond the budget."""
+        ids = tuple(ids)
+        if self.budget <= 0 or len(ids) < BLOCK:
+            return
+        held, n = self._best(ids)
+        if held is not None and n == len(ids):
+            return  # already held, as it is or inside a longer sequence
+        entry = _Entry(ids, make_kv(), _block_hashes(ids))
+        if entry.nbytes > self.budget:
+            return
+        if held is not None and n == len(self._entries[held].ids):
+            self._drop(held)  # the new entry extends it
+        key, self._next = self._next, self._next + 1
+        self._entries[key] = entry
+        for h in entry.hashes:
+            self._index.setdefault(h, set()).add(key)
+        self.nbytes += entry.nbytes
+        while self.nbytes > self.budget:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: int) -> None:
+        entry = self._entries.pop(key)
+        self.nbytes -= entry.nbytes
+        for h in entry.hashes:
+            holders = self._index.get(h)
+            if holders is not None:
+                holders.discard(key)
+                if not holders:
+                    del self._index[h]
+
+
+def reusable(model) -> bool:
+    """Whether cached prefixes can be laid into this model's cache: every layer is full attention
+    (sliding-window and linear-attention layers keep state that a prefix copy would not restore)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    layers = DynamicCache(config=model.config).layers
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def kv_bytes_per_token(model) -> int:
+    cfg = model.config.get_text_config(decoder=True)
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+
+
+def cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache`; the name this model's forward takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _growing_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A `DynamicLayer` that writes new keys and values into spare room; `keys` / `values` are
+        views of the filled part."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self._k = self._v = None
+            n = self.keys.shape[-2] if self.keys.numel() else 0
+            add = key_states.shape[-2]
+            if self._k is None or n + add > self._k.shape[-2]:
+                b, h, _, d = key_states.shape
+                k = key_states.new_empty((b, h, n + add + ROOM, d))
+                v = value_states.new_empty((b, h, n + add + ROOM, value_states.shape[-1]))
+                if n:
+                    k[:, :, :n], v[:, :, :n] = self.keys, self.values
+                self._k, self._v = k, v
+            self._k[:, :, n : n + add] = key_states
+            self._v[:, :, n : n + add] = value_states
+            self.keys, self.values = self._k[:, :, : n + add], self._v[:, :, : n + add]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices) -> None:
+            if self.is_initialized and self.keys.numel():
+                n = self.keys.shape[-2]
+                self._k, self._v = self._k[indices], self._v[indices]
+                self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+    return GrowingLayer
+
+
+_GROWING = None
+
+
+def new_cache(model, growing: bool):
+    """An empty cache for `model`; with `growing` (full-attention models only) its layers append in place."""
+    global _GROWING
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    if growing:
+        _GROWING = _GROWING or _growing_layer_class()
+        cache.layers = [_GROWING() for _ in cache.layers]
+    return cache
+
+
+@dataclass
+class Prefilled:
+    out: object  # the model output: logits of the kept positions, or hidden states of a base model
+    cache: object
+    attention: object  # [rows, P + S], over the cache axis
+    positions: object  # [rows, S]
+    reused: list[int]  # tokens of each row served from the store
+
+
+def prefill(model, rows: list[list[int]], store: PrefixStore | None, pad_id: int,
+            reuse_limits: list[int] | None = None, **forward_kw) -> Prefilled:
+    """One forward pass over `rows` (token ids), running only what `store` does not hold. Row r takes
+    at most `reuse_limits[r]` tokens from the store (default: all but its last, whose output is
+    wanted). Rows are right-aligned: every row's last token is at the last position. Without a
+    store it is a plain left-padded forward pass."""
+    import torch
+
+    device = next(model.parameters()).device
+    limits = reuse_limits or [len(ids) - 1 for ids in rows]
+    matches = [store.match(ids, limit) if store is not None else (None, 0) for ids, limit in zip(rows, limits)]
+    reused = [n for _, n in matches]
+    news = [ids[n:] for ids, n in zip(rows, reused)]
+    big_p, big_s = max(reused), max(len(s) for s in news)
+    if store is not None:
+        store.hit_tokens += sum(reused)
+        store.miss_tokens += sum(len(s) for s in news)
+
+    input_ids = torch.tensor([[pad_id] * (big_s - len(s)) + list(s) for s in news], device=device)
+    attention = torch.tensor([[0] * (big_p - n) + [1] * n + [0] * (big_s - len(s)) + [1] * len(s)
+                              for n, s in zip(reused, news)], device=device)
+    positions = torch.tensor([[0] * (big_s - len(s)) + list(range(n, n + len(s))) for n, s in zip(reused, news)],
+                             device=device)
+    cache = new_cache(model, growing=store is not None)
+    if big_p:
+        kv = _stack_prefixes(matches, big_p, device)
+        for layer_idx, layer in enumerate(cache.layers):
+            layer.update(kv[layer_idx, 0], kv[layer_idx, 1])
+    kw = cache_kwarg(model)
+    with torch.inference_mode():
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                    **{kw: cache}, **forward_kw)
+    return Prefilled(out, cache, attention, positions, reused)
+
+
+def warm(model, store: PrefixStore | None, heads: list[list[int]], pad_id: int) -> int:
+    """Run once, and keep, the heads that several rows of a coming batch start with (the system
+    prompt of every problem, a problem all its candidates share): rows of one batch cannot reuse
+    each other. Pass a base model (no output layer). Returns the tokens run."""
+    if store is None or store.budget <= 0:
+        return 0
+    todo = [list(h) for h in dict.fromkeys(map(tuple, heads)) if len(h) >= BLOCK and store.match(h)[1] < len(h)]
+    if not todo:
+        return 0
+    pre = prefill(model, todo, store, pad_id)
+    for r, ids in enumerate(todo):
+        store.add(ids, lambda r=r: row_kv(pre.cache, r, pre.attention[r]))
+    return sum(len(ids) - n for ids, n in zip(todo, pre.reused))
+
+
+def common_prefix(rows: list[list[int]]) -> list[int]:
+    """The longest prefix all rows share."""
+    first = rows[0]
+    n = min(_common_prefix(first, row) for row in rows[1:]) if len(rows) > 1 else len(first)
+    return list(first[:n])
+
+
+def _stack_prefixes(matches, big_p: int, device):
+    """[layers, 2, rows, heads, P, dim]: each row's cached prefix right-aligned, zeros before it."""
+    import torch
+
+    like = next(e.kv for e, n in matches if n)
+    layers, _, heads, _, dim = like.shape
+    kv = torch.zeros((layers, 2, len(matches), heads, big_p, dim), dtype=like.dtype, device=device)
+    for r, (entry, n) in enumerate(matches):
+        if n:
+            kv[:, :, r, :, big_p - n :] = entry.kv[:, :, :, :n]
+    return kv
+
+
+def row_kv(cache, row: int, attention_row):
+    """Row `row`'s keys and values without padding: [layers, 2, heads, tokens, dim] (a copy)."""
+    import torch
+
+    idx = attention_row.nonzero().squeeze(-1)
+    return torch.stack([torch.stack([layer.keys[row].index_select(1, idx), layer.values[row].index_select(1, idx)])
+                        for layer in cache.layers])
