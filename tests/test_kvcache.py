@@ -66,9 +66,15 @@ def tiny(tiny_llama_dir):
     return load_causal_lm(str(tiny_llama_dir), Recipe(dtype="float32", device="cpu"))
 
 
-def test_prefill_with_cached_prefixes_gives_the_plain_forward_logits(tiny):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_prefill_with_cached_prefixes_gives_the_plain_forward_logits(tiny, grouped, monkeypatch):
+    from ttc_mlops import kvcache
+
+    if not grouped:  # no pass ahead in groups of similar length: the cached prefixes go in as they are
+        monkeypatch.setattr(kvcache, "PADDING_WASTE", 1.0)
     model, tok, _ = tiny
-    texts = ["The first row, a fairly long one with many words in it.", "Second row, which is also long enough for a few blocks of tokens.", "The first row, but then not."]
+    texts = ["The first row, a fairly long one with many words in it.",
+             "Second row, which is also long enough for a few blocks of tokens.", "The first row, but then not."]
     rows = [tok(t, add_special_tokens=False).input_ids * 3 for t in texts]
     store = PrefixStore(1 << 26)
     for cut, ids in zip((len(rows[0]) - 2, 20, 0), rows):  # cached prefixes of 3 lengths, one none
@@ -76,7 +82,11 @@ def test_prefill_with_cached_prefixes_gives_the_plain_forward_logits(tiny):
             first = prefill(model, [ids[:cut]], None, tok.pad_token_id, logits_to_keep=1)
             store.add(ids[:cut], lambda first=first: row_kv(first.cache, 0, first.attention[0]))
     pre = prefill(model, rows, store, tok.pad_token_id, logits_to_keep=1)
-    assert pre.reused[0] == len(rows[0]) - 2 and pre.reused[1] == 20 and pre.reused[2] == 0
+    if grouped:  # rows 1 and 2 missed far more than row 0: they ran ahead, so the pass reuses all but the last
+        assert pre.reused == [len(rows[0]) - 2, len(rows[1]) - 1, len(rows[2]) - 1]
+    else:
+        assert pre.reused == [len(rows[0]) - 2, 20, 0]
+    assert pre.ran == 2 + len(rows[1]) - 20 + len(rows[2])  # what the store lacked, run once
     with torch.inference_mode():
         for r, ids in enumerate(rows):
             plain = model(torch.tensor([ids])).logits[0, -1]

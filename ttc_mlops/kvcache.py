@@ -215,6 +215,7 @@ class Prefilled:
     attention: object  # [rows, P + S], over the cache axis
     positions: object  # [rows, S]
     reused: list[int]  # tokens of each row served from the store
+    ran: int  # tokens run through the model, padding not counted
 
 
 def prefill(model, rows: list[list[int]], store: PrefixStore | None, pad_id: int,
@@ -222,11 +223,16 @@ def prefill(model, rows: list[list[int]], store: PrefixStore | None, pad_id: int
     """One forward pass over `rows` (token ids), running only what `store` does not hold. Row r takes
     at most `reuse_limits[r]` tokens from the store (default: all but its last, whose output is
     wanted). Rows are right-aligned: every row's last token is at the last position. Without a
-    store it is a plain left-padded forward pass."""
+    store it is a plain left-padded forward pass.
+
+    Rows that miss very different amounts (problem statements of 30 and 300 tokens) would mostly
+    run padding; their reusable parts are then run first in groups of similar length and kept, so
+    that the pass itself runs little more than each row's last tokens."""
     import torch
 
     device = next(model.parameters()).device
     limits = reuse_limits or [len(ids) - 1 for ids in rows]
+    ran = _fill(model, rows, limits, store, pad_id) if store is not None and store.budget > 0 else 0
     matches = [store.match(ids, limit) if store is not None else (None, 0) for ids, limit in zip(rows, limits)]
     reused = [n for _, n in matches]
     news = [ids[n:] for ids, n in zip(rows, reused)]
@@ -249,7 +255,39 @@ def prefill(model, rows: list[list[int]], store: PrefixStore | None, pad_id: int
     with torch.inference_mode():
         out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
                     **{kw: cache}, **forward_kw)
-    return Prefilled(out, cache, attention, positions, reused)
+    return Prefilled(out, cache, attention, positions, reused, ran + sum(len(s) for s in news))
+
+
+PADDING_WASTE = 0.3  # a pass whose new tokens would be more than this share padding is grouped first
+
+
+def _fill(model, rows, limits, store: PrefixStore, pad_id: int) -> int:
+    """Run and keep the reusable parts of `rows` in groups of similar missing length, when one
+    batch of them would be mostly padding. Returns the tokens run."""
+    missing = sorted((limit - store.match(ids, limit)[1], r) for r, (ids, limit) in enumerate(zip(rows, limits)))
+    width = missing[-1][0]
+    if width < BLOCK or sum(n for n, _ in missing) >= (1 - PADDING_WASTE) * width * len(rows):
+        return 0
+    groups: list[list[int]] = [[]]
+    total = 0
+    for n, r in missing:
+        if n < BLOCK:
+            continue  # too little to be worth a pass of its own
+        if groups[-1] and n * (len(groups[-1]) + 1) > (1 + PADDING_WASTE) * (total + n):
+            groups.append([])
+            total = 0
+        groups[-1].append(r)
+        total += n
+    base = getattr(model, "base_model", model)
+    return sum(_run_and_keep(base, store, [list(rows[r][: limits[r]]) for r in group], pad_id)
+               for group in groups if group)
+
+
+def _run_and_keep(model, store: PrefixStore, rows: list[list[int]], pad_id: int) -> int:
+    pre = prefill(model, rows, store, pad_id)
+    for r, ids in enumerate(rows):
+        store.add(ids, lambda r=r: row_kv(pre.cache, r, pre.attention[r]))
+    return pre.ran
 
 
 def warm(model, store: PrefixStore | None, heads: list[list[int]], pad_id: int) -> int:
@@ -259,12 +297,7 @@ def warm(model, store: PrefixStore | None, heads: list[list[int]], pad_id: int) 
     if store is None or store.budget <= 0:
         return 0
     todo = [list(h) for h in dict.fromkeys(map(tuple, heads)) if len(h) >= BLOCK and store.match(h)[1] < len(h)]
-    if not todo:
-        return 0
-    pre = prefill(model, todo, store, pad_id)
-    for r, ids in enumerate(todo):
-        store.add(ids, lambda r=r: row_kv(pre.cache, r, pre.attention[r]))
-    return sum(len(ids) - n for ids, n in zip(todo, pre.reused))
+    return _run_and_keep(model, store, todo, pad_id) if todo else 0
 
 
 def common_prefix(rows: list[list[int]]) -> list[int]:

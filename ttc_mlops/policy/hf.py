@@ -87,6 +87,7 @@ class HFPolicy:
         tokens: list[list[int]] = [[] for _ in prompts]
         finish: list[str | None] = [None] * len(prompts)
         kw = cache_kwarg(self.model)
+        computed = 0  # batch rows run by decoding steps, finished ones riding along included
         with torch.inference_mode():
             for _ in range(sampling.max_tokens):
                 live = [b for b, row in enumerate(batch) if row is not None]
@@ -116,10 +117,13 @@ class HFPolicy:
                     next_ids, batch = [next_ids[b] for b in live], [batch[b] for b in live]
                 step_pos = step_pos + 1
                 attention = torch.cat([attention, attention.new_ones((len(batch), 1))], dim=-1)
+                computed += len(batch)
                 out = self.model(input_ids=torch.tensor(next_ids, device=self.device).unsqueeze(-1),
                                  attention_mask=attention, position_ids=step_pos, use_cache=True, logits_to_keep=1,
                                  **{kw: cache})
                 logits = out.logits[:, -1, :].float()
+        log.debug("%d rows (%d prompts, %d prompt tokens run): %d tokens sampled, %d row-steps computed",
+                  len(prompts), len(unique), pre.ran, sum(map(len, tokens)), computed)
         return [self._finish(tokens[r], finish[r] or "length", sampling) for r in range(len(prompts))]
 
     def _finished(self, ids: list[int], sampling: Sampling) -> str | None:

@@ -124,7 +124,7 @@ class RLHFlowPRM:
 
         pre = prefill(self.model.base_model, [r.ids for r in batch], self.store, self.tokenizer.pad_token_id,
                       reuse_limits=[r.reuse_limit for r in batch])
-        self.tokens_processed += sum(len(r.ids) - n for r, n in zip(batch, pre.reused))
+        self.tokens_processed += pre.ran
         hidden = pre.out.last_hidden_state
         head = self.model.get_output_embeddings()
         width = hidden.shape[1]
