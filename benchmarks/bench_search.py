@@ -6,10 +6,11 @@ Prints, per strategy: problems/s of the batched search (all problems in one sear
 generate call per iteration), and of the same function called on one problem at a time; their
 ratio; generated tokens/s as a fraction of the backend's peak batched sampling rate (measured
 first, in the same process: one generate call of problems x n rows, --peak-tokens each, no stop,
-prompts already cached); PRM tokens processed per generated token; generate calls; and whether both
-runs produced the same records (per-request seeds: a problem's result should not depend on its batch). The policy's and
-the PRM's caches (scores, prefix keys/values) are cleared before every run, so no run profits from
-another.
+prompts already cached); PRM tokens processed per generated token; generate calls; and for how
+many problems both runs produced the same records (per-request seeds: a problem's result should
+not depend on its batch; float rounding of differently shaped batched matmuls can still flip a
+sample). The policy's and the PRM's caches (scores, prefix keys/values) are cleared before every
+run, so no run profits from another.
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ def main(argv=None) -> None:
                          "prm_tok/gen_tok": prm_tokens / max(meter.completion_tokens, 1)})
             log.info("%s %s: %s", name, mode, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()})
         if len(results) == 2:
-            same = all(a.completions == b.completions for a, b in zip(results["batched"], results["one-at-a-time"]))
-            rows[-2]["same_records"] = rows[-1]["same_records"] = "yes" if same else "no"
+            same = sum(a.completions == b.completions for a, b in zip(results["batched"], results["one-at-a-time"]))
+            rows[-2]["same_records"] = rows[-1]["same_records"] = f"{same}/{len(problems)}"
 
     print(f"\nbackend {args.backend} ({type(policy).__name__}), model {args.model}, {len(problems)} problems, "
           f"n={args.n}, beam_width={args.beam_width}, num_iterations={args.num_iterations}, "
@@ -132,7 +133,7 @@ def main(argv=None) -> None:
               f"{b['prm_tok/gen_tok']:.2f}")
         if len(mine) == 2:
             print(f"{name}: batched / one-at-a-time throughput = {b['problems/s'] / mine[1]['problems/s']:.2f}x "
-                  f"(same records: {b.get('same_records')})")
+                  f"(problems with the same records: {b.get('same_records')})")
 
 
 if __name__ == "__main__":

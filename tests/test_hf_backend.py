@@ -90,3 +90,20 @@ def test_identical_prompts_share_one_prefill_and_keep_their_own_samples(policy):
     assert [policy.generate([p], s, [seed])[0] for p, seed in ((a, 3), (b, 2), (a, 1))] == \
         [together[2], together[1], together[0]]
     assert len({g.text for g in (together[0], together[2], together[3])}) > 1  # seeds still differ
+
+
+def test_sampling_follows_the_distribution_and_never_draws_a_cut_token():
+    import torch
+
+    from ttc_mlops.policy.hf import HFPolicy
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]])).repeat(4000, 1)
+    draws = HFPolicy._sample(logits, Sampling(temperature=1.0, top_p=1.0),
+                             [torch.Generator().manual_seed(s) for s in range(4000)])
+    freq = torch.bincount(torch.tensor(draws), minlength=5).float() / 4000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]), atol=0.03)
+    nucleus = HFPolicy._sample(logits, Sampling(temperature=1.0, top_p=0.75),
+                               [torch.Generator().manual_seed(s) for s in range(4000)])
+    assert set(nucleus) == {0, 1}  # 0.5 + 0.3 reaches top_p: the tail is never drawn
+    again = HFPolicy._sample(logits[:3], Sampling(temperature=1.0), [torch.Generator().manual_seed(s) for s in (7, 8, 9)])
+    assert again == draws[7:10]  # a row's draw depends on its own seed only

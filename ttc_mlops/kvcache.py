@@ -152,6 +152,19 @@ def kv_bytes_per_token(model) -> int:
     return 2 * cfg.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
 
 
+def store_for(model, gib: float, name: str) -> PrefixStore | None:
+    """The prefix store of a backend (`prefix_cache_gib`), or None where the model cannot reuse
+    prefixes (it then runs plain forward passes)."""
+    if not reusable(model):
+        log.info("%s: prefix reuse off (not every layer is full attention)", name)
+        return None
+    store = PrefixStore(int(gib * 2**30))
+    if store.budget:
+        log.info("%s: keeps up to %.1f GiB of prefix keys/values (~%d tokens)", name, gib,
+                 store.budget // kv_bytes_per_token(model))
+    return store
+
+
 def cache_kwarg(model) -> str:
     """transformers renamed `past_key_values` to `cache`; the name this model's forward takes."""
     import inspect

@@ -7,8 +7,11 @@ print(p.generate([p.chat_prompt('', 'What is 2+3?')], Sampling(max_tokens=32), [
 `model.generate` samples a batch from one random stream, so a row's sample would depend on the
 rows beside it. This backend runs its own decoding loop instead: one KV-cached forward pass per
 token for the whole batch, then each row draws from its own `torch.Generator` seeded per request.
-Finished rows leave the batch (their cache rows are dropped), which is what makes step-level search
-cheap: most beams stop at the step delimiter long before `max_tokens`.
+Finished rows leave the batch (their cache rows are dropped, once a quarter of the batch has
+finished), which is what makes step-level search cheap: most beams stop at the step delimiter long
+before `max_tokens`. Prompts and the rows that stopped at a step are kept in a `PrefixStore`
+(`prefix_cache_gib`): the next iteration's prompt is one of them plus its step, so only the step's
+last tokens run again.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ MAX_BATCH = 64  # rows per decoding loop; bounds the KV cache on small machines
 
 class HFPolicy:
     def __init__(self, recipe, max_batch: int = MAX_BATCH):
-        from ..kvcache import PrefixStore, reusable
+        from ..kvcache import store_for
         from ..models import load_causal_lm
 
         self.name = recipe.model_path
@@ -37,7 +40,7 @@ class HFPolicy:
         self.eos_ids = set(eos) | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         # A prompt of the next iteration is a prompt of this one plus a sampled step: keep both.
-        self.store = PrefixStore(int(recipe.prefix_cache_gib * 2**30)) if reusable(self.model) else None
+        self.store = store_for(self.model, recipe.prefix_cache_gib, f"policy {self.name}")
 
     def clear_cache(self) -> None:
         if self.store is not None:

@@ -49,7 +49,7 @@ class _Row:
 
 class RLHFlowPRM:
     def __init__(self, recipe):
-        from ..kvcache import PrefixStore, reusable
+        from ..kvcache import store_for
         from ..models import load_causal_lm
 
         self.name = recipe.prm_path
@@ -58,7 +58,7 @@ class RLHFlowPRM:
         self.plus_id = self.tokenizer.encode("+", add_special_tokens=False)[-1]
         self.minus_id = self.tokenizer.encode("-", add_special_tokens=False)[-1]
         self._scores: dict[tuple[str, tuple[str, ...]], float] = {}  # (problem, steps 1..j) -> step j's score
-        self.store = PrefixStore(int(recipe.prefix_cache_gib * 2**30)) if reusable(self.model) else None
+        self.store = store_for(self.model, recipe.prefix_cache_gib, f"PRM {self.name}")
         self.tokens_processed = 0  # PRM input tokens run through the model
 
     def clear_cache(self) -> None:
