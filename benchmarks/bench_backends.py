@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ttc_mlops.cli import setup_logging  # noqa: E402
 from ttc_mlops.config import EMBEDDED_MODEL, build_recipe  # noqa: E402
 
 log = logging.getLogger("bench_backends")
@@ -46,9 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "filelock", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
 
     from ttc_mlops.data import load_dataset_problems
     from ttc_mlops.policy import vllm as vllm_backend

@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ttc_mlops.cli import setup_logging  # noqa: E402
 from ttc_mlops.config import EMBEDDED_MODEL, build_recipe  # noqa: E402
 
 log = logging.getLogger("bench_search")
@@ -54,9 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "filelock", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     strategies = [s for s in args.strategies.split(",") if s]
     sequential = {s for s in args.sequential.split(",") if s}
     base = {"model_path": args.model, "prm_path": args.prm, "backend": args.backend, "dtype": args.dtype,

@@ -33,12 +33,17 @@ def _recipe(path: str, overrides: list[str]):
         _fail(str(err))
 
 
-@app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+def setup_logging(verbose: bool = False) -> None:
+    """Progress on stderr for `ttc` and the benchmark scripts; chatty libraries only warn."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store", "filelock"):
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store", "filelock", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    setup_logging(verbose)
 
 
 @app.command()
