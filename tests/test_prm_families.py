@@ -189,6 +189,57 @@ def test_scores_ignore_batching_and_are_cached(skywork_dir):
     assert prm.tokens_processed == before
 
 
+@pytest.fixture(scope="module")
+def shepherd_llama_dir(embedded_dir, tmp_path_factory):
+    """Math-Shepherd's published checkpoint is a LlamaForCausalLM: full attention, so prefixes are reused."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(4)
+    tok = _tokenizer(embedded_dir, "ки")
+    out = tmp_path_factory.mktemp("math-shepherd-llama")
+    LlamaForCausalLM(_small(LlamaConfig, tok)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("family, fixture", [("math_shepherd", "shepherd_llama_dir"), ("skywork", "skywork_dir"),
+                                             ("qwen_math_prm", "qwen_prm_dir")])
+def test_a_grown_beam_runs_only_its_new_step_and_no_score_changes(family, fixture, request):
+    from ttc_mlops.prm.registry import prm_class
+
+    path = request.getfixturevalue(fixture)
+    make = lambda gib: prm_class(str(path), family)(_recipe(path, family, prm_batch_size=2,  # noqa: E731
+                                                           prefix_cache_gib=gib))
+    reuse, plain = make(1.0), make(0.0)
+    assert reuse.store is not None
+    problem = "A long enough problem statement: what is the sum of the first ten positive integers?"
+    steps = ["Pair them up: 1+10, 2+9 and so on.\n\n", "Five pairs of 11.\n\n", "So the sum is \\boxed{55}.\n\n"]
+    siblings = ["Or use n(n+1)/2.\n\n", "Add them one by one.\n\n"]
+    for k in range(1, 4):  # three iterations: the beam grows by a step, its siblings are new
+        comps = ["".join(steps[:k])] + ["".join(steps[: k - 1]) + s for s in siblings]
+        spent, full = reuse.tokens_processed, plain.tokens_processed
+        plain.clear_cache()  # plain runs every sequence whole
+        got, want = reuse.score([problem], [comps])[0], plain.score([problem], [comps])[0]
+        for a, b in zip(got, want):
+            assert a == pytest.approx(b, abs=1e-5)
+        if k > 1:
+            assert reuse.tokens_processed - spent < (plain.tokens_processed - full) / 2
+    assert reuse.store.hit_tokens > reuse.store.miss_tokens
+
+
+def test_a_sliding_window_model_runs_sequences_whole_and_still_caches_scores(shepherd_dir):
+    from ttc_mlops.prm.math_shepherd import MathShepherdPRM
+
+    prm = MathShepherdPRM(_recipe(shepherd_dir, "math_shepherd"))  # Mistral's config: a 4096-token window
+    assert prm.store is None
+    first = prm.score([PROBLEM], [[STEPS[0] + "\n\n"]])[0][0]
+    spent = prm.tokens_processed
+    grown = prm.score([PROBLEM], [[COMPLETION]])[0][0]
+    assert grown[0] == first[0]  # the first step's score came from the cache
+    assert prm.tokens_processed - spent == len(prm.encode(PROBLEM, tuple(STEPS))[0])  # the sequence ran whole
+
+
 def test_a_wrong_family_names_the_missing_head(tiny_llama_dir):
     from ttc_mlops.prm.skywork import SkyworkPRM
 

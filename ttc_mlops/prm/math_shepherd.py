@@ -10,18 +10,19 @@ in the text is removed so that it cannot fake a step.
 
 from __future__ import annotations
 
-from .tagged import TaggedStepPRM
+from .stepwise import StepwisePRM, pair_probability
 
 STEP_TAG = "ки"
 GOOD, BAD = "+", "-"
 
 
-class MathShepherdPRM(TaggedStepPRM):
+class MathShepherdPRM(StepwisePRM):
     def __init__(self, recipe):
         from ..models import load_causal_lm
 
-        super().__init__(recipe, *load_causal_lm(recipe.prm_path, recipe))
-        tok = self.tokenizer
+        model, tok, device = load_causal_lm(recipe.prm_path, recipe)
+        super().__init__(recipe, model.base_model, tok, device)
+        self.model = model
         candidates = tok.encode(f"{GOOD} {BAD}", add_special_tokens=False)
         if len(candidates) != 2:
             raise RuntimeError(f"PRM {self.name}: {GOOD!r} and {BAD!r} are not one token each "
@@ -38,6 +39,5 @@ class MathShepherdPRM(TaggedStepPRM):
         positions = [t for t, i in enumerate(ids) if i == self.tag_id]
         return ids, self._check_positions(positions, steps, STEP_TAG)
 
-    def token_scores(self, input_ids, attention_mask):
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return logits[:, :, [self.good_id, self.bad_id]].float().softmax(dim=-1)[:, :, 0]
+    def step_scores(self, hidden):
+        return pair_probability(self.model, hidden, self.good_id, self.bad_id)

@@ -12,25 +12,25 @@ chat: their system prompt, the problem as the user turn, and the steps joined an
 
 from __future__ import annotations
 
-from .tagged import TaggedStepPRM, load_base_model, load_head
+from .stepwise import StepwisePRM, load_base_model, load_head
 
 STEP_SEP = "<extra_0>"
 SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
-class QwenMathPRM(TaggedStepPRM):
+class QwenMathPRM(StepwisePRM):
     def __init__(self, recipe):
         import torch
 
         super().__init__(recipe, *load_base_model(recipe.prm_path, recipe))
         head = load_head(recipe.prm_path, "score.")
-        hidden = self.model.config.hidden_size
+        hidden = self.base.config.hidden_size
         shapes = {k: tuple(v.shape) for k, v in head.items()}
         if shapes.get("0.weight") != (hidden, hidden) or shapes.get("2.weight") != (2, hidden):
             raise RuntimeError(f"PRM {self.name}: score head shapes {shapes}, expected 0.weight ({hidden}, {hidden}) "
                                f"and 2.weight (2, {hidden})")
         self.head = torch.nn.Sequential(torch.nn.Linear(hidden, hidden, bias="0.bias" in head), torch.nn.ReLU(),
-                                        torch.nn.Linear(hidden, 2, bias="2.bias" in head)).to(self.device, self.model.dtype)
+                                        torch.nn.Linear(hidden, 2, bias="2.bias" in head)).to(self.device, self.base.dtype)
         self.head.load_state_dict(head)
         self.head.eval()
         ids = self.tokenizer.encode(STEP_SEP, add_special_tokens=False)
@@ -50,6 +50,5 @@ class QwenMathPRM(TaggedStepPRM):
         positions = [t for t, i in enumerate(ids) if i == self.sep_id]
         return ids, self._check_positions(positions, steps, STEP_SEP)
 
-    def token_scores(self, input_ids, attention_mask):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(hidden).float().softmax(dim=-1)[:, :, 1]
+    def step_scores(self, hidden):
+        return self.head(hidden).float().softmax(dim=-1)[:, 1]

@@ -13,18 +13,18 @@ calls a step (text between blank lines), so a step's inner line breaks are plain
 
 from __future__ import annotations
 
-from .tagged import TaggedStepPRM, load_base_model, load_head
+from .stepwise import StepwisePRM, load_base_model, load_head
 
 STEP_TOKEN = "\n"
 
 
-class SkyworkPRM(TaggedStepPRM):
+class SkyworkPRM(StepwisePRM):
     def __init__(self, recipe):
         import torch
 
         super().__init__(recipe, *load_base_model(recipe.prm_path, recipe))
         head = load_head(recipe.prm_path, "v_head.summary.")
-        hidden = self.model.config.hidden_size
+        hidden = self.base.config.hidden_size
         if tuple(head["weight"].shape) != (1, hidden):
             raise RuntimeError(f"PRM {self.name}: v_head.summary.weight has shape {tuple(head['weight'].shape)}, "
                                f"expected (1, {hidden})")
@@ -45,6 +45,5 @@ class SkyworkPRM(TaggedStepPRM):
             positions.append(len(ids) - 1)
         return ids, positions
 
-    def token_scores(self, input_ids, attention_mask):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def step_scores(self, hidden):
         return self.v_head(hidden.float()).squeeze(-1).sigmoid()

@@ -1,0 +1,216 @@
+"""What every PRM family here shares: one sequence per (problem, steps), each step's score read from
+the final hidden state at one position of it; scores cached per step prefix; prefixes run once.
+
+    python -m pytest -q tests/test_prm_families.py tests/test_kvcache.py
+
+A family says how a (problem, steps) pair becomes token ids plus, per step, the position whose
+hidden state carries the step's score (`encode`), and how those hidden states become scores in
+[0, 1] (`step_scores`). The rest is shared:
+
+- A step's score depends only on the tokens up to its position, so scores are cached per step
+  prefix: a completion scored before, or named twice in a call, costs nothing, and a beam that grew
+  by one step needs one new score. The score cache lives as long as its problem is being scored: a
+  call that does not name a problem drops that problem's entries.
+- The keys and values of every sequence run are kept (`PrefixStore`, up to `prefix_cache_gib`), so
+  scoring that new step runs only its own tokens, not the whole prefix again (the reference
+  implementation re-runs it at every iteration); a statement that several candidates of a problem
+  share runs once per call.
+- Sequences are batched by `prm_batch_size`, those with similar amounts left to run together (less
+  padding).
+
+Models whose layers are not all full attention (a sliding window, as Mistral-7B's config declares)
+run every sequence whole; their scores are still cached.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import split_steps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Row:
+    """A sequence to run: its ids, the position read for each step's score, the first step without one."""
+
+    key: tuple[str, tuple[str, ...]]
+    ids: list[int]
+    read_at: list[int]
+    first_new: int
+
+    @property
+    def reuse_limit(self) -> int:
+        return self.read_at[self.first_new]  # the first unscored step's position must run
+
+
+class StepwisePRM(ABC):
+    name: str
+
+    def __init__(self, recipe, base, tokenizer, device):
+        """`base`: the model without its output layer, whose last hidden states `step_scores` reads."""
+        from ..kvcache import store_for
+
+        self.name = recipe.prm_path
+        self.base, self.tokenizer, self.device = base, tokenizer, device
+        self.batch_size = recipe.prm_batch_size
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+        self._scores: dict[tuple[str, tuple[str, ...]], float] = {}  # (problem, steps 1..j) -> step j's score
+        self.store = store_for(base, recipe.prefix_cache_gib, f"PRM {self.name}")
+        self.tokens_processed = 0  # PRM input tokens run through the model
+
+    # --- what a family defines
+    @abstractmethod
+    def encode(self, problem: str, steps: tuple[str, ...]) -> tuple[list[int], list[int]]:
+        """Token ids of the PRM input and, per step, the position whose hidden state scores it."""
+
+    @abstractmethod
+    def step_scores(self, hidden):
+        """[k] scores in [0, 1] from [k, hidden size] final hidden states."""
+
+    # --- shared
+    def clear_cache(self) -> None:
+        self._scores.clear()
+        if self.store is not None:
+            self.store.clear()
+
+    def score(self, problems: list[str], completions: list[list[str]]) -> list[list[list[float]]]:
+        current = set(problems)
+        self._scores = {k: v for k, v in self._scores.items() if k[0] in current}
+        keys = [[(problem, tuple(split_steps(c))) for c in comps] for problem, comps in zip(problems, completions)]
+        todo = [self._row(key) for key in dict.fromkeys(key for row in keys for key in row) if key not in self._scores]
+        if todo:
+            self._run(todo)
+        return [[[self._scores[(p, steps[:j])] for j in range(1, len(steps) + 1)] for p, steps in row] for row in keys]
+
+    def _check_positions(self, positions: list[int], steps: tuple[str, ...], marker: str) -> list[int]:
+        if len(positions) != len(steps):
+            raise RuntimeError(f"PRM {self.name}: {len(steps)} steps but {len(positions)} {marker!r} tokens in its "
+                               f"input; the tokenizer does not keep {marker!r} as one token")
+        return positions
+
+    def _row(self, key: tuple[str, tuple[str, ...]]) -> _Row:
+        problem, steps = key
+        ids, read_at = self.encode(problem, steps)
+        first_new = next(j for j in range(len(steps)) if (problem, steps[: j + 1]) not in self._scores)
+        return _Row(key, ids[: read_at[-1] + 1], read_at, first_new)
+
+    def _run(self, rows: list[_Row]) -> None:
+        from ..kvcache import common_prefix, warm
+
+        # several candidates of a problem share its statement: run it once, not once per candidate
+        by_problem = defaultdict(list)
+        for r in rows:
+            by_problem[r.key[0]].append(r)
+        heads = [common_prefix([r.ids[: r.reuse_limit] for r in group]) for group in by_problem.values()
+                 if len(group) > 1]
+        for start in range(0, len(heads), self.batch_size):
+            self.tokens_processed += warm(self.base, self.store, heads[start : start + self.batch_size], self.pad_id)
+        # batches by the tokens each row still has to run (similar amounts together: less padding)
+        if self.store is not None:
+            rows = sorted(rows, key=lambda r: len(r.ids) - self.store.match(r.ids, r.reuse_limit)[1])
+        else:
+            rows = sorted(rows, key=lambda r: len(r.ids))
+        for start in range(0, len(rows), self.batch_size):
+            self._score_batch(rows[start : start + self.batch_size])
+
+    def _score_batch(self, batch: list[_Row]) -> None:
+        import torch
+
+        from ..kvcache import prefill, row_kv
+
+        pre = prefill(self.base, [r.ids for r in batch], self.store, self.pad_id,
+                      reuse_limits=[r.reuse_limit for r in batch])
+        self.tokens_processed += pre.ran
+        hidden = pre.out.last_hidden_state
+        width = hidden.shape[1]  # rows are right-aligned: position t of row r is column width - len + t
+        with torch.inference_mode():
+            for i, r in enumerate(batch):
+                (problem, steps), j0 = r.key, r.first_new
+                cols = torch.tensor([width - len(r.ids) + t for t in r.read_at[j0:]], device=hidden.device)
+                for j, p in enumerate(self.step_scores(hidden[i, cols]).float().tolist(), start=j0):
+                    self._scores[(problem, steps[: j + 1])] = p
+                if self.store is not None:
+                    self.store.add(r.ids, lambda i=i: row_kv(pre.cache, i, pre.attention[i]))
+
+
+def pair_probability(model, hidden, good_id: int, bad_id: int):
+    """P(good) / (P(good) + P(bad)) of the next token, from a causal LM's final hidden states: two
+    rows of its output layer, not the whole vocabulary."""
+    import torch
+
+    head = model.get_output_embeddings()
+    weight = head.weight[[good_id, bad_id]]
+    bias = head.bias[[good_id, bad_id]] if getattr(head, "bias", None) is not None else None
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    return logits.softmax(-1)[:, 0]
+
+
+def load_base_model(prm_path: str, recipe):
+    """(base model without its LM head, tokenizer, device): the hidden states a value or
+    classification head reads. Heads are loaded by `load_head`, never by remote code."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from ..models import pick_device, pick_dtype, resolve_model
+
+    device = pick_device(recipe.device)
+    dtype = pick_dtype(recipe.dtype, device)
+    source = resolve_model(prm_path)
+    log.info("loading PRM %s (%s, %s)", prm_path, dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    # The checkpoints name their own head classes in `auto_map`; the base is plain transformers code.
+    model = AutoModel.from_pretrained(source, dtype=dtype, trust_remote_code=False)
+    model.to(device).eval()
+    return model, tokenizer, device
+
+
+_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+def load_head(prm_path: str, prefix: str) -> dict:
+    """The checkpoint tensors whose names start with `prefix` (e.g. "v_head."), prefix removed."""
+    import json
+
+    from transformers.utils import cached_file
+
+    from ..models import resolve_model
+
+    source = resolve_model(prm_path)
+    for name in _WEIGHT_FILES:
+        path = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+        if path is None:
+            continue
+        if name.endswith(".index.json"):
+            weight_map = json.loads(Path(path).read_text())["weight_map"]
+            files = sorted({f for key, f in weight_map.items() if key.startswith(prefix)})
+            paths = [cached_file(source, f) for f in files]
+        else:
+            paths = [path]
+        tensors = {}
+        for p in paths:
+            tensors.update(_read_tensors(p, prefix))
+        if not tensors:
+            raise RuntimeError(f"prm_path={prm_path!r}: the checkpoint ({name}) holds no {prefix}* weights; "
+                               f"is prm_family right for this model?")
+        return {key[len(prefix):]: value for key, value in tensors.items()}
+    raise RuntimeError(f"prm_path={prm_path!r}: none of {_WEIGHT_FILES} found in {source}")
+
+
+def _read_tensors(path: str, prefix: str) -> dict:
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {key: value for key, value in state.items() if key.startswith(prefix)}
