@@ -1,5 +1,7 @@
 """The transformers policy and the RLHFlow PRM on a tiny random Llama (real plumbing, fast)."""
 
+import functools
+
 import pytest
 
 from ttc_mlops.config import Recipe
@@ -38,6 +40,7 @@ def test_eos_is_reported(policy, monkeypatch):
     real = policy.model.forward
     eos = policy.tokenizer.eos_token_id
 
+    @functools.wraps(real)  # keeps the signature: the backend passes the cache by the name it takes
     def eos_first(*args, **kwargs):  # the model now always wants to end the answer
         out = real(*args, **kwargs)
         out.logits[..., eos] = 1e4
