@@ -40,29 +40,29 @@ def _recipe(path, family, **kw):
     return Recipe(prm_path=str(path), prm_family=family, dtype="float32", device="cpu", **kw)
 
 
-@pytest.fixture(scope="module")
-def shepherd_dir(embedded_dir, tmp_path_factory):
+def _checkpoint(tmp_path_factory, name, tok, architecture, seed):
+    """A tiny random `architecture` ("Mistral", "Llama", "Qwen2") causal LM saved with `tok`."""
     import torch
-    from transformers import MistralConfig, MistralForCausalLM
+    import transformers
 
-    torch.manual_seed(1)
-    tok = _tokenizer(embedded_dir, "ки")
-    out = tmp_path_factory.mktemp("math-shepherd")
-    MistralForCausalLM(_small(MistralConfig, tok)).save_pretrained(out)
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{architecture}Config")
+    out = tmp_path_factory.mktemp(name)
+    getattr(transformers, f"{architecture}ForCausalLM")(_small(config, tok)).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
 
 @pytest.fixture(scope="module")
+def shepherd_dir(embedded_dir, tmp_path_factory):
+    return _checkpoint(tmp_path_factory, "math-shepherd", _tokenizer(embedded_dir, "ки"), "Mistral", 1)
+
+
+@pytest.fixture(scope="module")
 def skywork_dir(embedded_dir, tmp_path_factory):
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(2)
-    tok = _tokenizer(embedded_dir)
-    out = tmp_path_factory.mktemp("skywork")
-    Qwen2ForCausalLM(_small(Qwen2Config, tok)).save_pretrained(out)
-    tok.save_pretrained(out)
+    out = _checkpoint(tmp_path_factory, "skywork", _tokenizer(embedded_dir), "Qwen2", 2)
     _add_tensors(out, {"v_head.summary.weight": torch.randn(1, 32), "v_head.summary.bias": torch.tensor([0.3])})
     return out
 
@@ -70,13 +70,8 @@ def skywork_dir(embedded_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen_prm_dir(embedded_dir, tmp_path_factory):
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(3)
-    tok = _tokenizer(embedded_dir, "<extra_0>")
-    out = tmp_path_factory.mktemp("qwen-math-prm")
-    Qwen2ForCausalLM(_small(Qwen2Config, tok)).save_pretrained(out)
-    tok.save_pretrained(out)
+    out = _checkpoint(tmp_path_factory, "qwen-math-prm", _tokenizer(embedded_dir, "<extra_0>"), "Qwen2", 3)
     _add_tensors(out, {"score.0.weight": torch.randn(32, 32) / 4, "score.0.bias": torch.randn(32) / 4,
                        "score.2.weight": torch.randn(2, 32), "score.2.bias": torch.randn(2)})
     return out
@@ -192,15 +187,7 @@ def test_scores_ignore_batching_and_are_cached(skywork_dir):
 @pytest.fixture(scope="module")
 def shepherd_llama_dir(embedded_dir, tmp_path_factory):
     """Math-Shepherd's published checkpoint is a LlamaForCausalLM: full attention, so prefixes are reused."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(4)
-    tok = _tokenizer(embedded_dir, "ки")
-    out = tmp_path_factory.mktemp("math-shepherd-llama")
-    LlamaForCausalLM(_small(LlamaConfig, tok)).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return _checkpoint(tmp_path_factory, "math-shepherd-llama", _tokenizer(embedded_dir, "ки"), "Llama", 4)
 
 
 @pytest.mark.parametrize("family, fixture", [("math_shepherd", "shepherd_llama_dir"), ("skywork", "skywork_dir"),
