@@ -1,5 +1,6 @@
 """The Math-Shepherd, Skywork-o1 and Qwen2.5-Math PRM families on tiny random models of their
-architectures (Mistral, Qwen2), checked against the forward each model card writes out."""
+architectures (Llama and Mistral, Qwen2), checked against the forward each model card writes out,
+and their prefix reuse against plain passes."""
 
 import pytest
 
