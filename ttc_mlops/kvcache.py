@@ -298,9 +298,16 @@ def _fill(model, rows, limits, store: PrefixStore, pad_id: int) -> int:
 
 def _run_and_keep(model, store: PrefixStore, rows: list[list[int]], pad_id: int) -> int:
     pre = prefill(model, rows, store, pad_id)
+    keep(store, pre, rows)
+    return pre.ran
+
+
+def keep(store: PrefixStore | None, pre: Prefilled, rows: list[list[int]]) -> None:
+    """Keep every row of a prefilled batch (`rows`: the ids `prefill` was given) in `store`."""
+    if store is None:
+        return
     for r, ids in enumerate(rows):
         store.add(ids, lambda r=r: row_kv(pre.cache, r, pre.attention[r]))
-    return pre.ran
 
 
 def warm(model, store: PrefixStore | None, heads: list[list[int]], pad_id: int) -> int:

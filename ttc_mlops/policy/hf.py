@@ -64,7 +64,7 @@ class HFPolicy:
     def _generate_batch(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[Generation]:
         import torch
 
-        from ..kvcache import cache_kwarg, common_prefix, prefill, row_kv, warm
+        from ..kvcache import cache_kwarg, common_prefix, keep, prefill, row_kv, warm
 
         # Identical prompts (N samples of a problem, M expansions of a beam) are prefilled once and
         # their KV cache rows copied: the prompt, not the sampled tokens, dominates the work on a CPU.
@@ -76,10 +76,8 @@ class HFPolicy:
         if len(enc) > 1:  # e.g. the system prompt of every problem: run it once
             warm(self.model.base_model, self.store, [common_prefix(enc)], self.pad_id)
         pre = prefill(self.model, enc, self.store, self.pad_id, logits_to_keep=1)
+        keep(self.store, pre, enc)
         cache, attention = pre.cache, pre.attention
-        if self.store is not None:
-            for r, ids in enumerate(enc):
-                self.store.add(ids, lambda r=r: row_kv(cache, r, attention[r]))
         logits, step_pos = pre.out.logits[:, -1, :].float(), pre.positions[:, -1:]
         if len(unique) < len(prompts):  # one row per request from here on
             rows = torch.tensor([row_of[p] for p in prompts], device=self.device)

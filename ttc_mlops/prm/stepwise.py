@@ -122,7 +122,7 @@ class StepwisePRM(ABC):
     def _score_batch(self, batch: list[_Row]) -> None:
         import torch
 
-        from ..kvcache import prefill, row_kv
+        from ..kvcache import keep, prefill
 
         pre = prefill(self.base, [r.ids for r in batch], self.store, self.pad_id,
                       reuse_limits=[r.reuse_limit for r in batch])
@@ -135,8 +135,7 @@ class StepwisePRM(ABC):
                 cols = torch.tensor([width - len(r.ids) + t for t in r.read_at[j0:]], device=hidden.device)
                 for j, p in enumerate(self.step_scores(hidden[i, cols]).float().tolist(), start=j0):
                     self._scores[(problem, steps[: j + 1])] = p
-                if self.store is not None:
-                    self.store.add(r.ids, lambda i=i: row_kv(pre.cache, i, pre.attention[i]))
+        keep(self.store, pre, [r.ids for r in batch])
 
 
 def pair_probability(model, hidden, good_id: int, bad_id: int):
