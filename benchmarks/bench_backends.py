@@ -50,10 +50,10 @@ def main(argv=None) -> None:
     setup_logging()
 
     from ttc_mlops.data import load_dataset_problems
+    from ttc_mlops.pipeline.run_chunk import Meter
     from ttc_mlops.policy import vllm as vllm_backend
     from ttc_mlops.policy.hf import HFPolicy
     from ttc_mlops.prm import load_prm
-    from ttc_mlops.runner import Meter
     from ttc_mlops.search import STRATEGIES
 
     strategies = [s for s in args.strategies.split(",") if s in STRATEGIES]
@@ -63,16 +63,17 @@ def main(argv=None) -> None:
             "search_batch_size": args.problems, "prm_batch_size": 16}
     recipes = {s: build_recipe({**base, "approach": s}) for s in strategies}
     first = recipes[strategies[0]]
-    usable, why = vllm_backend.available(first.model_copy(update={"backend": "vllm"}))
+    usable, why = vllm_backend.available(first.model_copy(update={"backend": "vllm"}).policy_settings)
     if not usable:
         sys.exit(f"vLLM cannot run here ({why}); run this with .venv-vllm/bin/python")
     problems = load_dataset_problems(first)[: args.problems]
-    prm = load_prm(first)
+    prm = load_prm(first.prm_settings)
 
     results: dict[tuple[str, str], tuple[int, float, float]] = {}
     for backend in BACKENDS:
         t = time.perf_counter()
-        policy = HFPolicy(first) if backend == "transformers" else vllm_backend.VLLMPolicy(first)
+        settings = first.policy_settings
+        policy = HFPolicy(settings) if backend == "transformers" else vllm_backend.VLLMPolicy(settings)
         log.info("%s loaded in %.1f s", backend, time.perf_counter() - t)
         for name in strategies:
             for model in (policy, prm):  # no run profits from another's caches

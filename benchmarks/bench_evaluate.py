@@ -24,8 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ttc_mlops.evaluate import evaluate_records, plain_number  # noqa: E402
+from ttc_mlops.grading import plain_number  # noqa: E402
 from ttc_mlops.records import Record  # noqa: E402
+from ttc_mlops.voting import evaluate_records  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "math500.jsonl"
 JUNK = [None, None, "\\frac{", "x", "I don't know", "undefined", "\\text{no solution}", "\\infty", "", "?"]

@@ -65,15 +65,15 @@ def main(argv=None) -> None:
     recipes = {s: build_recipe({**base, "approach": s}, source="bench_search flags") for s in strategies}
 
     from ttc_mlops.data import load_dataset_problems
+    from ttc_mlops.pipeline.run_chunk import Meter
     from ttc_mlops.policy import Sampling, load_policy
     from ttc_mlops.prm import load_prm
-    from ttc_mlops.runner import Meter
     from ttc_mlops.search import STRATEGIES
     from ttc_mlops.search.common import sample_seed
 
     first = next(iter(recipes.values()))
     problems = load_dataset_problems(first)[: args.problems]
-    policy, prm = load_policy(first), load_prm(first)
+    policy, prm = load_policy(first.policy_settings), load_prm(first.prm_settings)
     log.info("policy %s (%s), PRM %s, %d problems", policy.name, type(policy).__name__, prm.name, len(problems))
 
     # the backend's peak: one batched sampling call of problems x n rows, no stop, prompts already

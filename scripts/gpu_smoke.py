@@ -171,9 +171,9 @@ def main(argv=None) -> int:
     from ttc_mlops.config import BUILTIN_DATASET, load_recipe
     from ttc_mlops.data import load_dataset_problems
     from ttc_mlops.models import cache_dir, pick_device
+    from ttc_mlops.pipeline.run_chunk import Meter, accuracy
     from ttc_mlops.policy import load_policy
     from ttc_mlops.prm import load_prm
-    from ttc_mlops.runner import Meter, accuracy
     from ttc_mlops.search import STRATEGIES as REGISTERED
 
     strategies = [s for s in args.strategies.split(",") if s]
@@ -210,8 +210,8 @@ def main(argv=None) -> int:
     first = recipes[strategies[0]]
     problems = load_dataset_problems(first)[: args.problems]
     t0 = time.perf_counter()
-    policy = load_policy(first)
-    prm = load_prm(first)
+    policy = load_policy(first.policy_settings)
+    prm = load_prm(first.prm_settings)
     load_s = time.perf_counter() - t0
     if mode == "random":
         policy = FixedSteps(policy, args.tokens_per_step)

@@ -1,5 +1,4 @@
 import contextlib
-import os
 import sys
 from pathlib import Path
 

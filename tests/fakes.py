@@ -26,6 +26,9 @@ class FakePolicy:
     def chat_prompt(self, system: str, user: str) -> str:
         return f"{system}\nQ: {user}{PROMPT_SEP}"
 
+    def clear_cache(self) -> None:  # nothing is kept between calls
+        pass
+
     def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[Generation]:
         self.calls.append(list(prompts))
         out = []
@@ -52,6 +55,9 @@ class FakePRM:
 
     def __init__(self):
         self.calls = 0
+
+    def clear_cache(self) -> None:  # nothing is kept between calls
+        pass
 
     def score(self, problems: list[str], completions: list[list[str]]) -> list[list[list[float]]]:
         from ttc_mlops.prm import split_steps
@@ -82,6 +88,9 @@ class StepPolicy:
 
     def chat_prompt(self, system: str, user: str) -> str:
         return f"{system}\nQ: {user}{PROMPT_SEP}"
+
+    def clear_cache(self) -> None:  # nothing is kept between calls
+        pass
 
     def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[Generation]:
         from collections import Counter

@@ -25,14 +25,14 @@ def recipe(**kw):
 
 
 def kept(record, iteration):
-    return [node["step"] for node in record.tree if node["iteration"] == iteration and node["status"] == "kept"]
+    return [node.step for node in record.tree if node.iteration == iteration and node.status == "kept"]
 
 
 def path_text(record, node_id):
     text = ""
     while node_id is not None:
         node = record.tree[node_id]
-        text, node_id = node["step"] + text, node["parent"]
+        text, node_id = node.step + text, node.parent
     return text
 
 
@@ -42,7 +42,7 @@ def test_exact_beams_kept_at_each_iteration():
     assert [len(c) for c in policy.calls] == [4, 4, 4]
     assert kept(r, 0) == ["A[s=0.9]\n\n", "C[s=0.8]\n\n"]  # B (0.2) pruned, D finished with a boxed answer
     assert kept(r, 1) == ["A2[s=0.7]\n\n", "C1[s=0.95]\n\n"]  # A1 (0.4) pruned, C2 finished
-    assert [n["status"] for n in r.tree if n["iteration"] == 0] == ["kept", "pruned", "kept", "finished"]
+    assert [n.status for n in r.tree if n.iteration == 0] == ["kept", "pruned", "kept", "finished"]
     # 6 beams finished (D, C2, and 4 in the last iteration); sort_completed keeps the best 4
     assert r.completions == ["C[s=0.8]\n\nC1[s=0.95]\n\nC1y \\boxed{4}[s=0.85]",
                              "A[s=0.9]\n\nA2[s=0.7]\n\nA2x \\boxed{5}[s=0.65]",
@@ -65,14 +65,14 @@ def test_without_sort_completed_the_first_to_finish_are_kept():
 def test_tree_rebuilds_every_completion_from_parent_links():
     [r] = beam_search([Problem("p", "P", "4")], StepPolicy(STEPS), FakePRM(), recipe())
     assert len(r.tree) == 12  # 4 candidates in each of 3 iterations
-    leaves = {node["completion"]: node["id"] for node in r.tree if node["completion"] is not None}
+    leaves = {node.completion: node.id for node in r.tree if node.completion is not None}
     assert sorted(leaves) == [0, 1, 2, 3]
     for i, text in enumerate(r.completions):
         assert path_text(r, leaves[i]) == text
     for node in r.tree:
-        if node["parent"] is not None:
-            assert r.tree[node["parent"]]["status"] == "kept"
-            assert r.tree[node["parent"]]["iteration"] == node["iteration"] - 1
+        if node.parent is not None:
+            assert r.tree[node.parent].status == "kept"
+            assert r.tree[node.parent].iteration == node.iteration - 1
 
 
 def test_no_padding_duplicates_dropped_and_the_record_says_so():
@@ -85,7 +85,7 @@ def test_no_padding_duplicates_dropped_and_the_record_says_so():
     [r] = beam_search([Problem("q", "Q", "2")], policy, FakePRM(),
                       recipe(beam_width=1, num_iterations=2, filter_duplicates=True))
     assert [len(c) for c in policy.calls] == [4, 2]  # 2 live beams: 2 candidates, not 4 copies
-    assert [n["status"] for n in r.tree if n["iteration"] == 0] == ["kept", "duplicate", "kept", "finished"]
+    assert [n.status for n in r.tree if n.iteration == 0] == ["kept", "duplicate", "kept", "finished"]
     assert len(r.completions) == 3 and len(set(r.completions)) == 3
     assert any("3 of n=4 beams finished (no padding)" in note for note in r.notes)
     assert any("2 of n/beam_width=4 beams live" in note for note in r.notes)
@@ -105,7 +105,7 @@ def test_lookahead_scores_greedy_rollouts_but_keeps_only_the_step():
     policy = StepPolicy(steps)
     [ahead] = beam_search(problem, policy, FakePRM(), recipe(n=2, beam_width=2, num_iterations=2, lookahead=1))
     assert kept(ahead, 0) == ["A[s=0.3]\n\n"]  # its greedy next step scores 0.9
-    assert ahead.tree[0]["lookahead"] == "A1[s=0.9]\n\n" and ahead.tree[0]["agg"] == 0.9
+    assert ahead.tree[0].lookahead == "A1[s=0.9]\n\n" and ahead.tree[0].agg == 0.9
     assert [len(c) for c in policy.calls] == [2, 2, 2]  # step, lookahead, last iteration (no lookahead)
     assert ahead.completions[0] == "A[s=0.3]\n\nA1[s=0.9]\n\nA end \\boxed{1}[s=0.8]"
     assert ahead.step_scores[0] == [0.3, 0.9, 0.8]
@@ -151,7 +151,7 @@ def test_bad_input_names_the_values(bad, words):
 def test_prm_reuses_scores_within_a_search_and_forgets_finished_problems(tiny_llama_dir):
     from ttc_mlops.prm.rlhflow import RLHFlowPRM
 
-    prm = RLHFlowPRM(Recipe(prm_path=str(tiny_llama_dir), prm_family="rlhflow", dtype="float32", device="cpu"))
+    prm = RLHFlowPRM(Recipe(prm_path=str(tiny_llama_dir), prm_family="rlhflow", dtype="float32", device="cpu").prm_settings)
     first = prm.score(["P"], [["Add.\n\nSo 2.", "Add.\n\nSo 3."]])
     spent = prm.tokens_processed
     again = prm.score(["P", "P"], [["Add.\n\nSo 2."], ["Add.\n\nSo 3.", "Add.\n\nSo 2."]])

@@ -1,9 +1,9 @@
 import subprocess
 import sys
 
+from conftest import REPO
 from typer.testing import CliRunner
 
-from conftest import REPO
 from ttc_mlops.cli import app
 
 runner = CliRunner()

@@ -5,14 +5,16 @@ from pathlib import Path
 from fakes import FakePolicy, FakePRM
 from typer.testing import CliRunner
 
-from ttc_mlops import tracking
+from ttc_mlops import names as N
 from ttc_mlops.cli import app
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe
 from ttc_mlops.data import builtin_problems
-from ttc_mlops.evaluate import evaluate_parent
-from ttc_mlops.merge import log_merge, merge
-from ttc_mlops.plots import collect, compare_figure
-from ttc_mlops.runner import run_chunk
+from ttc_mlops.pipeline import store
+from ttc_mlops.pipeline.compare import collect
+from ttc_mlops.pipeline.evaluate import evaluate_parent
+from ttc_mlops.pipeline.merge import log_merge, merge
+from ttc_mlops.pipeline.run_chunk import run_chunk
+from ttc_mlops.plots import compare_figure
 
 PROBLEMS = builtin_problems()[:4]
 SCRIPT = {p.problem: [f"Work.[s=0.6]\n\nSo \\boxed{{{p.answer}}}[s=0.8]", "So \\boxed{0}[s=0.4]"] for p in PROBLEMS}
@@ -29,7 +31,7 @@ def evaluated(**kw):
 
 def relabel(pid, strategy):
     """A second strategy's parent, as the other strategies' modules would produce it."""
-    tracking.set_tags(pid, {tracking.TAG_STRATEGY: strategy})
+    store.set_tags(pid, {N.TAG_STRATEGY: strategy})
 
 
 def test_compare_draws_one_line_per_strategy_in_every_panel(mlflow_store, tmp_path):
@@ -51,17 +53,17 @@ def test_compare_draws_one_line_per_strategy_in_every_panel(mlflow_store, tmp_pa
     png = Path(tmp_path / "cmp.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "best_of_n  acc_naive" in out.output and "n=8" in out.output
-    runs = tracking.client().search_runs([tracking.client().get_experiment_by_name("cmp").experiment_id],
-                                         filter_string=f"tags.`{tracking.TAG_ROLE}` = 'compare'")
+    runs = store.client().search_runs([store.client().get_experiment_by_name("cmp").experiment_id],
+                                         filter_string=f"tags.`{N.TAG_ROLE}` = 'compare'")
     assert len(runs) == 1
-    assert {a.path for a in tracking.client().list_artifacts(runs[0].info.run_id, "compare")} == {
-        tracking.COMPARE_PLOT, tracking.COMPARE_TABLE}
+    assert {a.path for a in store.client().list_artifacts(runs[0].info.run_id, "compare")} == {
+        N.COMPARE_PLOT, N.COMPARE_TABLE}
 
 
 def test_compare_names_what_is_missing(mlflow_store):
     cli = CliRunner()
     out = cli.invoke(app, ["compare", "--experiment", "nope"])
     assert out.exit_code == 1 and "experiment='nope' does not exist" in out.output
-    tracking.ensure_experiment("empty")
+    store.ensure_experiment("empty")
     out = cli.invoke(app, ["compare", "--experiment", "empty"])
     assert out.exit_code == 1 and "has no evaluated parent runs" in out.output

@@ -2,7 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from ttc_mlops.config import EMBEDDED_MODEL, Recipe, RecipeError, build_recipe, load_recipe, parse_override
+from ttc_mlops.config import (
+    EMBEDDED_MODEL,
+    Recipe,
+    RecipeError,
+    build_recipe,
+    load_recipe,
+    parse_override,
+)
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").rglob("*.yaml"))
 

@@ -3,12 +3,25 @@ import json
 import pytest
 
 from ttc_mlops.config import BUILTIN_DATASET, Recipe, RecipeError
-from ttc_mlops.data import builtin_problems, chunk_bounds, load_dataset_problems, load_problems, rows_to_problems
+from ttc_mlops.data import (
+    builtin_problems,
+    chunk_bounds,
+    load_dataset_problems,
+    row_range,
+    rows_to_problems,
+)
 from ttc_mlops.grading import is_equiv
 
 
 def recipe(**kw):
     return Recipe(**{"dataset_name": BUILTIN_DATASET, **kw})
+
+
+def load_problems(r):
+    """The problems one process works on, as a chunk run cuts them."""
+    problems = load_dataset_problems(r)
+    start, end = row_range(len(problems), r)
+    return problems[start:end]
 
 
 def test_builtin_set_has_every_answer_form():

@@ -23,7 +23,7 @@ def recipe(**kw):
 
 
 def chosen(record, subtree):
-    return [n["step"] for n in record.tree if n["subtree"] == subtree and n["status"] == "chosen"]
+    return [n.step for n in record.tree if n.subtree == subtree and n.status == "chosen"]
 
 
 class RowsPRM(FakePRM):
@@ -57,16 +57,16 @@ def test_tree_links_candidates_to_the_chosen_step_of_their_subtree():
     [r] = dvts([Problem("p", "P", "2")], StepPolicy(STEPS), FakePRM(), recipe())
     assert len(r.tree) == 10
     for node in r.tree:
-        if node["parent"] is not None:
-            parent = r.tree[node["parent"]]
-            assert parent["status"] == "chosen" and parent["subtree"] == node["subtree"]
+        if node.parent is not None:
+            parent = r.tree[node.parent]
+            assert parent.status == "chosen" and parent.subtree == node.subtree
     for node in r.tree:
-        if node["completion"] is not None:
+        if node.completion is not None:
             text, cur = "", node
             while cur is not None:
-                text = cur["step"] + text
-                cur = r.tree[cur["parent"]] if cur["parent"] is not None else None
-            assert text == r.completions[node["completion"]]
+                text = cur.step + text
+                cur = r.tree[cur.parent] if cur.parent is not None else None
+            assert text == r.completions[node.completion]
 
 
 def test_subtrees_are_scored_apart_and_do_not_depend_on_each_other():

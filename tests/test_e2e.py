@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.e2e
@@ -19,29 +18,30 @@ def test_best_of_n_entry_point_with_the_embedded_model(mlflow_store, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "accuracy (selected)" in done.stdout
 
-    from ttc_mlops import tracking
+    from ttc_mlops import names as N
+    from ttc_mlops.pipeline import model, store
 
-    c = tracking.client()
+    c = store.client()
     exp = c.get_experiment_by_name("e2e")
     runs = c.search_runs([exp.experiment_id])
-    parent = next(r for r in runs if r.data.tags.get(tracking.TAG_ROLE) == "parent")
-    chunk = next(r for r in runs if r.data.tags.get(tracking.TAG_ROLE) == "chunk")
-    assert chunk.data.tags[tracking.TAG_PARENT] == parent.info.run_id
-    assert parent.data.tags[tracking.TAG_MODEL] == "embedded:SmolLM2-135M-Instruct"
+    parent = next(r for r in runs if r.data.tags.get(N.TAG_ROLE) == "parent")
+    chunk = next(r for r in runs if r.data.tags.get(N.TAG_ROLE) == "chunk")
+    assert chunk.data.tags[N.TAG_PARENT] == parent.info.run_id
+    assert parent.data.tags[N.TAG_MODEL] == "embedded:SmolLM2-135M-Instruct"
     assert chunk.data.params["n"] == "2" and chunk.data.params["max_tokens"] == "48"
-    assert chunk.data.metrics[tracking.M_PROBLEMS] == 2
-    assert chunk.data.metrics[tracking.M_COMPLETION_TOKENS] > 0
-    assert 0.0 <= chunk.data.metrics[tracking.M_ACC_SELECTED] <= 1.0
-    records = tracking.load_records(chunk.info.run_id, tracking.chunk_artifact(0, 2))
+    assert chunk.data.metrics[N.M_PROBLEMS] == 2
+    assert chunk.data.metrics[N.M_COMPLETION_TOKENS] > 0
+    assert 0.0 <= chunk.data.metrics[N.M_ACC_SELECTED] <= 1.0
+    records = store.load_records(chunk.info.run_id, N.chunk_artifact(0, 2))
     assert len(records) == 2
     for r in records:
         assert len(r.completions) == 2 and all(0 <= s <= 1 for steps in r.step_scores for s in steps)
         assert all(t is not None and 0 < t <= 48 for t in r.completion_tokens)
     artifacts = {a.path for a in c.list_artifacts(chunk.info.run_id)}
-    assert tracking.RECIPE_ARTIFACT in artifacts
+    assert N.RECIPE_ARTIFACT in artifacts
     # secrets in the environment never reach params or tags
     assert not any("hf_secret" in v for v in {**chunk.data.params, **chunk.data.tags}.values())
     # the whole set ran in one process, so the job ends merged, evaluated (step = n) and registered
-    assert sorted(m.step for m in c.get_metric_history(parent.info.run_id, tracking.M_ACC_WEIGHTED)) == [1, 2]
-    assert c.get_run(parent.info.run_id).data.tags[tracking.TAG_MERGED] == "complete"
-    assert tracking.model_version_by_alias("ttc-SmolLM2-135M-Instruct-best_of_n").run_id == parent.info.run_id
+    assert sorted(m.step for m in c.get_metric_history(parent.info.run_id, N.M_ACC_WEIGHTED)) == [1, 2]
+    assert c.get_run(parent.info.run_id).data.tags[N.TAG_MERGED] == "complete"
+    assert model.model_version_by_alias("ttc-SmolLM2-135M-Instruct-best_of_n").run_id == parent.info.run_id

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.e2e
@@ -21,35 +20,36 @@ def _run(entry_point: str, mlflow_store, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    from ttc_mlops import tracking
+    from ttc_mlops import names as N
+    from ttc_mlops.pipeline import store
 
-    c = tracking.client()
+    c = store.client()
     runs = c.search_runs([c.get_experiment_by_name("e2e").experiment_id])
-    chunk = next(r for r in runs if r.data.tags.get(tracking.TAG_ROLE) == "chunk")
-    assert chunk.data.tags[tracking.TAG_STRATEGY] == entry_point
+    chunk = next(r for r in runs if r.data.tags.get(N.TAG_ROLE) == "chunk")
+    assert chunk.data.tags[N.TAG_STRATEGY] == entry_point
     m = chunk.data.metrics
-    assert m[tracking.M_PROBLEMS] == 1 and m["generate_calls"] >= 1 and m["prm_tokens"] > 0
-    assert m["gen_s"] > 0 and m["prm_s"] > 0 and m["other_s"] >= 0
-    [record] = tracking.load_records(chunk.info.run_id, tracking.chunk_artifact(0, 1))
+    assert m[N.M_PROBLEMS] == 1 and m[N.M_GENERATE_CALLS] >= 1 and m[N.M_PRM_TOKENS] > 0
+    assert m[N.M_GEN_S] > 0 and m[N.M_PRM_S] > 0 and m[N.M_OTHER_S] >= 0
+    [record] = store.load_records(chunk.info.run_id, N.chunk_artifact(0, 1))
     assert record.approach == entry_point
     assert 0 < len(record.completions) <= 4 and len(set(record.completions)) == len(record.completions)
     assert all(t is not None and t > 0 for t in record.completion_tokens)
     assert all(0 <= s <= 1 for steps in record.step_scores for s in steps)
-    leaves = [n for n in record.tree if n["completion"] is not None]
-    assert sorted(n["completion"] for n in leaves) == list(range(len(record.completions)))
+    leaves = [n for n in record.tree if n.completion is not None]
+    assert sorted(n.completion for n in leaves) == list(range(len(record.completions)))
     for leaf in leaves:  # every completion is its path of steps in the tree
         text, node = "", leaf
         while node is not None:
-            text = node["step"] + text
-            node = record.tree[node["parent"]] if node["parent"] is not None else None
-        assert text == record.completions[leaf["completion"]]
+            text = node.step + text
+            node = record.tree[node.parent] if node.parent is not None else None
+        assert text == record.completions[leaf.completion]
     return record
 
 
 def test_beam_search_entry_point_with_the_embedded_model(mlflow_store, tmp_path):
     record = _run("beam_search", mlflow_store, tmp_path)
     assert set(record.groups) == {0}
-    assert all(n["iteration"] < 2 and n["tokens"] <= 16 for n in record.tree)
+    assert all(n.iteration < 2 and n.tokens <= 16 for n in record.tree)
 
 
 def test_dvts_entry_point_with_the_embedded_model(mlflow_store, tmp_path):

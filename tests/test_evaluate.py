@@ -3,14 +3,16 @@
 import pytest
 from fakes import FakePolicy, FakePRM
 
-from ttc_mlops import tracking
+from ttc_mlops import names as N
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe
 from ttc_mlops.data import builtin_problems
-from ttc_mlops.evaluate import (EvaluateError, budgets, classify, evaluate_parent, evaluate_records,
-                                plain_number)
-from ttc_mlops.merge import log_merge, merge
+from ttc_mlops.grading import plain_number
+from ttc_mlops.pipeline import store
+from ttc_mlops.pipeline.evaluate import evaluate_parent
+from ttc_mlops.pipeline.merge import log_merge, merge
+from ttc_mlops.pipeline.run_chunk import run_chunk
 from ttc_mlops.records import Record
-from ttc_mlops.runner import run_chunk
+from ttc_mlops.voting import EvaluateError, budgets, classify, evaluate_records
 
 
 def record(pid, gold, answers, scores, level=None, groups=None, agg="last"):
@@ -69,9 +71,9 @@ def test_equivalence_and_classes():
 
 
 def test_the_process_pool_grades_the_same(monkeypatch):
-    import ttc_mlops.evaluate as ev_mod
+    import ttc_mlops.voting as voting
 
-    monkeypatch.setattr(ev_mod, "POOL_MIN_ANSWERS", 0)
+    monkeypatch.setattr(voting, "POOL_MIN_ANSWERS", 0)
     assert evaluate_records([P1, P2], "last", workers=2).metrics == evaluate_records([P1, P2], "last", workers=1).metrics
 
 
@@ -89,19 +91,19 @@ def test_evaluate_logs_metrics_with_step_n_on_the_merged_parent(mlflow_store):
     pid = run_chunk(r, FakePolicy(SCRIPT), FakePRM(), progress=False).parent_run_id
     with pytest.raises(EvaluateError, match=f"parent run {pid} has no merged records .*ttc merge --parent-run-id {pid}"):
         evaluate_parent(pid, r, register=False)
-    assert tracking.client().get_run(pid).data.metrics == {}  # nothing logged
+    assert store.client().get_run(pid).data.metrics == {}  # nothing logged
 
     log_merge(merge(pid, r))
     first = evaluate_parent(pid, r, register=False)
-    c = tracking.client()
+    c = store.client()
     history = c.get_metric_history(pid, "acc_naive")
     assert sorted(m.step for m in history) == [1, 2, 4]
     assert {m.step: m.value for m in history}[4] == 1.0  # with all four samples, the right one scores highest
     assert c.get_metric_history(pid, "acc_naive_level_1")
     tags = c.get_run(pid).data.tags
-    assert tags[tracking.TAG_GROUP] == "SmolLM2-135M-Instruct/best_of_n"
+    assert tags[N.TAG_GROUP] == "SmolLM2-135M-Instruct/best_of_n"
     artifacts = {a.path for a in c.list_artifacts(pid, "eval")}
-    assert {tracking.EVAL_TABLE, tracking.EVAL_PLOT} <= artifacts
+    assert {N.EVAL_TABLE, N.EVAL_PLOT} <= artifacts
 
     again = evaluate_parent(pid, r, register=False)
     assert again.already and again.evaluation.metrics == first.evaluation.metrics

@@ -12,7 +12,7 @@ from ttc_mlops.policy import Sampling
 def policy(tiny_llama_dir):
     from ttc_mlops.policy.hf import HFPolicy
 
-    return HFPolicy(Recipe(model_path=str(tiny_llama_dir), dtype="float32", device="cpu"))
+    return HFPolicy(Recipe(model_path=str(tiny_llama_dir), dtype="float32", device="cpu").policy_settings)
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def prm(tiny_llama_dir):
     from ttc_mlops.prm.rlhflow import RLHFlowPRM
 
     return RLHFlowPRM(Recipe(prm_path=str(tiny_llama_dir), prm_family="rlhflow", dtype="float32", device="cpu",
-                             prm_batch_size=3))
+                             prm_batch_size=3).prm_settings)
 
 
 def test_finish_reasons_token_counts_and_delimiter(policy):

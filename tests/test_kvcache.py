@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ttc_mlops.config import Recipe
-from ttc_mlops.kvcache import BLOCK, PrefixStore, prefill, row_kv
 from ttc_mlops.policy import Sampling
+from ttc_mlops.policy.kvcache import BLOCK, PrefixStore, prefill, row_kv
 
 
 def kv_of(n: int, fill: float = 0.0):
@@ -63,12 +63,12 @@ def test_least_recently_used_entries_leave_beyond_the_budget():
 def tiny(tiny_llama_dir):
     from ttc_mlops.models import load_causal_lm
 
-    return load_causal_lm(str(tiny_llama_dir), Recipe(dtype="float32", device="cpu"))
+    return load_causal_lm(Recipe(model_path=str(tiny_llama_dir), dtype="float32", device="cpu").policy_settings)
 
 
 @pytest.mark.parametrize("grouped", [False, True])
 def test_prefill_with_cached_prefixes_gives_the_plain_forward_logits(tiny, grouped, monkeypatch):
-    from ttc_mlops import kvcache
+    from ttc_mlops.policy import kvcache
 
     if not grouped:  # no pass ahead in groups of similar length: the cached prefixes go in as they are
         monkeypatch.setattr(kvcache, "PADDING_WASTE", 1.0)
@@ -98,7 +98,7 @@ def policies(tiny_llama_dir):
     from ttc_mlops.policy.hf import HFPolicy
 
     make = lambda gib: HFPolicy(Recipe(model_path=str(tiny_llama_dir), dtype="float32", device="cpu",  # noqa: E731
-                                       prefix_cache_gib=gib))
+                                       prefix_cache_gib=gib).policy_settings)
     return make(1.0), make(0.0)
 
 
@@ -121,7 +121,7 @@ def test_prm_reuse_scores_only_the_new_step_and_changes_no_score(tiny_llama_dir)
     from ttc_mlops.prm.rlhflow import RLHFlowPRM
 
     make = lambda gib: RLHFlowPRM(Recipe(prm_path=str(tiny_llama_dir), prm_family="rlhflow", dtype="float32",  # noqa: E731
-                                         device="cpu", prm_batch_size=4, prefix_cache_gib=gib))
+                                         device="cpu", prm_batch_size=4, prefix_cache_gib=gib).prm_settings)
     reuse, plain = make(1.0), make(0.0)
     problem = "A long enough problem statement: what is the sum of the first ten positive integers?"
     steps = ["Pair them up: 1+10, 2+9 and so on.\n\n", "Five pairs of 11.\n\n", "So the sum is \\boxed{55}.\n\n"]

@@ -16,17 +16,30 @@ import sys
 import threading
 
 import pytest
+from conftest import REPO
 from fakes import FakePolicy, FakePRM
 from typer.testing import CliRunner
 
-from conftest import REPO
-from ttc_mlops import launch as launch_mod
-from ttc_mlops import tracking
+from ttc_mlops import names as N
 from ttc_mlops.cli import app
-from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe, load_recipe, recipe_yaml
+from ttc_mlops.config import (
+    BUILTIN_DATASET,
+    EMBEDDED_MODEL,
+    Recipe,
+    load_recipe,
+    recipe_yaml,
+)
 from ttc_mlops.data import builtin_problems
-from ttc_mlops.launch import LaunchError, array_spec, check_store, cluster_options, launch
-from ttc_mlops.runner import run_chunk
+from ttc_mlops.pipeline import launch as launch_mod
+from ttc_mlops.pipeline import store
+from ttc_mlops.pipeline.launch import (
+    LaunchError,
+    array_spec,
+    check_store,
+    cluster_options,
+    launch,
+)
+from ttc_mlops.pipeline.run_chunk import run_chunk
 
 FAKE_SLURM = """#!{python}
 import json, os, sys
@@ -87,7 +100,7 @@ def recipe_file(tmp_path):
 
 
 @pytest.fixture
-def store(mlflow_store, monkeypatch):
+def fake_server(mlflow_store, monkeypatch):
     """The test's SQLite store stands in for a server (check_store is tested on its own below)."""
     monkeypatch.setattr(launch_mod, "check_store", lambda uri: None)
     return mlflow_store
@@ -160,7 +173,7 @@ def test_tracking_server_must_answer_health(tmp_path):
         server.shutdown()
 
 
-def test_launch_submits_the_array_then_merge_after_it(slurm, store, recipe_file, tmp_path, monkeypatch):
+def test_launch_submits_the_array_then_merge_after_it(slurm, fake_server, recipe_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cluster = tmp_path / "cluster.sh"
     cluster.write_text("CHUNK_SBATCH=(\n  --partition=gpu  # one GPU per task\n  --gres=gpu:1\n)\n"
@@ -181,13 +194,13 @@ def test_launch_submits_the_array_then_merge_after_it(slurm, store, recipe_file,
     assert chunk_call["cluster"] == str(cluster)  # the job scripts source the same cluster file
     copy = load_recipe(out / "recipe.yaml")  # the tasks' recipe: same search configuration
     assert copy.n == 4 and copy.search_key == base_recipe(n=4).search_key
-    run = tracking.client().get_run(parent)
-    assert run.data.tags[tracking.TAG_ROLE] == "parent" and run.data.tags[tracking.TAG_SEARCH_KEY] == copy.search_key
+    run = store.client().get_run(parent)
+    assert run.data.tags[N.TAG_ROLE] == "parent" and run.data.tags[N.TAG_SEARCH_KEY] == copy.search_key
     again = launch(str(recipe_file), ["n=4"], 3)  # the same configuration finds the same parent
     assert again.parent_run_id == parent
 
 
-def test_cli_prints_job_ids_and_how_to_follow(slurm, store, recipe_file, tmp_path, monkeypatch):
+def test_cli_prints_job_ids_and_how_to_follow(slurm, fake_server, recipe_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["launch", str(recipe_file), "--chunks", "4", "--sbatch-arg", "--qos=low"])
     assert result.exit_code == 0, result.output
@@ -203,7 +216,7 @@ class Dying(FakePolicy):
         return super().generate(prompts, sampling, seeds)
 
 
-def test_only_missing_submits_unfinished_chunks(slurm, store, recipe_file, tmp_path, monkeypatch):
+def test_only_missing_submits_unfinished_chunks(slurm, fake_server, recipe_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for i in (0, 2):
         run_chunk(base_recipe(chunk=i, num_chunks=4), FakePolicy(SCRIPT), FakePRM(), progress=False)
@@ -231,7 +244,7 @@ def test_only_missing_submits_unfinished_chunks(slurm, store, recipe_file, tmp_p
     assert not any(a.startswith("--dependency") for a in merge_only) and merge_only[-2].endswith("merge_evaluate.sbatch")
 
 
-def test_failed_merge_submission_cancels_the_array(slurm, store, recipe_file, tmp_path, monkeypatch):
+def test_failed_merge_submission_cancels_the_array(slurm, fake_server, recipe_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FAKE_SBATCH_FAIL", "2")
     with pytest.raises(LaunchError, match="sbatch failed \\(exit 1\\): sbatch: error: invalid partition"):

@@ -1,17 +1,23 @@
 """Merge against a real MLflow store (SQLite), chunks produced by the runner with the fakes."""
 
-import gzip
 
 import pytest
 from fakes import FakePolicy, FakePRM
 from typer.testing import CliRunner
 
-from ttc_mlops import tracking
+from ttc_mlops import names as N
 from ttc_mlops.cli import app
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe
 from ttc_mlops.data import builtin_problems
-from ttc_mlops.merge import MergeError, log_merge, merge, push_to_hub, resolve_parent
-from ttc_mlops.runner import run_chunk
+from ttc_mlops.pipeline import store
+from ttc_mlops.pipeline.merge import (
+    MergeError,
+    log_merge,
+    merge,
+    push_to_hub,
+    resolve_parent,
+)
+from ttc_mlops.pipeline.run_chunk import run_chunk
 
 PROBLEMS = builtin_problems()[:7]
 SCRIPT = {p.problem: [f"Work.[s=0.6]\n\nSo \\boxed{{{p.answer}}}[s=0.9]", "So \\boxed{0}[s=0.1]", "Hmm.[s=0.3]"]
@@ -45,9 +51,9 @@ def test_merge_logs_records_recipe_and_tags_on_the_parent(mlflow_store):
     pid = run(recipe()).parent_run_id
     result = merge(pid, recipe())
     log_merge(result)
-    tags = tracking.client().get_run(pid).data.tags
-    assert tags[tracking.TAG_MERGED] == "complete" and tags[tracking.TAG_MERGED_PROBLEMS] == "7"
-    assert dicts(tracking.load_records(pid, tracking.MERGED_RECORDS)) == dicts(result.records)
+    tags = store.client().get_run(pid).data.tags
+    assert tags[N.TAG_MERGED] == "complete" and tags[N.TAG_MERGED_PROBLEMS] == "7"
+    assert dicts(store.load_records(pid, N.MERGED_RECORDS)) == dicts(result.records)
     # the parent can now be named by id alone; its recipe comes back from the run
     assert resolve_parent(None, pid) == (pid, recipe())
 
@@ -67,7 +73,7 @@ def test_merge_names_a_missing_chunk_and_writes_nothing(mlflow_store):
     message = str(err.value)
     assert "4 of 7 problems covered exactly once by 2 chunk run(s)" in message
     assert "missing 3 problem(s) of rows 4:7 (no chunk run): builtin/004, builtin/005, builtin/006" in message
-    assert tracking.load_records(a.parent_run_id, tracking.MERGED_RECORDS) is None  # nothing written
+    assert store.load_records(a.parent_run_id, N.MERGED_RECORDS) is None  # nothing written
 
     partial = merge(a.parent_run_id, recipe(), allow_partial=True)
     assert partial.partial and len(partial.records) == 4
@@ -100,9 +106,9 @@ def test_overlapping_slices_are_named_as_duplicates(mlflow_store):
 
 
 def test_bad_input_is_named_and_nothing_is_written(mlflow_store):
-    c = tracking.client()
-    exp = tracking.ensure_experiment("m")
-    empty = tracking.find_or_create_parent(recipe(), exp)
+    c = store.client()
+    exp = store.ensure_experiment("m")
+    empty = store.find_or_create_parent(recipe(), exp)
     with pytest.raises(MergeError, match=f"parent run {empty} has no chunk runs"):
         merge(empty, recipe())
     with pytest.raises(MergeError, match="no parent run with ttc.search_key="):
@@ -112,27 +118,27 @@ def test_bad_input_is_named_and_nothing_is_written(mlflow_store):
 
     pid = run(recipe()).parent_run_id
     # a corrupt record file
-    chunk = tracking.find_chunk_run(pid, 0, 7)
-    path = tracking.client().download_artifacts(chunk.info.run_id, f"records/{tracking.chunk_artifact(0, 7)}")
+    chunk = store.find_chunk_run(pid, 0, 7)
+    path = store.client().download_artifacts(chunk.info.run_id, f"records/{N.chunk_artifact(0, 7)}")
     with open(path, "wb") as f:
         f.write(b"\x1f\x8b not gzip at all")
-    c.log_artifact(chunk.info.run_id, path, tracking.RECORDS_DIR)
+    c.log_artifact(chunk.info.run_id, path, N.RECORDS_DIR)
     with pytest.raises(MergeError, match=f"chunk run {chunk.info.run_id} \\(0:7\\): record file .* is corrupt"):
         merge(pid, recipe())
 
     # records of another dataset under a chunk of this parent
     other = run(recipe(experiment_name="o", num_samples=7, dataset_name=_other_dataset(mlflow_store)))
-    records = tracking.load_records(other.run_id, tracking.chunk_artifact(0, 7))
-    tracking.log_records(chunk.info.run_id, records, tracking.chunk_artifact(0, 7))
+    records = store.load_records(other.run_id, N.chunk_artifact(0, 7))
+    store.log_records(chunk.info.run_id, records, N.chunk_artifact(0, 7))
     with pytest.raises(MergeError, match="record 'other/0' is not in dataset builtin:math-mini"):
         merge(pid, recipe())
 
     # a chunk run of another recipe hung under this parent
-    foreign = tracking.create_chunk_run(pid, recipe(n=2, chunk=0, num_chunks=7), 0, 1, 7)
+    foreign = store.create_chunk_run(pid, recipe(n=2, chunk=0, num_chunks=7), 0, 1, 7)
     with pytest.raises(MergeError, match=f"chunk run {foreign} \\(0:1\\) was run with another recipe.*n=2 \\(parent: 4\\)"):
         merge(pid, recipe())
-    assert tracking.load_records(pid, tracking.MERGED_RECORDS) is None
-    assert tracking.TAG_MERGED not in c.get_run(pid).data.tags
+    assert store.load_records(pid, N.MERGED_RECORDS) is None
+    assert N.TAG_MERGED not in c.get_run(pid).data.tags
 
 
 def _other_dataset(store_uri):
@@ -151,7 +157,7 @@ def test_cli_merge_exits_non_zero_naming_the_missing_rows(mlflow_store, tmp_path
     assert out.exit_code == 1 and "rows 3:7 (no chunk run)" in out.output
     out = cli.invoke(app, ["merge", "--parent-run-id", pid, "--allow-partial"])
     assert out.exit_code == 0, out.output
-    assert tracking.client().get_run(pid).data.tags[tracking.TAG_MERGED] == "partial"
+    assert store.client().get_run(pid).data.tags[N.TAG_MERGED] == "partial"
     out = cli.invoke(app, ["merge"])
     assert out.exit_code == 2 and "exactly one of RECIPE or --parent-run-id" in out.output
 

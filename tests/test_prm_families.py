@@ -38,7 +38,7 @@ def _add_tensors(model_dir, tensors):
 
 
 def _recipe(path, family, **kw):
-    return Recipe(prm_path=str(path), prm_family=family, dtype="float32", device="cpu", **kw)
+    return Recipe(prm_path=str(path), prm_family=family, dtype="float32", device="cpu", **kw).prm_settings
 
 
 def _checkpoint(tmp_path_factory, name, tok, architecture, seed):
@@ -194,7 +194,7 @@ def shepherd_llama_dir(embedded_dir, tmp_path_factory):
 @pytest.mark.parametrize("family, fixture", [("math_shepherd", "shepherd_llama_dir"), ("skywork", "skywork_dir"),
                                              ("qwen_math_prm", "qwen_prm_dir")])
 def test_a_grown_beam_runs_only_its_new_step_and_no_score_changes(family, fixture, request):
-    from ttc_mlops.prm.registry import prm_class
+    from ttc_mlops.prm.families import prm_class
 
     path = request.getfixturevalue(fixture)
     make = lambda gib: prm_class(str(path), family)(_recipe(path, family, prm_batch_size=2,  # noqa: E731
@@ -255,14 +255,14 @@ def test_a_split_step_marker_is_an_error(embedded_dir, qwen_prm_dir, tmp_path):
     ("RLHFlow/Llama3.1-8B-PRM-Mistral-Data", "rlhflow"),
 ])
 def test_registry_maps_published_ids(prm_path, family):
-    from ttc_mlops.prm.registry import family_for, prm_class
+    from ttc_mlops.prm.families import family_for, prm_class
 
     assert family_for(prm_path) == family
     assert prm_class(prm_path).__module__.endswith(family.replace("qwen_math_prm", "qwen_prm"))
 
 
 def test_unknown_prm_needs_an_explicit_family():
-    from ttc_mlops.prm.registry import family_for
+    from ttc_mlops.prm.families import family_for
 
     with pytest.raises(RecipeError, match=r"prm_path='me/my-finetuned-prm' is not a known PRM.*set prm_family"):
         family_for("me/my-finetuned-prm")

@@ -5,12 +5,14 @@ import pandas as pd
 import pytest
 from fakes import FakePolicy, FakePRM
 
-from ttc_mlops import tracking
+from ttc_mlops import names as N
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe
 from ttc_mlops.data import builtin_problems
-from ttc_mlops.evaluate import evaluate_parent
-from ttc_mlops.merge import log_merge, merge
-from ttc_mlops.runner import run_chunk
+from ttc_mlops.pipeline import store
+from ttc_mlops.pipeline.evaluate import evaluate_parent
+from ttc_mlops.pipeline.merge import log_merge, merge
+from ttc_mlops.pipeline.model import model_version_by_alias
+from ttc_mlops.pipeline.run_chunk import run_chunk
 
 PROBLEMS = builtin_problems()[:3]
 
@@ -38,17 +40,17 @@ def round_trip(model):
     worse = evaluated(base(model, seed=1), right_wins=False)
     name, v1 = worse.registered
     assert name == f"ttc-{base(model).model_label}-best_of_n" and v1 == "1"
-    assert str(tracking.model_version_by_alias(name).version) == "1"
+    assert str(model_version_by_alias(name).version) == "1"
     better = evaluated(base(model, seed=2), right_wins=True)
     assert better.registered == (name, "2")
-    best = tracking.model_version_by_alias(name)
+    best = model_version_by_alias(name)
     assert str(best.version) == "2" and float(best.tags["acc_weighted"]) == 1.0
-    assert best.tags[tracking.TAG_N] == "2" and best.tags[tracking.TAG_PRM] == str(model)
+    assert best.tags[N.TAG_N] == "2" and best.tags[N.TAG_PRM] == str(model)
     assert "seed: 2" in best.tags["recipe"] and best.run_id == better.parent_run_id
     # evaluating the same parent again registers nothing new
     again = evaluate_parent(better.parent_run_id, base(model, seed=2), workers=1)
     assert again.registered == (name, "2")
-    assert len(tracking.client().search_model_versions(f"name = '{name}'")) == 2
+    assert len(store.client().search_model_versions(f"name = '{name}'")) == 2
 
     loaded = mlflow.pyfunc.load_model(f"models:/{name}@best")
     out = loaded.predict(pd.DataFrame({"problem": ["What is $2 + 3$?", "What is $3^4$?"]}))
@@ -93,7 +95,7 @@ def test_a_whole_set_ttc_run_ends_merged_evaluated_and_registered(mlflow_store, 
     assert out.exit_code == 0, out.output
     assert "merged 2 of 2 problems from 1 chunk run(s)" in out.output and "acc_weighted" in out.output
     name = f"ttc-{base(tiny_llama_dir).model_label}-best_of_n"
-    version = tracking.model_version_by_alias(name)
-    c = tracking.client()
+    version = model_version_by_alias(name)
+    c = store.client()
     assert sorted(m.step for m in c.get_metric_history(version.run_id, "acc_weighted")) == [1, 2]
-    assert c.get_run(version.run_id).data.tags[tracking.TAG_MERGED] == "complete"
+    assert c.get_run(version.run_id).data.tags[N.TAG_MERGED] == "complete"

@@ -1,10 +1,11 @@
 import pytest
 from fakes import FakePolicy, FakePRM
 
-from ttc_mlops import tracking
+from ttc_mlops import names as N
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe, RecipeError
 from ttc_mlops.data import builtin_problems
-from ttc_mlops.runner import run_chunk
+from ttc_mlops.pipeline import store
+from ttc_mlops.pipeline.run_chunk import run_chunk
 
 PROBLEMS = builtin_problems()[:6]
 SCRIPT = {p.problem: [f"Work.[s=0.6]\n\nSo \\boxed{{{p.answer}}}[s=0.9]", "So \\boxed{0}[s=0.1]"] for p in PROBLEMS}
@@ -17,20 +18,20 @@ def recipe(**kw):
 
 def test_chunk_run_logs_params_tags_records_and_metrics(mlflow_store):
     result = run_chunk(recipe(), FakePolicy(SCRIPT), FakePRM(), progress=False)
-    c = tracking.client()
+    c = store.client()
     run = c.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags[tracking.TAG_PARENT] == result.parent_run_id
-    assert run.data.tags[tracking.TAG_STRATEGY] == "best_of_n"
+    assert run.data.tags[N.TAG_PARENT] == result.parent_run_id
+    assert run.data.tags[N.TAG_STRATEGY] == "best_of_n"
     assert run.data.params["n"] == "4" and run.data.params["agg_strategy"] == "last"
-    assert run.data.metrics[tracking.M_PROBLEMS] == 6
-    assert run.data.metrics[tracking.M_ACC_SELECTED] == 1.0
-    assert run.data.metrics[tracking.M_UNGRADED] == 0
-    records = tracking.load_records(result.run_id, tracking.chunk_artifact(0, 6))
+    assert run.data.metrics[N.M_PROBLEMS] == 6
+    assert run.data.metrics[N.M_ACC_SELECTED] == 1.0
+    assert run.data.metrics[N.M_UNGRADED] == 0
+    records = store.load_records(result.run_id, N.chunk_artifact(0, 6))
     assert [r.problem_id for r in records] == [p.problem_id for p in PROBLEMS]
     parent = c.get_run(result.parent_run_id)
-    assert parent.data.tags[tracking.TAG_ROLE] == "parent"
-    assert parent.data.tags[tracking.TAG_SEARCH_KEY] == recipe().search_key
+    assert parent.data.tags[N.TAG_ROLE] == "parent"
+    assert parent.data.tags[N.TAG_SEARCH_KEY] == recipe().search_key
 
 
 def test_finished_chunk_is_not_rerun(mlflow_store):
@@ -65,7 +66,7 @@ def test_chunks_share_one_parent(mlflow_store):
     a = run_chunk(recipe(chunk=0, num_chunks=2), FakePolicy(SCRIPT), FakePRM(), progress=False)
     b = run_chunk(recipe(chunk=1, num_chunks=2), FakePolicy(SCRIPT), FakePRM(), progress=False)
     assert a.parent_run_id == b.parent_run_id and a.run_id != b.run_id
-    assert len(tracking.chunk_runs(a.parent_run_id)) == 2
+    assert len(store.chunk_runs(a.parent_run_id)) == 2
 
 
 def test_bad_input_fails_before_any_run(mlflow_store):
@@ -75,11 +76,11 @@ def test_bad_input_fails_before_any_run(mlflow_store):
         run_chunk(recipe(prm_path="acme/unknown-prm"), FakePolicy(SCRIPT), FakePRM(), progress=False)
     with pytest.raises(RecipeError, match="model_path='./no/such/dir': no such directory"):
         run_chunk(recipe(model_path="./no/such/dir"), FakePolicy(SCRIPT), FakePRM(), progress=False)
-    assert tracking.client().search_experiments(filter_string="name = 't'") == []
+    assert store.client().search_experiments(filter_string="name = 't'") == []
 
 
 def test_output_dir_gets_a_local_copy(mlflow_store, tmp_path):
     from ttc_mlops.records import read_records
 
     run_chunk(recipe(output_dir=str(tmp_path / "out")), FakePolicy(SCRIPT), FakePRM(), progress=False)
-    assert len(read_records(tmp_path / "out" / tracking.chunk_artifact(0, 6))) == 6
+    assert len(read_records(tmp_path / "out" / N.chunk_artifact(0, 6))) == 6

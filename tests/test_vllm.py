@@ -13,8 +13,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
 from ttc_mlops.config import EMBEDDED_MODEL, Recipe, RecipeError, build_recipe
 from ttc_mlops.policy import Sampling
 
@@ -27,7 +27,7 @@ def policy():
     pytest.importorskip("vllm")
     from ttc_mlops.policy.vllm import VLLMPolicy
 
-    return VLLMPolicy(Recipe(model_path=EMBEDDED_MODEL, backend="vllm", gpu_memory_utilization=0.3))
+    return VLLMPolicy(Recipe(model_path=EMBEDDED_MODEL, backend="vllm", gpu_memory_utilization=0.3).policy_settings)
 
 
 @pytest.mark.vllm
@@ -37,7 +37,7 @@ def test_engine_settings_and_one_engine_per_process(policy):
     config = policy.llm.llm_engine.vllm_config
     assert config.cache_config.enable_prefix_caching
     assert config.cache_config.gpu_memory_utilization == 0.3
-    again = VLLMPolicy(Recipe(model_path=EMBEDDED_MODEL, backend="vllm", gpu_memory_utilization=0.3, seed=7))
+    again = VLLMPolicy(Recipe(model_path=EMBEDDED_MODEL, backend="vllm", gpu_memory_utilization=0.3, seed=7).policy_settings)
     assert again.llm is policy.llm  # the engine seed plays no part: per-request seeds do
 
 
@@ -111,13 +111,14 @@ def test_dvts_end_to_end_with_vllm(mlflow_store, tmp_path):
     for bad in ("Traceback", "Aborted", "core dumped", "terminate called"):
         assert bad not in done.stderr
 
-    from ttc_mlops import tracking
+    from ttc_mlops import names as N
+    from ttc_mlops.pipeline import store
 
-    c = tracking.client()
+    c = store.client()
     runs = c.search_runs([c.get_experiment_by_name("e2e-vllm").experiment_id])
-    chunk = next(r for r in runs if r.data.tags.get(tracking.TAG_ROLE) == "chunk")
+    chunk = next(r for r in runs if r.data.tags.get(N.TAG_ROLE) == "chunk")
     assert chunk.data.params["backend"] == "vllm" and chunk.data.params["approach"] == "dvts"
-    (record,) = tracking.load_records(chunk.info.run_id, tracking.chunk_artifact(0, 1))
+    (record,) = store.load_records(chunk.info.run_id, N.chunk_artifact(0, 1))
     assert len(record.completions) == 4
     assert all(t is not None and t > 0 for t in record.completion_tokens)
     assert all(0.0 <= s <= 1.0 for steps in record.step_scores for s in steps)
@@ -126,9 +127,9 @@ def test_dvts_end_to_end_with_vllm(mlflow_store, tmp_path):
 # --- where vLLM cannot run: clear errors before any model loads (no vllm needed)
 
 def test_backend_vllm_where_it_is_not_installed_fails_in_preflight(monkeypatch):
+    from ttc_mlops.pipeline.run_chunk import preflight
     from ttc_mlops.policy import load_policy
     from ttc_mlops.policy import vllm as vllm_backend
-    from ttc_mlops.runner import preflight
 
     monkeypatch.setattr(vllm_backend, "installed_build", lambda: None)
     # a model that does not exist: nothing may try to load it
@@ -137,7 +138,7 @@ def test_backend_vllm_where_it_is_not_installed_fails_in_preflight(monkeypatch):
     with pytest.raises(RecipeError, match="backend='vllm' but vLLM cannot run here: the vllm package is not installed"):
         preflight(recipe)
     with pytest.raises(RecipeError, match="backend='vllm'"):
-        load_policy(recipe)
+        load_policy(recipe.policy_settings)
 
 
 def test_auto_falls_back_to_transformers(monkeypatch, tiny_llama_dir):
@@ -147,7 +148,7 @@ def test_auto_falls_back_to_transformers(monkeypatch, tiny_llama_dir):
 
     monkeypatch.setattr(vllm_backend, "installed_build", lambda: None)
     recipe = Recipe(model_path=str(tiny_llama_dir), backend="auto", dtype="float32", device="cpu")
-    assert isinstance(load_policy(recipe), HFPolicy)
+    assert isinstance(load_policy(recipe.policy_settings), HFPolicy)
 
 
 @pytest.mark.parametrize("build, device, reason", [
@@ -158,7 +159,7 @@ def test_a_build_that_cannot_serve_the_device_is_not_available(monkeypatch, buil
     from ttc_mlops.policy import vllm as vllm_backend
 
     monkeypatch.setattr(vllm_backend, "installed_build", lambda: build)
-    usable, why = vllm_backend.available(Recipe(device=device))
+    usable, why = vllm_backend.available(Recipe(device=device).policy_settings)
     assert not usable and why.startswith(reason)
 
 

@@ -1,4 +1,4 @@
-"""The `ttc` command: run recipes, validate them, and (later) merge, evaluate, compare, launch.
+"""The `ttc` command: validate and run recipes, merge and evaluate their chunks, compare strategies, launch on Slurm.
 
     ttc run recipes/SmolLM2-135M-Instruct/best_of_n.yaml --set n=8
 
@@ -72,7 +72,8 @@ def run(recipe: str = typer.Argument(..., help="Recipe YAML."),
 
     extra = [f"{k}={v}" for k, v in (("chunk", chunk), ("num_chunks", num_chunks), ("parent_run_id", parent_run_id)) if v is not None]
     r = _recipe(recipe, [*shlex.split(overrides), *set_, *extra])
-    from .runner import run_chunk
+    from .pipeline.merge import strip_chunk_fields
+    from .pipeline.run_chunk import run_chunk
 
     try:
         result = run_chunk(r, progress=progress)
@@ -81,59 +82,58 @@ def run(recipe: str = typer.Argument(..., help="Recipe YAML."),
     _summary(r, result)
     if all(getattr(r, k) is None for k in ("chunk", "num_chunks", "dataset_start", "dataset_end")):
         # the whole problem set in one process: finish the pipeline on its parent
-        from .merge import strip_chunk_fields
-
         _merge_and_report(result.parent_run_id, strip_chunk_fields(r), allow_partial=False, push=False)
         _evaluate_and_report(result.parent_run_id, strip_chunk_fields(r))
 
 
 def _summary(recipe, result) -> None:
-    from . import tracking
+    from . import names as N
+    from .pipeline.store import tracking_uri
 
     m = result.metrics
     if result.skipped:
         typer.echo(f"chunk already finished in run {result.run_id}: nothing to do")
-    acc = m.get(tracking.M_ACC_SELECTED)
+    acc = m.get(N.M_ACC_SELECTED)
     rows = [
         ("strategy", f"{recipe.approach} (n={recipe.n}, model={recipe.model_path})"),
         ("problems", f"{len(result.records)}" + (f" ({result.resumed_from} from checkpoint)" if result.resumed_from and not result.skipped else "")),
         ("accuracy (selected)", "n/a" if acc is None else f"{acc:.3f}"),
-        ("completion tokens", f"{m.get(tracking.M_COMPLETION_TOKENS, 0):.0f}"),
-        ("tokens/s", f"{m.get(tracking.M_TOKENS_PER_S, 0):.1f}"),
-        ("wall time", f"{m.get(tracking.M_WALL_S, 0):.1f} s"),
+        ("completion tokens", f"{m.get(N.M_COMPLETION_TOKENS, 0):.0f}"),
+        ("tokens/s", f"{m.get(N.M_TOKENS_PER_S, 0):.1f}"),
+        ("wall time", f"{m.get(N.M_WALL_S, 0):.1f} s"),
         ("chunk run", result.run_id),
         ("parent run", result.parent_run_id),
-        ("tracking", tracking.tracking_uri()),
+        ("tracking", tracking_uri()),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         typer.echo(f"{k:<{width}}  {v}")
-    typer.echo(f"open: mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+    typer.echo(f"open: mlflow ui --backend-store-uri {tracking_uri()}")
 
 
 def _parent(recipe: Optional[str], set_: list[str], parent_run_id: Optional[str]):
     """(parent run id, recipe) from exactly one of RECIPE or --parent-run-id."""
     from .config import RecipeError
-    from .merge import resolve_parent
+    from .pipeline.merge import MergeError, resolve_parent
 
     if (recipe is None) == (parent_run_id is None):
         _fail("give exactly one of RECIPE or --parent-run-id to say which parent run")
     r = _recipe(recipe, set_) if recipe is not None else None
     try:
         return resolve_parent(r, parent_run_id, set_ if recipe is None else [])
-    except RecipeError as err:
+    except (RecipeError, MergeError) as err:
         _fail(str(err), code=1)
 
 
 def _merge_and_report(parent_id: str, recipe, allow_partial: bool, push: bool) -> None:
     from .config import RecipeError
-    from .merge import log_merge, merge as merge_chunks, push_to_hub
+    from .pipeline import merge
 
     try:
-        result = merge_chunks(parent_id, recipe, allow_partial)
-    except RecipeError as err:
+        result = merge.merge(parent_id, recipe, allow_partial)
+    except (RecipeError, merge.MergeError) as err:
         _fail(str(err), code=1)
-    log_merge(result)
+    merge.log_merge(result)
     state = "partial" if result.partial else "complete"
     typer.echo(f"merged {len(result.records)} of {result.total} problems from {len(result.chunks)} chunk run(s) "
                f"into parent {parent_id} ({state})")
@@ -141,16 +141,17 @@ def _merge_and_report(parent_id: str, recipe, allow_partial: bool, push: bool) -
         typer.echo(f"  {line}")
     if push or recipe.push_to_hub:
         try:
-            config = push_to_hub(result)
-        except RecipeError as err:
+            config = merge.push_to_hub(result)
+        except merge.MergeError as err:
             _fail(str(err), code=1)
         typer.echo(f"pushed to https://huggingface.co/datasets/{recipe.hub_dataset_id} (config {config})")
 
 
 def _evaluate_and_report(parent_id: str, recipe) -> None:
-    from . import tracking
-    from .evaluate import EvaluateError, evaluate_parent
+    from . import names as N
+    from .pipeline.evaluate import evaluate_parent
     from .plots import format_table
+    from .voting import EvaluateError
 
     try:
         result = evaluate_parent(parent_id, recipe)
@@ -158,65 +159,67 @@ def _evaluate_and_report(parent_id: str, recipe) -> None:
         _fail(str(err), code=1)
     ev = result.evaluation
     overall = [r for r in ev.rows if r["level"] == "all"]
-    rules = [m for m in tracking.VOTING_METRICS if m in overall[0]]
+    rules = [m for m in N.VOTING_METRICS if m in overall[0]]
     typer.echo(format_table(["n", *rules], [[str(r["n"]), *[f"{r[m]:.3f}" for m in rules]] for r in overall]))
     typer.echo(f"{ev.problems} problems, {ev.distinct_answers} distinct answers; metrics on parent run {parent_id}"
                + (" (unchanged: evaluated before)" if result.already else ""))
     if result.registered:
         typer.echo(f"registered: models:/{result.registered[0]}/{result.registered[1]} "
-                   f"(best: models:/{result.registered[0]}@{tracking.BEST_ALIAS})")
+                   f"(best: models:/{result.registered[0]}@{N.BEST_ALIAS})")
 
 
-@app.command()
-def merge(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML (or give --parent-run-id)."),
+@app.command("merge")
+def merge_command(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML (or give --parent-run-id)."),
           set_: list[str] = typer.Option([], "--set", help=SET_HELP),
           parent_run_id: Optional[str] = typer.Option(None, help="The parent run to merge."),
           allow_partial: bool = typer.Option(False, "--allow-partial", envvar="TTC_ALLOW_PARTIAL",
                                              help="Merge despite missing / duplicate problems; tag the result partial."),
           push_to_hub: bool = typer.Option(False, "--push-to-hub", help="Also upload the merged records to hub_dataset_id.")) -> None:
     """Merge the chunk runs of a parent, checking that every problem comes exactly once."""
-    from . import tracking
+    from . import names as N
+    from .pipeline.store import adopt_launched_run
 
     pid, r = _parent(recipe, set_, parent_run_id)
-    tracking.adopt_launched_run(pid, tracking.ROLE_STEP)
+    adopt_launched_run(pid, N.ROLE_STEP)
     _merge_and_report(pid, r, allow_partial, push_to_hub)
 
 
-@app.command()
-def evaluate(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML (or give --parent-run-id)."),
+@app.command("evaluate")
+def evaluate_command(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML (or give --parent-run-id)."),
              set_: list[str] = typer.Option([], "--set", help=SET_HELP),
              parent_run_id: Optional[str] = typer.Option(None, help="The merged parent run to evaluate.")) -> None:
     """Grade a parent's merged records at n = 1, 2, 4, ..., N; log metrics (step = n) and register."""
-    from . import tracking
+    from . import names as N
+    from .pipeline.store import adopt_launched_run
 
     pid, r = _parent(recipe, set_, parent_run_id)
-    tracking.adopt_launched_run(pid, tracking.ROLE_STEP)
+    adopt_launched_run(pid, N.ROLE_STEP)
     _evaluate_and_report(pid, r)
 
 
-@app.command()
-def compare(experiment: Optional[str] = typer.Option(None, help="Experiment (default: the only one with parent runs)."),
+@app.command("compare")
+def compare_command(experiment: Optional[str] = typer.Option(None, help="Experiment (default: the only one with parent runs)."),
             model: Optional[str] = typer.Option(None, help="Only this policy model (path or label)."),
             output: str = typer.Option("accuracy_vs_n.png", help="Where to write the PNG.")) -> None:
     """Draw accuracy against N for every strategy and voting rule of an experiment; log it to MLflow."""
-    from . import tracking
-    from .plots import compare as draw
+    from .pipeline.compare import compare
+    from .pipeline.store import experiments_with_parents
 
     if experiment is None:
-        names = tracking.experiments_with_parents()
-        if len(names) != 1:
-            _fail(f"--experiment is needed: {len(names)} experiments have parent runs ({names})")
-        experiment = names[0]
+        found = experiments_with_parents()
+        if len(found) != 1:
+            _fail(f"--experiment is needed: {len(found)} experiments have parent runs ({found})")
+        experiment = found[0]
     try:
-        _, text, run_id = draw(experiment, model, output)
+        _, text, run_id = compare(experiment, model, output)
     except LookupError as err:
         _fail(str(err), code=1)
     typer.echo(text)
     typer.echo(f"wrote {output}; logged to run {run_id} of experiment {experiment!r}")
 
 
-@app.command()
-def launch(recipe: str = typer.Argument(..., help="Recipe YAML."),
+@app.command("launch")
+def launch_command(recipe: str = typer.Argument(..., help="Recipe YAML."),
            set_: list[str] = typer.Option([], "--set", help=SET_HELP),
            chunks: int = typer.Option(..., help="Chunks = Slurm array tasks the problems are split into."),
            only_missing: bool = typer.Option(False, "--only-missing", help="Submit only chunks without a finished run, then merge + evaluate."),
@@ -230,13 +233,13 @@ def launch(recipe: str = typer.Argument(..., help="Recipe YAML."),
     import shlex
 
     from .config import RecipeError
-    from .launch import launch as submit
+    from .pipeline.launch import LaunchError, launch
 
     try:
-        done = submit(recipe, set_, chunks, only_missing=only_missing, sbatch_args=sbatch_arg,
+        done = launch(recipe, set_, chunks, only_missing=only_missing, sbatch_args=sbatch_arg,
                       merge_sbatch_args=merge_sbatch_arg, max_parallel=max_parallel, log_dir=log_dir,
                       parent_run_id=parent_run_id, cluster_file=cluster_file)
-    except RecipeError as err:
+    except (RecipeError, LaunchError) as err:
         _fail(str(err))
     jobs = ",".join(j for j in (done.array_job, done.merge_job) if j)
     rows = [

@@ -13,11 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .names import model_label_of
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 BUILTIN_DATASET = "builtin:math-mini"
@@ -50,6 +53,31 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 class RecipeError(ValueError):
     """A recipe that cannot run: the message names the field, the value and what is expected."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What loading a model needs of a recipe. Backends and PRMs get this (or a subclass below),
+    never the whole Recipe; the defaults are the Recipe's, written once there."""
+    path: str  # Hub id, local directory or EMBEDDED_MODEL
+    dtype: str
+    device: str
+    trust_remote_code: bool
+    prefix_cache_gib: float  # keys/values kept between calls (transformers); 0 turns the reuse off
+
+
+@dataclass(frozen=True)
+class PolicySettings(ModelSettings):
+    backend: str  # "auto" | "transformers" | "vllm"
+    chat_template: str | None  # Jinja; None keeps the tokenizer's own
+    gpu_memory_utilization: float  # vLLM's share of the card
+    seed: int  # vLLM's engine seed (every request carries its own)
+
+
+@dataclass(frozen=True)
+class PRMSettings(ModelSettings):
+    family: str | None  # None: looked up from `path`
+    batch_size: int  # sequences per forward pass
 
 
 class Recipe(BaseModel):
@@ -105,7 +133,7 @@ class Recipe(BaseModel):
     experiment_name: str | None = None  # None: derived from the dataset name
     parent_run_id: str | None = None
     output_dir: str | None = None
-    num_proc: int | None = Field(None, ge=1)
+    num_proc: int | None = Field(None, ge=1)  # accepted for search-and-learn's recipes; ignored
     push_to_hub: bool = False
     hub_dataset_id: str | None = None
     hub_dataset_private: bool = False
@@ -157,7 +185,17 @@ class Recipe(BaseModel):
 
     @property
     def model_label(self) -> str:
-        return self.model_path.rstrip("/").split("/")[-1].split(":")[-1]
+        return model_label_of(self.model_path)
+
+    @property
+    def policy_settings(self) -> PolicySettings:
+        return PolicySettings(self.model_path, self.dtype, self.device, self.trust_remote_code, self.prefix_cache_gib,
+                              self.backend, self.custom_chat_template, self.gpu_memory_utilization, self.seed)
+
+    @property
+    def prm_settings(self) -> PRMSettings:
+        return PRMSettings(self.prm_path, self.dtype, self.device, self.trust_remote_code, self.prefix_cache_gib,
+                           self.prm_family, self.prm_batch_size)
 
 
 def looks_like_model_ref(value: str) -> bool:

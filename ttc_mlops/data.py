@@ -179,9 +179,3 @@ def row_range(size: int, recipe: Recipe) -> tuple[int, int]:
         raise RecipeError(f"dataset_start={start} is past the end of the dataset ({size} problems)")
     end = size if recipe.dataset_end is None else min(recipe.dataset_end, size)
     return start, end
-
-
-def load_problems(recipe: Recipe) -> list[Problem]:
-    problems = load_dataset_problems(recipe)
-    start, end = row_range(len(problems), recipe)
-    return problems[start:end]

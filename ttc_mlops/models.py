@@ -20,7 +20,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .config import EMBEDDED_MODEL, RecipeError, looks_like_model_ref
+from .config import EMBEDDED_MODEL, ModelSettings, RecipeError, looks_like_model_ref
 
 log = logging.getLogger(__name__)
 
@@ -133,21 +133,22 @@ def pick_dtype(requested: str, device: str):
 _LOADED: dict[tuple, tuple] = {}
 
 
-def load_causal_lm(model_path: str, recipe):
+def load_causal_lm(settings: ModelSettings):
     """(model, tokenizer, device) for a model name; loaded once per process and shared (the
     embedded model serves as both policy and PRM)."""
-    device = pick_device(recipe.device)
-    dtype = pick_dtype(recipe.dtype, device)
-    key = (model_path, str(dtype), device, recipe.trust_remote_code)
+    model_path, trust = settings.path, settings.trust_remote_code
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    key = (model_path, str(dtype), device, trust)
     if key not in _LOADED:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         source = resolve_model(model_path)
         log.info("loading %s (%s, %s)", model_path, dtype, device)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
         if tokenizer.pad_token is None:  # Llama 3 ships none; padded rows are masked anyway
             tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust)
         model.to(device).eval()
         _LOADED[key] = (model, tokenizer, device)
     return _LOADED[key]

@@ -1,11 +1,10 @@
-"""Accuracy against the test-time budget N (log2 axis), per strategy and voting rule.
+"""Figures and tables of accuracy against the test-time budget N (log2 axis), per strategy and voting rule.
 
-    ttc compare --experiment ttc-embedded --output accuracy.png
+    python -c "from ttc_mlops.plots import run_figure; run_figure([{'n': 1, 'level': 'all', 'pass': 0.5}], 'x').savefig('a.png')"
 
-`compare` collects the evaluated parent runs of an experiment: for every (policy model, strategy)
-one line per voting rule, one panel per rule, as in the test-time compute papers. Where several
-runs of a strategy measured the same n (say N=16 and N=64 runs, both subsampled at n=4), the run
-with the larger N gives the point, then the newer one.
+One evaluated run: a line per voting rule (`run_figure`). An experiment: one panel per rule, a line
+per (policy model, strategy) (`compare_figure`), as in the test-time compute papers; `ttc compare`
+(ttc_mlops.pipeline.compare) collects the curves from MLflow.
 """
 
 from __future__ import annotations
@@ -13,10 +12,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from .names import M_ACC_MAJ, M_ACC_NAIVE, M_ACC_WEIGHTED, M_PASS
+
 log = logging.getLogger(__name__)
 
-RULE_TITLES = {"acc_naive": "naive (best score)", "acc_weighted": "weighted vote",
-               "acc_maj": "majority vote", "pass": "pass@n (any correct)"}
+RULE_TITLES = {M_ACC_NAIVE: "naive (best score)", M_ACC_WEIGHTED: "weighted vote",
+               M_ACC_MAJ: "majority vote", M_PASS: "pass@n (any correct)"}
 
 
 def _figure(ncols: int):
@@ -64,31 +65,6 @@ class Curve:
         return f"{self.model} {self.strategy}"
 
 
-def collect(experiment: str, model: str | None = None) -> list[Curve]:
-    """Curves of the evaluated parent runs of an experiment."""
-    from . import tracking
-
-    runs = tracking.evaluated_parents(experiment, model)
-    if not runs:
-        raise LookupError(f"experiment={experiment!r} has no evaluated parent runs"
-                          + (f" of model={model!r}" if model else "") + ": run `ttc evaluate` first")
-    curves: dict[tuple[str, str, str], Curve] = {}
-    for run in runs:
-        tags = run.data.tags
-        label = tracking.model_label_of(tags.get(tracking.TAG_MODEL, "?"))
-        strategy = tags.get(tracking.TAG_STRATEGY, "?")
-        big_n = int(tags.get(tracking.TAG_N, 0))
-        for rule in RULE_TITLES:
-            if rule not in run.data.metrics:
-                continue
-            curve = curves.setdefault((label, strategy, rule), Curve(label, strategy, rule))
-            for n, value in tracking.metric_steps(run.info.run_id, rule).items():
-                rank = (big_n, run.info.start_time)
-                if n not in curve.source or rank > curve.source[n]:
-                    curve.points[n], curve.source[n] = value, rank
-    return sorted(curves.values(), key=lambda c: (c.model, c.strategy, list(RULE_TITLES).index(c.rule)))
-
-
 def compare_figure(curves: list[Curve], title: str):
     """One panel per voting rule; in each, one line per (model, strategy)."""
     rules = [r for r in RULE_TITLES if any(c.rule == r for c in curves)]
@@ -116,19 +92,3 @@ def table(curves: list[Curve]) -> tuple[list[str], list[list[str]]]:
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [header, *rows])
-
-
-def compare(experiment: str, model: str | None, output: str) -> tuple[list[Curve], str, str]:
-    """Draw, write the PNG, log it (and the table) to a compare run of the experiment.
-    Returns (curves, the table as text, the compare run id)."""
-    from . import tracking
-
-    curves = collect(experiment, model)
-    fig = compare_figure(curves, f"{experiment}" + (f" ({model})" if model else ""))
-    fig.savefig(output, dpi=120)
-    header, rows = table(curves)
-    run_id = tracking.create_compare_run(experiment, {tracking.TAG_MODEL: model} if model else {})
-    tracking.log_figure(run_id, fig, tracking.COMPARE_PLOT)
-    tracking.log_table(run_id, [dict(zip(header, r)) for r in rows], tracking.COMPARE_TABLE)
-    tracking.set_status(run_id, "FINISHED")
-    return curves, format_table(header, rows), run_id

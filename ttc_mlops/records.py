@@ -6,12 +6,34 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 RECORD_VERSION = 1
+
+
+@dataclass
+class TreeNode:
+    """One generated step of a step-level search; a completion is the path from its leaf to the root."""
+    id: int  # index in the record's tree
+    parent: int | None  # the step it continues; None under the prompt
+    iteration: int
+    step: str  # the sampled text, ending at the step delimiter unless the solution ended
+    lookahead: str  # greedy steps rolled out after it, scored but not kept
+    tokens: int  # completion tokens of `step`
+    finish: str  # stop / eos / length
+    step_score: float | None  # the PRM's score of this step
+    agg: float  # the path's step scores aggregated with agg_strategy (what selection compared)
+    status: str  # beam search: kept / pruned / duplicate / finished; DVTS: chosen / rejected
+    completion: int | None = None  # the completion this leaf became, if any
+    subtree: int | None = None  # DVTS: the subtree it belongs to
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TreeNode":
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -31,7 +53,7 @@ class Record:
     approach: str
     agg_strategy: str
     groups: list[int] = field(default_factory=list)  # per completion: its beam / subtree (voting keeps groups whole)
-    tree: list[dict[str, Any]] = field(default_factory=list)  # step nodes with parent links (step-level search)
+    tree: list[TreeNode] = field(default_factory=list)  # every generated step (step-level search)
     notes: list[str] = field(default_factory=list)  # e.g. "3 of 4 beams survived"
     version: int = RECORD_VERSION
 
@@ -44,6 +66,7 @@ class Record:
         if missing:
             raise ValueError(f"not a ttc_mlops record (missing {missing})")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["tree"] = [TreeNode.from_dict(node) for node in known.get("tree") or []]
         return cls(**known)
 
 
@@ -67,3 +90,11 @@ def read_records(path: Path) -> list[Record]:
     except (OSError, EOFError, json.JSONDecodeError, ValueError, TypeError) as err:
         raise ValueError(f"record file {path} is corrupt: {err}") from None
     return records
+
+
+def records_digest(records: list[Record]) -> str:
+    """A short hash of the records' content: what evaluate graded, whether it changed."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps(r.to_dict(), sort_keys=True, ensure_ascii=False).encode())
+    return h.hexdigest()[:16]

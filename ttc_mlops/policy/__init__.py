@@ -10,7 +10,7 @@ out of `max_tokens` (a length stop is not an answer: search keeps the two apart)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "eos", "length"]
@@ -34,6 +34,9 @@ class Generation:
 class Policy(Protocol):
     name: str
 
+    def clear_cache(self) -> None:
+        """Forget every prefix kept between calls (benchmarks, so that no run profits from another's)."""
+
     def chat_prompt(self, system: str, user: str) -> str:
         """The prompt text that makes the model answer `user`; an assistant prefix is appended to it."""
 
@@ -47,19 +50,19 @@ def chat_prompt(tokenizer, system: str, user: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def load_policy(recipe) -> Policy:
-    """The recipe's policy backend (heavy imports happen here, not at module import)."""
+def load_policy(settings) -> Policy:
+    """The policy backend of a recipe's `policy_settings` (heavy imports happen here, not at module import)."""
     from ..config import RecipeError
 
-    backend = recipe.backend
+    backend = settings.backend
     if backend in ("auto", "vllm"):
         from . import vllm as vllm_backend
 
-        usable, why = vllm_backend.available(recipe)
+        usable, why = vllm_backend.available(settings)
         if usable:
-            return vllm_backend.VLLMPolicy(recipe)
+            return vllm_backend.VLLMPolicy(settings)
         if backend == "vllm":
             raise RecipeError(f"backend='vllm' but vLLM cannot run here: {why}")
     from .hf import HFPolicy
 
-    return HFPolicy(recipe)
+    return HFPolicy(settings)

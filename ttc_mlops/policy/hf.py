@@ -1,7 +1,7 @@
 """The transformers policy backend: batched sampling with per-request seeds and stop strings.
 
     python -c "from ttc_mlops.config import Recipe; from ttc_mlops.policy.hf import HFPolicy; \
-from ttc_mlops.policy import Sampling; p = HFPolicy(Recipe(model_path='embedded:SmolLM2-135M-Instruct')); \
+from ttc_mlops.policy import Sampling; p = HFPolicy(Recipe(model_path='embedded:SmolLM2-135M-Instruct').policy_settings); \
 print(p.generate([p.chat_prompt('', 'What is 2+3?')], Sampling(max_tokens=32), [0]))"
 
 `model.generate` samples a batch from one random stream, so a row's sample would depend on the
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 
+from ..config import PolicySettings
 from . import Generation, Sampling, chat_prompt
 
 log = logging.getLogger(__name__)
@@ -26,21 +27,21 @@ MAX_BATCH = 64  # rows per decoding loop; bounds the KV cache on small machines
 
 
 class HFPolicy:
-    def __init__(self, recipe, max_batch: int = MAX_BATCH):
-        from ..kvcache import store_for
+    def __init__(self, settings: PolicySettings, max_batch: int = MAX_BATCH):
         from ..models import load_causal_lm
+        from .kvcache import store_for
 
-        self.name = recipe.model_path
-        self.model, self.tokenizer, self.device = load_causal_lm(recipe.model_path, recipe)
-        if recipe.custom_chat_template is not None:
-            self.tokenizer.chat_template = recipe.custom_chat_template
+        self.name = settings.path
+        self.model, self.tokenizer, self.device = load_causal_lm(settings)
+        if settings.chat_template is not None:
+            self.tokenizer.chat_template = settings.chat_template
         self.max_batch = max_batch
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.eos_ids = set(eos) | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         # A prompt of the next iteration is a prompt of this one plus a sampled step: keep both.
-        self.store = store_for(self.model, recipe.prefix_cache_gib, f"policy {self.name}")
+        self.store = store_for(self.model, settings.prefix_cache_gib, f"policy {self.name}")
 
     def clear_cache(self) -> None:
         if self.store is not None:
@@ -64,7 +65,7 @@ class HFPolicy:
     def _generate_batch(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[Generation]:
         import torch
 
-        from ..kvcache import cache_kwarg, common_prefix, keep, prefill, row_kv, warm
+        from .kvcache import cache_kwarg, common_prefix, keep, prefill, row_kv, warm
 
         # Identical prompts (N samples of a problem, M expansions of a beam) are prefilled once and
         # their KV cache rows copied: the prompt, not the sampled tokens, dominates the work on a CPU.

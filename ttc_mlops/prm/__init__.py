@@ -19,6 +19,9 @@ AGGREGATIONS = ("last", "min", "prod", "mean")
 class PRM(Protocol):
     name: str
 
+    def clear_cache(self) -> None:
+        """Forget every score and prefix kept between calls."""
+
     def score(self, problems: list[str], completions: list[list[str]]) -> list[list[list[float]]]:
         """Per problem, per completion, per step: P(step is correct) in [0, 1]."""
 
@@ -44,7 +47,8 @@ def aggregate(step_scores: list[float], how: str) -> float:
     raise ValueError(f"agg_strategy={how!r} is not one of {AGGREGATIONS}")
 
 
-def load_prm(recipe) -> PRM:
-    from .registry import prm_class
+def load_prm(settings) -> PRM:
+    """The PRM of a recipe's `prm_settings`, its family looked up from the path unless named."""
+    from .families import prm_class
 
-    return prm_class(recipe.prm_path, recipe.prm_family)(recipe)
+    return prm_class(settings.path, settings.family)(settings)

@@ -17,11 +17,11 @@ GOOD, BAD = "+", "-"
 
 
 class MathShepherdPRM(StepwisePRM):
-    def __init__(self, recipe):
+    def __init__(self, settings):
         from ..models import load_causal_lm
 
-        model, tok, device = load_causal_lm(recipe.prm_path, recipe)
-        super().__init__(recipe, model.base_model, tok, device)
+        model, tok, device = load_causal_lm(settings)
+        super().__init__(settings, model.base_model, tok, device)
         self.model = model
         candidates = tok.encode(f"{GOOD} {BAD}", add_special_tokens=False)
         if len(candidates) != 2:

@@ -19,11 +19,11 @@ SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}
 
 
 class QwenMathPRM(StepwisePRM):
-    def __init__(self, recipe):
+    def __init__(self, settings):
         import torch
 
-        super().__init__(recipe, *load_base_model(recipe.prm_path, recipe))
-        head = load_head(recipe.prm_path, "score.")
+        super().__init__(settings, *load_base_model(settings))
+        head = load_head(settings.path, "score.")
         hidden = self.base.config.hidden_size
         shapes = {k: tuple(v.shape) for k, v in head.items()}
         if shapes.get("0.weight") != (hidden, hidden) or shapes.get("2.weight") != (2, hidden):

@@ -1,7 +1,7 @@
 """RLHFlow's +/- PRM format, on any causal LM with a chat template.
 
     python -c "from ttc_mlops.config import Recipe; from ttc_mlops.prm.rlhflow import RLHFlowPRM; \
-print(RLHFlowPRM(Recipe(prm_path='embedded:SmolLM2-135M-Instruct')).score(['1+1?'], [['2\\n\\nSo 2']]))"
+print(RLHFlowPRM(Recipe(prm_path='embedded:SmolLM2-135M-Instruct').prm_settings).score(['1+1?'], [['2\\n\\nSo 2']]))"
 
 Each step is a user turn answered by an assistant "+"; the step's score is
 P("+") / (P("+") + P("-")) at the position where the assistant's answer is predicted. With
@@ -18,11 +18,11 @@ from .stepwise import StepwisePRM, pair_probability
 
 
 class RLHFlowPRM(StepwisePRM):
-    def __init__(self, recipe):
+    def __init__(self, settings):
         from ..models import load_causal_lm
 
-        model, tokenizer, device = load_causal_lm(recipe.prm_path, recipe)
-        super().__init__(recipe, model.base_model, tokenizer, device)
+        model, tokenizer, device = load_causal_lm(settings)
+        super().__init__(settings, model.base_model, tokenizer, device)
         self.model = model
         self.plus_id = tokenizer.encode("+", add_special_tokens=False)[-1]
         self.minus_id = tokenizer.encode("-", add_special_tokens=False)[-1]

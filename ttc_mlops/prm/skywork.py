@@ -19,11 +19,11 @@ STEP_TOKEN = "\n"
 
 
 class SkyworkPRM(StepwisePRM):
-    def __init__(self, recipe):
+    def __init__(self, settings):
         import torch
 
-        super().__init__(recipe, *load_base_model(recipe.prm_path, recipe))
-        head = load_head(recipe.prm_path, "v_head.summary.")
+        super().__init__(settings, *load_base_model(settings))
+        head = load_head(settings.path, "v_head.summary.")
         hidden = self.base.config.hidden_size
         if tuple(head["weight"].shape) != (1, hidden):
             raise RuntimeError(f"PRM {self.name}: v_head.summary.weight has shape {tuple(head['weight'].shape)}, "

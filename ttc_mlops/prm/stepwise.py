@@ -30,6 +30,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import PRMSettings
 from . import split_steps
 
 log = logging.getLogger(__name__)
@@ -52,16 +53,16 @@ class _Row:
 class StepwisePRM(ABC):
     name: str
 
-    def __init__(self, recipe, base, tokenizer, device):
+    def __init__(self, settings: PRMSettings, base, tokenizer, device):
         """`base`: the model without its output layer, whose last hidden states `step_scores` reads."""
-        from ..kvcache import store_for
+        from ..policy.kvcache import store_for
 
-        self.name = recipe.prm_path
+        self.name = settings.path
         self.base, self.tokenizer, self.device = base, tokenizer, device
-        self.batch_size = recipe.prm_batch_size
+        self.batch_size = settings.batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
         self._scores: dict[tuple[str, tuple[str, ...]], float] = {}  # (problem, steps 1..j) -> step j's score
-        self.store = store_for(base, recipe.prefix_cache_gib, f"PRM {self.name}")
+        self.store = store_for(base, settings.prefix_cache_gib, f"PRM {self.name}")
         self.tokens_processed = 0  # PRM input tokens run through the model
 
     # --- what a family defines
@@ -101,7 +102,7 @@ class StepwisePRM(ABC):
         return _Row(key, ids[: read_at[-1] + 1], read_at, first_new)
 
     def _run(self, rows: list[_Row]) -> None:
-        from ..kvcache import common_prefix, warm
+        from ..policy.kvcache import common_prefix, warm
 
         # several candidates of a problem share its statement: run it once, not once per candidate
         by_problem = defaultdict(list)
@@ -122,7 +123,7 @@ class StepwisePRM(ABC):
     def _score_batch(self, batch: list[_Row]) -> None:
         import torch
 
-        from ..kvcache import keep, prefill
+        from ..policy.kvcache import keep, prefill
 
         pre = prefill(self.base, [r.ids for r in batch], self.store, self.pad_id,
                       reuse_limits=[r.reuse_limit for r in batch])
@@ -153,17 +154,17 @@ def pair_probability(model, hidden, good_id: int, bad_id: int):
     return logits.softmax(-1)[:, 0]
 
 
-def load_base_model(prm_path: str, recipe):
+def load_base_model(settings: PRMSettings):
     """(base model without its LM head, tokenizer, device): the hidden states a value or
     classification head reads. Heads are loaded by `load_head`, never by remote code."""
     from transformers import AutoModel, AutoTokenizer
 
     from ..models import pick_device, pick_dtype, resolve_model
 
-    device = pick_device(recipe.device)
-    dtype = pick_dtype(recipe.dtype, device)
-    source = resolve_model(prm_path)
-    log.info("loading PRM %s (%s, %s)", prm_path, dtype, device)
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    source = resolve_model(settings.path)
+    log.info("loading PRM %s (%s, %s)", settings.path, dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(source)
     # The checkpoints name their own head classes in `auto_map`; the base is plain transformers code.
     model = AutoModel.from_pretrained(source, dtype=dtype, trust_remote_code=False)

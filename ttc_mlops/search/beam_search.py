@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from ..data import Problem
 from ..policy import Generation, Policy
 from ..prm import PRM, aggregate
-from ..records import Record
-from .common import ended, expand, make_record, own_scores, sample_seed
+from ..records import Record, TreeNode
+from .common import ended, expand, make_record, own_scores, sample_seed, step_node
 
 
 @dataclass
@@ -49,13 +49,13 @@ class _Search:
     problem: Problem
     prompt: str
     frontier: list[tuple[_Beam, int]]  # beams to expand and how many times
-    tree: list[dict] = field(default_factory=list)
+    tree: list[TreeNode] = field(default_factory=list)
     finished: list[_Finished] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
 def beam_search(problems: list[Problem], policy: Policy, prm: PRM, recipe) -> list[Record]:
-    n, width = recipe.n, recipe.beam_width
+    n = recipe.n
     searches = [_Search(p, policy.chat_prompt(recipe.system_prompt, p.problem), [(_Beam(None), n)]) for p in problems]
     for it in range(recipe.num_iterations):
         last = it == recipe.num_iterations - 1
@@ -88,12 +88,9 @@ def _select(s: _Search, cands: list[tuple[_Beam, Generation, str, list[float]]],
     for parent, step, look, scores in cands:
         beam = _Beam(len(s.tree), parent.text + step.text, parent.tokens + step.num_tokens)
         agg = aggregate(scores, recipe.agg_strategy)
-        s.tree.append({"id": beam.node, "parent": parent.node, "iteration": it, "step": step.text,
-                       "lookahead": look, "tokens": step.num_tokens, "finish": step.finish_reason,
-                       "step_score": scores[-1] if scores else None, "agg": agg, "status": "pruned",
-                       "completion": None})
+        s.tree.append(step_node(beam.node, parent.node, it, step, look, scores, agg, "pruned"))
         if last or ended(step):
-            s.tree[beam.node]["status"] = "finished"
+            s.tree[beam.node].status = "finished"
             own = own_scores(scores, beam.text, look)
             finished.append(_Finished(beam, own, aggregate(own, recipe.agg_strategy), step.finish_reason))
         else:
@@ -106,14 +103,14 @@ def _select(s: _Search, cands: list[tuple[_Beam, Generation, str, list[float]]],
         unique = []
         for agg, beam in ranked:
             if beam.text in seen:
-                s.tree[beam.node]["status"] = "duplicate"
+                s.tree[beam.node].status = "duplicate"
             else:
                 seen.add(beam.text)
                 unique.append((agg, beam))
         ranked = unique
     keep = [beam for _, beam in ranked[: n // width]]
     for beam in keep:
-        s.tree[beam.node]["status"] = "kept"
+        s.tree[beam.node].status = "kept"
     s.frontier = [(beam, width) for beam in keep]
     if keep and len(keep) < n // width and not last:
         s.notes.append(f"iteration {it + 1}: {len(keep)} of n/beam_width={n // width} beams live, "
@@ -130,7 +127,7 @@ def _record(s: _Search, recipe) -> Record:
     elif len(finished) < n:
         s.notes.append(f"{len(finished)} of n={n} beams finished (no padding)")
     for i, f in enumerate(finished):
-        s.tree[f.beam.node]["completion"] = i
+        s.tree[f.beam.node].completion = i
     return make_record(s.problem, recipe, [f.beam.text for f in finished], [f.scores for f in finished],
                        [f.beam.tokens for f in finished], [f.finish for f in finished],
                        groups=[0] * len(finished), tree=s.tree, notes=s.notes)

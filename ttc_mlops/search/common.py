@@ -12,7 +12,7 @@ from ..data import Problem
 from ..grading import extract_answer, last_boxed
 from ..policy import Generation, Policy, Sampling
 from ..prm import aggregate, split_steps
-from ..records import Record
+from ..records import Record, TreeNode
 
 
 def sample_seed(seed: int, problem_id: str, *path: int) -> int:
@@ -24,7 +24,7 @@ def sample_seed(seed: int, problem_id: str, *path: int) -> int:
 
 def make_record(problem: Problem, recipe, completions: list[str], step_scores: list[list[float]],
                 tokens: list[int | None], finish: list[str], groups: list[int] | None = None,
-                tree: list[dict] | None = None, notes: list[str] | None = None) -> Record:
+                tree: list[TreeNode] | None = None, notes: list[str] | None = None) -> Record:
     agg = [aggregate(s, recipe.agg_strategy) for s in step_scores]
     selected = max(range(len(agg)), key=agg.__getitem__) if agg else None
     return Record(
@@ -70,6 +70,14 @@ def expand(policy: Policy, prompts: list[str], seeds: list[int], recipe,
             looks[i] += out.text
         live = [i for i, out in zip(live, outs) if not ended(out)]
     return steps, looks
+
+
+def step_node(node: int, parent: int | None, it: int, step: Generation, lookahead: str, scores: list[float],
+              agg: float, status: str, subtree: int | None = None) -> TreeNode:
+    """The tree node of a sampled step; `scores` are those of its path (lookahead included)."""
+    return TreeNode(id=node, parent=parent, iteration=it, step=step.text, lookahead=lookahead, tokens=step.num_tokens,
+                    finish=step.finish_reason, step_score=scores[-1] if scores else None, agg=agg, status=status,
+                    subtree=subtree)
 
 
 def own_scores(scores: list[float], text: str, lookahead: str) -> list[float]:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from ..data import Problem
 from ..policy import Generation, Policy
 from ..prm import PRM, aggregate
-from ..records import Record
-from .common import ended, expand, make_record, own_scores, sample_seed
+from ..records import Record, TreeNode
+from .common import ended, expand, make_record, own_scores, sample_seed, step_node
 
 
 @dataclass
@@ -49,7 +49,7 @@ class _Search:
     problem: Problem
     prompt: str
     subtrees: list[_Subtree]
-    tree: list[dict] = field(default_factory=list)
+    tree: list[TreeNode] = field(default_factory=list)
 
 
 def dvts(problems: list[Problem], policy: Policy, prm: PRM, recipe) -> list[Record]:
@@ -88,10 +88,8 @@ def _follow_best(s: _Search, t: _Subtree, steps: list[Generation], looks: list[s
     for j, (step, look, sc) in enumerate(zip(steps, looks, scores)):
         text = t.text + step.text
         node = len(s.tree)
-        s.tree.append({"id": node, "parent": t.node, "subtree": t.index, "iteration": it, "step": step.text,
-                       "lookahead": look, "tokens": step.num_tokens, "finish": step.finish_reason,
-                       "step_score": sc[-1] if sc else None, "agg": aggs[j],
-                       "status": "chosen" if j == best else "rejected", "completion": None})
+        s.tree.append(step_node(node, t.node, it, step, look, sc, aggs[j], "chosen" if j == best else "rejected",
+                                subtree=t.index))
         t.last.append(_Candidate(text, own_scores(sc, text, look), t.tokens + step.num_tokens,
                                  step.finish_reason, node))
     t.node, t.text, t.tokens = t.last[best].node, t.last[best].text, t.last[best].tokens
@@ -101,8 +99,8 @@ def _follow_best(s: _Search, t: _Subtree, steps: list[Generation], looks: list[s
 def _record(s: _Search, recipe) -> Record:
     outputs = [(t.index, c) for t in s.subtrees for c in t.last]
     for i, (_, c) in enumerate(outputs):
-        s.tree[c.node]["completion"] = i
-    depths = [1 + max(node["iteration"] for node in s.tree if node["subtree"] == t.index) for t in s.subtrees]
+        s.tree[c.node].completion = i
+    depths = [1 + max(node.iteration for node in s.tree if node.subtree == t.index) for t in s.subtrees]
     notes = [f"dvts: {len(s.subtrees)} subtrees x beam_width={recipe.beam_width}; steps per subtree {depths}"]
     return make_record(s.problem, recipe, [c.text for _, c in outputs], [c.scores for _, c in outputs],
                        [c.tokens for _, c in outputs], [c.finish for _, c in outputs],

@@ -1,6 +1,6 @@
-"""Grading merged records and voting at every budget n = 1, 2, 4, ..., N; never loads a model.
+"""Graded records -> accuracy at every budget n = 1, 2, 4, ..., N: pure computation, no model, no MLflow.
 
-    ttc evaluate recipes/SmolLM2-135M-Instruct/best_of_n.yaml
+    python -c "import ttc_mlops.voting as v; print(v.budgets(12))"
 
 For each n the first n completions of a problem are kept (whole DVTS subtrees / beams: a group is
 never cut), and four choices are graded: naive (the highest aggregated score), weighted
@@ -10,20 +10,28 @@ never cut), and four choices are graded: naive (the highest aggregated score), w
 Grading is the hot path (MATH-500 at N=256 is 128,000 completions). It works per problem on its
 distinct answers only: each is parsed once into a canonical key (plain numbers such as 5, -2.5,
 \\frac{3}{4}, 3/4 without math-verify), compared with the gold answer once (by key where that
-decides, else math-verify, cached by pair), and wrong answers are classed by key for voting.
-Large record sets are graded on all cores.
+decides, else math-verify, cached by pair; see `ttc_mlops.grading`), and wrong answers are classed
+by key for voting. Large record sets are graded on all cores. `ttc evaluate` (ttc_mlops.pipeline.
+evaluate) runs this on a parent's merged records and logs the result.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
-from fractions import Fraction
 
-from .grading import extract_answer, is_equiv, normalise_text, parse_answer  # the cached parse: one per answer
+from .grading import answer_key, equivalent, extract_answer
+from .names import (
+    M_ACC_MAJ,
+    M_ACC_NAIVE,
+    M_ACC_WEIGHTED,
+    M_EVAL_PROBLEMS,
+    M_PASS,
+    VOTING_METRICS,
+    level_metric,
+)
 from .prm import aggregate
 from .records import Record
 
@@ -32,86 +40,9 @@ log = logging.getLogger(__name__)
 LEVELS = (1, 2, 3, 4, 5)
 POOL_MIN_ANSWERS = 3000  # distinct answers below which a process pool costs more than it saves
 
-_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
-_FRAC = re.compile(r"^([+-]?)\\[dt]?frac(?:\{([+-]?\d+)\}\{(\d+)\}|(\d)(\d))$")
-_SLASH = re.compile(r"^([+-]?\d+)/(\d+)$")
-
 
 class EvaluateError(ValueError):
     """Evaluate cannot go on; the message names the run and what is missing."""
-
-
-def plain_number(answer: str) -> Fraction | None:
-    """The exact value of an integer, decimal or simple fraction; None for anything else."""
-    text = answer.replace(" ", "").replace("$", "")
-    try:
-        if _NUMBER.match(text):
-            return Fraction(text)
-        m = _FRAC.match(text)
-        if m:
-            num, den = (m.group(2), m.group(3)) if m.group(2) is not None else (m.group(4), m.group(5))
-            value = Fraction(int(num), int(den))
-            return -value if m.group(1) == "-" else value
-        m = _SLASH.match(text)
-        if m:
-            return Fraction(int(m.group(1)), int(m.group(2)))
-    except ZeroDivisionError:
-        return None
-    return None
-
-
-_SIZING = re.compile(r"\\(left|right)(?![A-Za-z])|\\[!,;: ]|\\?\$")
-_ASSIGN = re.compile(r"^[A-Za-z]\s*=\s*(?=[^=]+$)")  # "x = 5": math-verify reads it as 5 too
-_WRAPPED = re.compile(r"^\(([^(),]*)\)$")  # "(5)", but never a tuple or an interval
-
-
-def tidy(answer: str) -> str:
-    """The same answer without sizing, spacing and wrapper notation, so that forms which differ only
-    in those share one parse (and plain numbers skip math-verify)."""
-    text = _SIZING.sub("", answer).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    text = " ".join(text.split())
-    text = _ASSIGN.sub("", text)
-    return _WRAPPED.sub(r"\1", text).strip()
-
-
-def answer_key(answer: str) -> tuple:
-    """A canonical form of an answer, from one parse: ("num", re, im) for numbers (12 significant
-    digits), ("expr", sympy text) for other parsed expressions, ("text", normalised) otherwise.
-    Equal keys are equivalent answers."""
-    answer = tidy(answer)
-    value = plain_number(answer)
-    if value is None:
-        parsed = parse_answer(answer)  # math-verify, cached per distinct answer
-        expr = parsed[0] if parsed else None
-        if expr is None or isinstance(expr, str):
-            return ("text", normalise_text(answer))
-        if getattr(expr, "is_number", False):
-            try:
-                z = complex(expr.evalf(15))
-                return ("num", f"{z.real:.12g}", f"{z.imag:.12g}")
-            except (TypeError, ValueError, ArithmeticError):
-                pass
-        return ("expr", str(expr))
-    return ("num", f"{float(value):.12g}", "0")
-
-
-def equivalent(a: str, gold: str, keys: dict[str, tuple]) -> bool:
-    """`a` is equivalent to `gold`. Decided by the keys where they suffice (equal keys; numbers far
-    apart; a number against an expression with symbols; text math-verify cannot read), by
-    math-verify (grading.is_equiv, cached by pair) for the rest: expressions, sets, intervals,
-    matrices, percentages and numbers within rounding of each other."""
-    ka, kg = keys[a], keys[gold]
-    if ka == kg or normalise_text(a) == normalise_text(gold):
-        return True
-    if "%" in a + gold or "Eq(" in ka[-1] + kg[-1]:  # 10\% is 10 and 0.1; "2x=5" is 5 to math-verify
-        return bool(is_equiv(tidy(a), tidy(gold)))
-    if ka[0] == "text" or {ka[0], kg[0]} == {"num", "expr"}:  # unreadable, or a number against symbols
-        return False
-    if ka[0] == kg[0] == "num":
-        x, y = complex(float(ka[1]), float(ka[2])), complex(float(kg[1]), float(kg[2]))
-        if abs(x - y) > 1e-4 * max(abs(x), abs(y), 1.0):  # close calls go to math-verify's rounding
-            return False
-    return bool(is_equiv(tidy(a), tidy(gold)))
 
 
 def classify(gold: str | None, answers: list[str]) -> tuple[list[int], list[bool]]:
@@ -199,8 +130,6 @@ def subset(g: Graded, n: int) -> list[int]:
 
 def choose(g: Graded, kept: list[int]) -> dict[str, bool]:
     """Whether each voting rule picks a correct answer among the kept completions."""
-    from .tracking import M_ACC_MAJ, M_ACC_NAIVE, M_ACC_WEIGHTED, M_PASS
-
     best = max(kept, key=lambda i: g.scores[i])  # the first of equal scores
     answered = [i for i in kept if g.classes[i] >= 0]
     weight: dict[int, float] = {}
@@ -234,16 +163,12 @@ class Evaluation:
 
     def at(self, n: int | None = None) -> dict[str, float]:
         """Overall accuracies at n (default: the largest n)."""
-        from .tracking import VOTING_METRICS
-
         n = max(self.metrics) if n is None else n
         return {k: v for k, v in self.metrics[n].items() if k in VOTING_METRICS}
 
 
 def evaluate_records(records: list[Record], agg_strategy: str, voting: bool = True, max_n: int | None = None,
                      workers: int | None = None) -> Evaluation:
-    from .tracking import M_ACC_MAJ, M_ACC_WEIGHTED, M_EVAL_PROBLEMS, VOTING_METRICS, level_metric
-
     graded, distinct = grade(records, agg_strategy, workers)
     if not graded:
         raise EvaluateError(f"none of the {len(records)} records has a gold answer: nothing to grade")
@@ -270,51 +195,3 @@ def evaluate_records(records: list[Record], agg_strategy: str, voting: bool = Tr
     if not metrics:
         raise EvaluateError(f"no budget n <= {max_n or largest} keeps a whole group of completions in every record")
     return Evaluation(rows, metrics, len(graded), distinct)
-
-
-@dataclass
-class EvaluateResult:
-    parent_run_id: str
-    evaluation: Evaluation
-    partial: bool
-    already: bool  # the same merged records were evaluated before: nothing was logged again
-    registered: tuple[str, str] | None  # (registered model, version)
-
-
-def evaluate_parent(parent_id: str, recipe, register: bool = True, workers: int | None = None) -> EvaluateResult:
-    """Evaluate the parent's merged records, log metrics (step = n), table and figure, then register."""
-    from . import tracking
-    from .merge import records_digest
-    from .plots import run_figure
-
-    run = tracking.get_run(parent_id)
-    try:
-        records = tracking.load_records(parent_id, tracking.MERGED_RECORDS)
-    except ValueError as err:
-        raise EvaluateError(f"parent run {parent_id}: {err}") from None
-    if records is None:
-        raise EvaluateError(f"parent run {parent_id} has no merged records ({tracking.RECORDS_DIR}/"
-                            f"{tracking.MERGED_RECORDS}): run `ttc merge --parent-run-id {parent_id}` first")
-    tags = run.data.tags
-    partial = tags.get(tracking.TAG_MERGED) == "partial"
-    evaluation = evaluate_records(records, recipe.agg_strategy, recipe.apply_voting, recipe.n, workers)
-    digest = records_digest(records)
-    already = tags.get(tracking.TAG_EVALUATED) == digest
-    if already:
-        log.info("parent %s: these merged records were evaluated before; metrics not logged again", parent_id)
-    else:
-        tracking.log_step_metrics(parent_id, evaluation.metrics)
-        tracking.log_table(parent_id, evaluation.rows, tracking.EVAL_TABLE)
-        tracking.log_figure(parent_id, run_figure(evaluation.rows, title=tracking.run_name(recipe)), tracking.EVAL_PLOT)
-        tracking.set_tags(parent_id, {tracking.TAG_EVALUATED: digest,
-                                      tracking.TAG_GROUP: f"{recipe.model_label}/{recipe.approach}"})
-    registered = None
-    if register and partial:
-        log.warning("parent %s was merged partially: not registered", parent_id)
-    elif register:
-        primary = tracking.M_ACC_WEIGHTED if recipe.apply_voting else tracking.M_ACC_NAIVE
-        name, version, created = tracking.register_version(parent_id, recipe, evaluation.at(), primary)
-        tracking.set_tags(parent_id, {tracking.TAG_REGISTERED: f"{name}/{version}"})
-        registered = (name, version)
-        log.info("%s version %s of %s", "registered" if created else "already registered as", version, name)
-    return EvaluateResult(parent_id, evaluation, partial, already, registered)

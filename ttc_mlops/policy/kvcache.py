@@ -1,6 +1,6 @@
 """Prefix KV reuse for the transformers backends: a forward pass skips the tokens it has run before.
 
-    python -c "from ttc_mlops.kvcache import PrefixStore; print(PrefixStore(1 << 20).match([1, 2, 3]))"
+    python -c "from ttc_mlops.policy.kvcache import PrefixStore; print(PrefixStore(1 << 20).match([1, 2, 3]))"
 
 Step-level search sends the same prefixes again and again: iteration k's prompt is iteration k-1's
 prompt plus the step just sampled, and the PRM's conversation for k steps extends the one for k-1

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
-from .config import Recipe, RecipeError
-from .data import Problem, load_dataset_problems, row_range
-from .grading import is_equiv
-from .records import Record
+from .. import names as N
+from ..config import Recipe, RecipeError
+from ..data import Problem, load_dataset_problems, row_range
+from ..grading import is_equiv
+from ..records import Record, write_records
+from ..search import STRATEGIES
+from . import store
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +28,8 @@ log = logging.getLogger(__name__)
 def preflight(recipe: Recipe) -> list[Problem]:
     """Everything that can be checked before a model loads (may touch disk, never loads a model).
     Returns the whole problem set."""
-    from .models import check_model_ref
-    from .prm.registry import family_for
-    from .search import STRATEGIES
+    from ..models import check_model_ref
+    from ..prm.families import family_for
 
     if recipe.approach not in STRATEGIES:
         raise RecipeError(f"approach={recipe.approach!r} is not implemented yet (available: {sorted(STRATEGIES)})")
@@ -35,9 +38,9 @@ def preflight(recipe: Recipe) -> list[Problem]:
     check_model_ref("prm_path", recipe.prm_path)
     family_for(recipe.prm_path, recipe.prm_family)
     if recipe.backend == "vllm":
-        from .policy import vllm as vllm_backend
+        from ..policy import vllm as vllm_backend
 
-        usable, why = vllm_backend.available(recipe)
+        usable, why = vllm_backend.available(recipe.policy_settings)
         if not usable:
             raise RecipeError(f"backend='vllm' but vLLM cannot run here: {why}")
     problems = load_dataset_problems(recipe)
@@ -55,7 +58,6 @@ class Meter:
     gen_s: float = 0.0
     prm_calls: int = 0
     prm_s: float = 0.0
-    history: list = field(default_factory=list)
 
     def chat_prompt(self, system: str, user: str) -> str:
         return self.policy.chat_prompt(system, user)
@@ -74,6 +76,10 @@ class Meter:
         self.prm_s += time.perf_counter() - t
         self.prm_calls += 1
         return scores
+
+    def clear_cache(self) -> None:
+        self.policy.clear_cache()
+        self.prm.clear_cache()
 
     @property
     def name(self) -> str:
@@ -104,56 +110,51 @@ def accuracy(records: list[Record]) -> tuple[float | None, int]:
 
 def run_chunk(recipe: Recipe, policy=None, prm=None, progress: bool = True) -> ChunkResult:
     """Run (or resume, or skip) this process's chunk. `policy` / `prm` default to the recipe's."""
-    from . import tracking
-    from .search import STRATEGIES
-
     all_problems = preflight(recipe)
     start, end = row_range(len(all_problems), recipe)
     problems = all_problems[start:end]
-    experiment_id = tracking.ensure_experiment(tracking.experiment_name(recipe))
-    parent_id = tracking.find_or_create_parent(recipe, experiment_id)
-    artifact = tracking.chunk_artifact(start, end)
+    experiment_id = store.ensure_experiment(N.experiment_name(recipe))
+    parent_id = store.find_or_create_parent(recipe, experiment_id)
+    artifact = N.chunk_artifact(start, end)
 
-    existing = tracking.find_chunk_run(parent_id, start, end)
+    existing = store.find_chunk_run(parent_id, start, end)
     done: list[Record] = []
     if existing is not None and existing.info.status == "FINISHED":
         log.info("rows %d:%d already finished in run %s; nothing to do", start, end, existing.info.run_id)
-        records = tracking.load_records(existing.info.run_id, artifact) or []
+        records = store.load_records(existing.info.run_id, artifact) or []
         return ChunkResult(existing.info.run_id, parent_id, records, True, len(records), dict(existing.data.metrics))
     if existing is not None:
         run_id = existing.info.run_id
-        done = tracking.load_records(run_id, artifact) or []
-        tracking.reopen(run_id)
+        done = store.load_records(run_id, artifact) or []
+        store.reopen(run_id)
         log.info("resuming rows %d:%d in run %s from %d saved problems", start, end, run_id, len(done))
     else:
-        run_id = tracking.create_chunk_run(parent_id, recipe, start, end, len(all_problems))
+        run_id = store.create_chunk_run(parent_id, recipe, start, end, len(all_problems))
 
     try:
         records, metrics = _search(recipe, problems, done, run_id, artifact, policy, prm, progress, STRATEGIES[recipe.approach])
     except BaseException:
-        tracking.set_status(run_id, "FAILED")  # the checkpointed records stay on the run
+        store.set_status(run_id, "FAILED")  # the checkpointed records stay on the run
         raise
-    tracking.set_status(run_id, "FINISHED")
+    store.set_status(run_id, "FINISHED")
     return ChunkResult(run_id, parent_id, records, False, len(done), metrics)
 
 
 def _search(recipe, problems, done, run_id, artifact, policy, prm, progress, strategy) -> tuple[list[Record], dict]:
     from tqdm.auto import tqdm
 
-    from . import tracking
-
     saved = {r.problem_id for r in done}
     todo = [p for p in problems if p.problem_id not in saved]
     records = {r.problem_id: r for r in done}
     if todo:
         if policy is None:
-            from .policy import load_policy
+            from ..policy import load_policy
 
-            policy = load_policy(recipe)
+            policy = load_policy(recipe.policy_settings)
         if prm is None:
-            from .prm import load_prm
+            from ..prm import load_prm
 
-            prm = load_prm(recipe)
+            prm = load_prm(recipe.prm_settings)
     meter = Meter(policy, prm)
     t0 = time.perf_counter()
     bar = tqdm(total=len(problems), initial=len(done), unit="problem", disable=not progress, desc=recipe.approach)
@@ -162,7 +163,7 @@ def _search(recipe, problems, done, run_id, artifact, policy, prm, progress, str
         for record in strategy(batch, meter, prm=meter, recipe=recipe):
             records[record.problem_id] = record
         ordered = [records[p.problem_id] for p in problems if p.problem_id in records]
-        tracking.log_records(run_id, ordered, artifact)  # checkpoint
+        store.log_records(run_id, ordered, artifact)  # checkpoint
         elapsed = time.perf_counter() - t0
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{meter.completion_tokens / max(elapsed, 1e-9):.0f}")
@@ -172,28 +173,24 @@ def _search(recipe, problems, done, run_id, artifact, policy, prm, progress, str
     tokens = sum(t for r in ordered for t in r.completion_tokens if t is not None)
     acc, ungraded = accuracy(ordered)
     metrics = {
-        tracking.M_PROBLEMS: len(ordered),
-        tracking.M_COMPLETION_TOKENS: tokens,
-        tracking.M_WALL_S: wall,
-        tracking.M_TOKENS_PER_S: meter.completion_tokens / wall if wall > 0 else 0.0,
-        tracking.M_ACC_SELECTED: acc,
-        tracking.M_UNGRADED: ungraded,
-        "generate_calls": meter.generate_calls,
-        "generated_tokens": meter.completion_tokens,  # all sampled, pruned beams and lookahead too
-        "gen_s": meter.gen_s,
-        "prm_s": meter.prm_s,
-        "other_s": max(wall - meter.gen_s - meter.prm_s, 0.0),
-        "prm_tokens": meter.prm_tokens,
+        N.M_PROBLEMS: len(ordered),
+        N.M_COMPLETION_TOKENS: tokens,
+        N.M_WALL_S: wall,
+        N.M_TOKENS_PER_S: meter.completion_tokens / wall if wall > 0 else 0.0,
+        N.M_ACC_SELECTED: acc,
+        N.M_UNGRADED: ungraded,
+        N.M_GENERATE_CALLS: meter.generate_calls,
+        N.M_GENERATED_TOKENS: meter.completion_tokens,
+        N.M_GEN_S: meter.gen_s,
+        N.M_PRM_S: meter.prm_s,
+        N.M_OTHER_S: max(wall - meter.gen_s - meter.prm_s, 0.0),
+        N.M_PRM_TOKENS: meter.prm_tokens,
     }
     if not todo:
-        tracking.log_records(run_id, ordered, artifact)
+        store.log_records(run_id, ordered, artifact)
     if recipe.output_dir:  # a local copy besides the artifact, as the reference writes one
-        from pathlib import Path
-
-        from .records import write_records
-
         Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
         write_records(ordered, Path(recipe.output_dir) / artifact)
     metrics = {k: v for k, v in metrics.items() if v is not None}
-    tracking.log_metrics(run_id, metrics)
+    store.log_metrics(run_id, metrics)
     return ordered, metrics

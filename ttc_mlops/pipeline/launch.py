@@ -27,11 +27,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Recipe, RecipeError, load_recipe, recipe_yaml
+from .. import names as N
+from ..config import Recipe, load_recipe, recipe_yaml
+from ..data import chunk_bounds
+from . import store
 
 log = logging.getLogger(__name__)
 
-SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
+SLURM_DIR = Path(__file__).resolve().parents[2] / "slurm"
 CHUNK_SCRIPT = "chunks.sbatch"
 MERGE_SCRIPT = "merge_evaluate.sbatch"
 CLUSTER_FILE = "cluster.sh"
@@ -53,7 +56,7 @@ START_SERVER = (
 )
 
 
-class LaunchError(RecipeError):
+class LaunchError(Exception):
     """Nothing was submitted; the message says which input is wrong and what is expected."""
 
 
@@ -76,9 +79,6 @@ def launch(recipe_path: str, overrides: list[str], chunks: int, *, only_missing:
            sbatch_args: list[str] = (), merge_sbatch_args: list[str] = (), max_parallel: int | None = None,
            log_dir: str | Path = "slurm-logs", parent_run_id: str | None = None,
            cluster_file: str | Path | None = None) -> Launch:
-    from . import tracking
-    from .data import chunk_bounds
-
     recipe = _recipe(recipe_path, overrides, parent_run_id)
     if chunks < 1:
         raise LaunchError(f"--chunks={chunks} must be at least 1 (one Slurm array task per chunk)")
@@ -101,11 +101,11 @@ def launch(recipe_path: str, overrides: list[str], chunks: int, *, only_missing:
     for script in scripts:
         if not script.is_file():
             raise LaunchError(f"job script {script} not found (install ttc_mlops from its repository: pip install -e .)")
-    uri = tracking.tracking_uri()
+    uri = store.tracking_uri()
     check_store(uri)
 
-    experiment_id = tracking.ensure_experiment(tracking.experiment_name(recipe))
-    parent = tracking.find_or_create_parent(recipe, experiment_id)
+    experiment_id = store.ensure_experiment(N.experiment_name(recipe))
+    parent = store.find_or_create_parent(recipe, experiment_id)
     bounds = [chunk_bounds(total, i, chunks) for i in range(chunks)]
     finished = finished_chunks(parent, bounds)
     todo = [i for i in range(chunks) if i not in finished] if only_missing else list(range(chunks))
@@ -152,7 +152,7 @@ def _recipe(path: str, overrides: list[str], parent_run_id: str | None) -> Recip
 
 
 def _problems(recipe: Recipe) -> list:
-    from .runner import preflight
+    from .run_chunk import preflight
 
     # The login node checks everything but the accelerator: vLLM's GPU check belongs to the nodes.
     return preflight(recipe.model_copy(update={"backend": "transformers"}))
@@ -225,16 +225,14 @@ def mount_of(path: Path) -> tuple[str, str]:
 
 def finished_chunks(parent_id: str, bounds: list[tuple[int, int]]) -> set[int]:
     """Indices of the chunks (rows `bounds[i]`) that have a finished chunk run under the parent."""
-    from . import tracking
-
-    runs = tracking.chunk_runs(parent_id)
+    runs = store.chunk_runs(parent_id)
     wanted = {f"{s}:{e}" for s, e in bounds}
-    stray = sorted({r.data.tags.get(tracking.TAG_ROWS) for r in runs} - wanted)
+    stray = sorted({r.data.tags.get(N.TAG_ROWS) for r in runs} - wanted)
     if stray:
         raise LaunchError(f"parent run {parent_id} has chunk runs for rows {stray}, which a split into "
                           f"{len(bounds)} chunks does not produce ({sorted(wanted)}); launch with the --chunks "
                           f"of the first launch so finished chunks are reused")
-    done = {r.data.tags.get(tracking.TAG_ROWS) for r in runs if r.info.status == "FINISHED"}
+    done = {r.data.tags.get(N.TAG_ROWS) for r in runs if r.info.status == "FINISHED"}
     return {i for i, (s, e) in enumerate(bounds) if f"{s}:{e}" in done}
 
 

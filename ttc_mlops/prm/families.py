@@ -1,6 +1,6 @@
-"""Which implementation scores for which PRM: a model id -> family table, overridable per recipe.
+"""PRM families: which implementation scores for which PRM, a model id -> family table, overridable per recipe.
 
-    python -c "from ttc_mlops.prm.registry import family_for; print(family_for('RLHFlow/Llama3.1-8B-PRM-Mistral-Data'))"
+    python -c "from ttc_mlops.prm.families import family_for; print(family_for('RLHFlow/Llama3.1-8B-PRM-Mistral-Data'))"
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ another dataset) is an error before anything is written to the parent.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -20,17 +19,19 @@ from typing import Any
 
 import yaml
 
-from .config import CHUNK_FIELDS, Recipe, RecipeError, build_recipe
-from .data import Problem, load_dataset_problems
-from .records import Record
+from .. import names as N
+from ..config import CHUNK_FIELDS, Recipe, build_recipe, recipe_yaml
+from ..data import Problem, load_dataset_problems
+from ..records import Record, records_digest
+from . import store
 
 log = logging.getLogger(__name__)
 
 SHOWN = 8  # problem ids named per line of a coverage report
 
 
-class MergeError(RecipeError):
-    """Merge cannot go on; the message names the parent, the chunks and the problems."""
+class MergeError(Exception):
+    """Merge cannot go on; the message names the parent, the chunks and the problems. Nothing was written."""
 
 
 @dataclass
@@ -64,60 +65,49 @@ class MergeResult:
         return records_digest(self.records)
 
 
-def records_digest(records: list[Record]) -> str:
-    h = hashlib.sha256()
-    for r in records:
-        h.update(json.dumps(r.to_dict(), sort_keys=True, ensure_ascii=False).encode())
-    return h.hexdigest()[:16]
-
-
 def strip_chunk_fields(recipe: Recipe) -> Recipe:
     return recipe.model_copy(update={k: None for k in CHUNK_FIELDS})
 
 
 def parent_recipe(parent_id: str, overrides: list[str] = ()) -> Recipe:
     """The configuration of a parent run: its own recipe.yaml (written by merge) or a chunk's."""
-    from . import tracking
-
-    text = tracking.load_run_text(parent_id, tracking.RECIPE_ARTIFACT)
+    text = store.load_run_text(parent_id, N.RECIPE_ARTIFACT)
     source = f"run {parent_id}"
     if text is None:
-        chunks = sorted(tracking.chunk_runs(parent_id), key=lambda r: r.info.start_time)
+        chunks = sorted(store.chunk_runs(parent_id), key=lambda r: r.info.start_time)
         if not chunks:
-            raise MergeError(f"parent run {parent_id} has no chunk runs (tag {tracking.TAG_ROLE}=chunk with "
-                             f"{tracking.TAG_PARENT}={parent_id}): run its chunks first (`ttc run ... --parent-run-id {parent_id}`)")
+            raise MergeError(f"parent run {parent_id} has no chunk runs (tag {N.TAG_ROLE}={N.ROLE_CHUNK} with "
+                             f"{N.TAG_PARENT}={parent_id}): run its chunks first (`ttc run ... --parent-run-id {parent_id}`)")
         source = f"chunk run {chunks[0].info.run_id}"
-        text = tracking.load_run_text(chunks[0].info.run_id, tracking.RECIPE_ARTIFACT)
+        text = store.load_run_text(chunks[0].info.run_id, N.RECIPE_ARTIFACT)
         if text is None:
-            raise MergeError(f"{source} of parent {parent_id} has no {tracking.RECIPE_ARTIFACT}: cannot tell its recipe")
+            raise MergeError(f"{source} of parent {parent_id} has no {N.RECIPE_ARTIFACT}: cannot tell its recipe")
     data = yaml.safe_load(text) or {}
-    recipe = strip_chunk_fields(build_recipe(data, overrides, source=f"{tracking.RECIPE_ARTIFACT} of {source}"))
+    recipe = strip_chunk_fields(build_recipe(data, overrides, source=f"{N.RECIPE_ARTIFACT} of {source}"))
     return recipe
 
 
 def resolve_parent(recipe: Recipe | None, parent_run_id: str | None, overrides: list[str] = ()) -> tuple[str, Recipe]:
     """(parent run id, recipe) from exactly one of a recipe or a parent run id."""
-    from . import tracking
-
     if (recipe is None) == (parent_run_id is None):
-        raise RecipeError("give exactly one of RECIPE or --parent-run-id to say which parent run")
+        raise MergeError("give exactly one of RECIPE or --parent-run-id to say which parent run")
     if recipe is not None:
         recipe = strip_chunk_fields(recipe)
         try:
-            return tracking.find_parent(recipe).info.run_id, recipe
+            return store.find_parent(recipe).info.run_id, recipe
         except LookupError as err:
             raise MergeError(str(err)) from None
     try:
-        run = tracking.get_run(parent_run_id)
+        run = store.get_run(parent_run_id)
     except LookupError as err:
         raise MergeError(str(err)) from None
-    if run.data.tags.get(tracking.TAG_ROLE) != "parent":
-        raise MergeError(f"parent_run_id={parent_run_id} is not a parent run ({tracking.TAG_ROLE}="
-                         f"{run.data.tags.get(tracking.TAG_ROLE)!r}, expected 'parent')")
+    if run.data.tags.get(N.TAG_ROLE) != N.ROLE_PARENT:
+        raise MergeError(f"parent_run_id={parent_run_id} is not a parent run ({N.TAG_ROLE}="
+                         f"{run.data.tags.get(N.TAG_ROLE)!r}, expected {N.ROLE_PARENT!r})")
     recipe = parent_recipe(parent_run_id, overrides)
-    key = run.data.tags.get(tracking.TAG_SEARCH_KEY)
+    key = run.data.tags.get(N.TAG_SEARCH_KEY)
     if key != recipe.search_key:
-        raise MergeError(f"parent_run_id={parent_run_id} has {tracking.TAG_SEARCH_KEY}={key}, but its recipe "
+        raise MergeError(f"parent_run_id={parent_run_id} has {N.TAG_SEARCH_KEY}={key}, but its recipe "
                          f"(with the --set overrides) has {recipe.search_key}: --set may only change fields that "
                          f"do not decide the records")
     return parent_run_id, recipe
@@ -130,39 +120,37 @@ def _recipe_diff(a: Recipe, b: Recipe) -> str:
 
 def collect_chunks(parent_id: str, recipe: Recipe, problems: list[Problem]) -> list[Chunk]:
     """Every chunk run of the parent with its records, checked to be of this recipe and dataset."""
-    from . import tracking
-
-    runs = tracking.chunk_runs(parent_id)
+    runs = store.chunk_runs(parent_id)
     if not runs:
-        raise MergeError(f"parent run {parent_id} has no chunk runs (tag {tracking.TAG_ROLE}=chunk with "
-                         f"{tracking.TAG_PARENT}={parent_id}): nothing to merge")
+        raise MergeError(f"parent run {parent_id} has no chunk runs (tag {N.TAG_ROLE}={N.ROLE_CHUNK} with "
+                         f"{N.TAG_PARENT}={parent_id}): nothing to merge")
     by_id = {p.problem_id: p for p in problems}
     # A re-run of the same rows in a new run: keep one per rows (finished first, then the oldest).
-    runs.sort(key=lambda r: (r.data.tags.get(tracking.TAG_ROWS, ""), r.info.status != "FINISHED", r.info.start_time))
+    runs.sort(key=lambda r: (r.data.tags.get(N.TAG_ROWS, ""), r.info.status != "FINISHED", r.info.start_time))
     chunks, seen_rows = [], set()
     for run in runs:
         rid, tags = run.info.run_id, run.data.tags
-        rows = tags.get(tracking.TAG_ROWS)
+        rows = tags.get(N.TAG_ROWS)
         try:
             start, end = (int(x) for x in rows.split(":"))
         except (AttributeError, ValueError):
-            raise MergeError(f"chunk run {rid} has {tracking.TAG_ROWS}={rows!r}, expected 'start:end'") from None
+            raise MergeError(f"chunk run {rid} has {N.TAG_ROWS}={rows!r}, expected 'start:end'") from None
         if rows in seen_rows:
             log.warning("chunk run %s repeats rows %s of another chunk run; ignored", rid, rows)
             continue
         seen_rows.add(rows)
-        text = tracking.load_run_text(rid, tracking.RECIPE_ARTIFACT)
+        text = store.load_run_text(rid, N.RECIPE_ARTIFACT)
         if text is not None:
             theirs = strip_chunk_fields(build_recipe(yaml.safe_load(text) or {}, source=f"chunk run {rid}"))
             if theirs.search_key != recipe.search_key:
                 raise MergeError(f"chunk run {rid} ({rows}) was run with another recipe than parent {parent_id}: "
                                  f"{_recipe_diff(recipe, theirs)}")
-        total = tags.get(tracking.TAG_TOTAL)
+        total = tags.get(N.TAG_TOTAL)
         if total is not None and int(total) != len(problems):
             raise MergeError(f"chunk run {rid} ({rows}) was cut from a problem set of {total} problems, but "
                              f"{recipe.dataset_name} (num_samples={recipe.num_samples}) has {len(problems)}: another dataset")
         try:
-            records = tracking.load_records(rid, tracking.chunk_artifact(start, end)) or []
+            records = store.load_records(rid, N.chunk_artifact(start, end)) or []
         except ValueError as err:
             raise MergeError(f"chunk run {rid} ({rows}): {err}") from None
         for r in records:
@@ -228,19 +216,16 @@ def merge(parent_id: str, recipe: Recipe, allow_partial: bool = False) -> MergeR
 
 def log_merge(result: MergeResult) -> None:
     """Write the merged records, the recipe and the coverage tags to the parent."""
-    from . import tracking
-    from .config import recipe_yaml
-
     pid = result.parent_run_id
-    tracking.log_records(pid, result.records, tracking.MERGED_RECORDS)
-    tracking.log_text(pid, recipe_yaml(result.recipe), tracking.RECIPE_ARTIFACT)
+    store.log_records(pid, result.records, N.MERGED_RECORDS)
+    store.log_text(pid, recipe_yaml(result.recipe), N.RECIPE_ARTIFACT)
     if result.problems_report:
-        tracking.log_text(pid, "\n".join(result.problems_report) + "\n", "records/merge-report.txt")
-    tracking.set_tags(pid, {
-        tracking.TAG_MERGED: "partial" if result.partial else "complete",
-        tracking.TAG_MERGED_PROBLEMS: len(result.records),
-        tracking.TAG_TOTAL: result.total,
-        tracking.TAG_MERGED_DIGEST: result.digest,
+        store.log_text(pid, "\n".join(result.problems_report) + "\n", N.MERGE_REPORT)
+    store.set_tags(pid, {
+        N.TAG_MERGED: N.MERGED_PARTIAL if result.partial else N.MERGED_COMPLETE,
+        N.TAG_MERGED_PROBLEMS: len(result.records),
+        N.TAG_TOTAL: result.total,
+        N.TAG_MERGED_DIGEST: result.digest,
     })
 
 
@@ -255,9 +240,7 @@ def hub_rows(records: list[Record]) -> list[dict[str, Any]]:
 
 
 def hub_config_name(recipe: Recipe) -> str:
-    from .tracking import run_name
-
-    return f"{run_name(recipe)}--{recipe.search_key}"
+    return f"{N.run_name(recipe)}--{recipe.search_key}"
 
 
 def push_to_hub(result: MergeResult) -> str:

@@ -1,0 +1,107 @@
+"""Names shared by whoever writes or reads a run: tags, metrics, artifacts, run and model names.
+
+    python -c "from ttc_mlops import names; print(names.TAG_ROLE, names.chunk_artifact(0, 50))"
+
+Plain constants and string functions, no mlflow import: the voting code, the plots and the tests
+name a metric without loading the tracking client. `ttc_mlops.pipeline` is what talks to MLflow.
+
+Layout. One experiment per benchmark. A *parent* run per search configuration (the recipe minus
+its chunk fields, hashed into the tag `ttc.search_key`); one *chunk* child run per slice of the
+problems, linked by `mlflow.parentRunId`. Chunk runs hold their records under `records/`; merge
+writes `records/merged.jsonl.gz` on the parent, evaluate logs the accuracy metrics there.
+"""
+
+from __future__ import annotations
+
+import re
+
+# --- tags
+TAG_ROLE = "ttc.role"  # ROLE_PARENT | ROLE_CHUNK | ROLE_STEP | ROLE_COMPARE
+TAG_SEARCH_KEY = "ttc.search_key"
+TAG_STRATEGY = "ttc.strategy"
+TAG_MODEL = "ttc.model"
+TAG_PRM = "ttc.prm"
+TAG_DATASET = "ttc.dataset"
+TAG_N = "ttc.n"
+TAG_ROWS = "ttc.rows"  # "start:end", the chunk's rows of the problem set (its identity)
+TAG_PROBLEMS = "ttc.problems"  # problems in the chunk
+TAG_TOTAL = "ttc.total_problems"  # problems in the whole set
+TAG_MERGED = "ttc.merged"  # MERGED_COMPLETE | MERGED_PARTIAL
+TAG_MERGED_PROBLEMS = "ttc.merged_problems"  # problems in the merged records
+TAG_MERGED_DIGEST = "ttc.merged_digest"  # sha256 of the merged records (what evaluate graded)
+TAG_EVALUATED = "ttc.evaluated"  # the merged digest that evaluate's metrics belong to
+TAG_GROUP = "ttc.group"  # "<model>/<strategy>": group-by key for the mlflow ui chart view
+TAG_REGISTERED = "ttc.registered"  # "<registered model>/<version>"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_RUN_NAME = "mlflow.runName"
+
+ROLE_PARENT = "parent"  # one per search configuration
+ROLE_CHUNK = "chunk"  # one per slice of the problems, under its parent
+ROLE_STEP = "step"  # the run `mlflow run -e merge|evaluate` starts, nested under the parent
+ROLE_COMPARE = "compare"  # a run that holds a comparison figure of an experiment
+MERGED_COMPLETE = "complete"
+MERGED_PARTIAL = "partial"
+
+# --- artifacts
+RECORDS_DIR = "records"
+MERGED_RECORDS = "merged.jsonl.gz"
+MERGE_REPORT = f"{RECORDS_DIR}/merge-report.txt"  # missing / duplicate problems of a partial merge
+RECIPE_ARTIFACT = "recipe.yaml"
+EVAL_TABLE = "eval/accuracy.json"
+EVAL_PLOT = "eval/accuracy.png"
+COMPARE_TABLE = "compare/accuracy.json"
+COMPARE_PLOT = "compare/accuracy.png"
+MODEL_ARTIFACT = "model"
+BEST_ALIAS = "best"
+
+# --- metrics of a chunk run
+M_PROBLEMS = "problems"
+M_COMPLETION_TOKENS = "completion_tokens"  # tokens of the kept completions
+M_TOKENS_PER_S = "tokens_per_s"
+M_WALL_S = "wall_s"
+M_ACC_SELECTED = "acc_selected"
+M_UNGRADED = "ungraded"  # problems whose gold answer could not be parsed
+M_GENERATE_CALLS = "generate_calls"
+M_GENERATED_TOKENS = "generated_tokens"  # everything sampled: pruned beams and lookahead too
+M_GEN_S = "gen_s"
+M_PRM_S = "prm_s"
+M_OTHER_S = "other_s"
+M_PRM_TOKENS = "prm_tokens"  # tokens the PRM ran (reused prefixes do not count)
+
+# --- evaluate's metrics, logged on the parent with step = n
+M_ACC_NAIVE = "acc_naive"  # the completion with the highest aggregated score
+M_ACC_WEIGHTED = "acc_weighted"  # equivalent answers pooled, aggregated scores summed
+M_ACC_MAJ = "acc_maj"  # the most frequent answer
+M_PASS = "pass"  # any of the n completions is correct (pass@n)
+VOTING_METRICS = (M_ACC_NAIVE, M_ACC_WEIGHTED, M_ACC_MAJ, M_PASS)
+M_EVAL_PROBLEMS = "eval_problems"  # problems with a gold answer, at step = n
+
+
+def level_metric(metric: str, level: int) -> str:
+    return f"{metric}_level_{level}"
+
+
+def chunk_artifact(start: int, end: int) -> str:
+    return f"chunk-{start:05d}-{end:05d}.jsonl.gz"
+
+
+def experiment_name(recipe) -> str:
+    return recipe.experiment_name or f"ttc-{recipe.dataset_label}"
+
+
+def run_name(recipe) -> str:
+    return f"{recipe.model_label}-{recipe.approach}-n{recipe.n}" + (
+        f"-m{recipe.beam_width}" if recipe.approach != "best_of_n" else "")
+
+
+def chunk_run_name(start: int, end: int) -> str:
+    return f"rows-{start:05d}-{end:05d}"
+
+
+def model_label_of(model_path: str) -> str:
+    return model_path.rstrip("/").split("/")[-1].split(":")[-1]
+
+
+def registered_model_name(recipe) -> str:
+    """One registered model per (policy model, strategy)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"ttc-{recipe.model_label}-{recipe.approach}")

@@ -1,0 +1,52 @@
+"""Comparing the evaluated parents of an experiment: accuracy against N per strategy and voting rule.
+
+    ttc compare --experiment ttc-embedded --output accuracy.png
+
+For every (policy model, strategy) one line per voting rule, one panel per rule. Where several
+runs of a strategy measured the same n (say N=16 and N=64 runs, both subsampled at n=4), the run
+with the larger N gives the point, then the newer one. The figure and its table are logged to a
+`ttc.role=compare` run of the experiment.
+"""
+
+from __future__ import annotations
+
+from .. import names as N
+from ..plots import RULE_TITLES, Curve, compare_figure, format_table, table
+from . import store
+
+
+def collect(experiment: str, model: str | None = None) -> list[Curve]:
+    """Curves of the evaluated parent runs of an experiment."""
+    runs = store.evaluated_parents(experiment, model)
+    if not runs:
+        raise LookupError(f"experiment={experiment!r} has no evaluated parent runs"
+                          + (f" of model={model!r}" if model else "") + ": run `ttc evaluate` first")
+    curves: dict[tuple[str, str, str], Curve] = {}
+    for run in runs:
+        tags = run.data.tags
+        label = N.model_label_of(tags.get(N.TAG_MODEL, "?"))
+        strategy = tags.get(N.TAG_STRATEGY, "?")
+        big_n = int(tags.get(N.TAG_N, 0))
+        for rule in RULE_TITLES:
+            if rule not in run.data.metrics:
+                continue
+            curve = curves.setdefault((label, strategy, rule), Curve(label, strategy, rule))
+            for n, value in store.metric_steps(run.info.run_id, rule).items():
+                rank = (big_n, run.info.start_time)
+                if n not in curve.source or rank > curve.source[n]:
+                    curve.points[n], curve.source[n] = value, rank
+    return sorted(curves.values(), key=lambda c: (c.model, c.strategy, list(RULE_TITLES).index(c.rule)))
+
+
+def compare(experiment: str, model: str | None, output: str) -> tuple[list[Curve], str, str]:
+    """Draw, write the PNG, log it (and the table) to a compare run of the experiment.
+    Returns (curves, the table as text, the compare run id)."""
+    curves = collect(experiment, model)
+    fig = compare_figure(curves, f"{experiment}" + (f" ({model})" if model else ""))
+    fig.savefig(output, dpi=120)
+    header, rows = table(curves)
+    run_id = store.create_compare_run(experiment, {N.TAG_MODEL: model} if model else {})
+    store.log_figure(run_id, fig, N.COMPARE_PLOT)
+    store.log_table(run_id, [dict(zip(header, r)) for r in rows], N.COMPARE_TABLE)
+    store.set_status(run_id, "FINISHED")
+    return curves, format_table(header, rows), run_id

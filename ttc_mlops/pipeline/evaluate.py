@@ -1,0 +1,65 @@
+"""Evaluating a parent run: grade its merged records at every n, log metrics (step = n), table, figure; register.
+
+    ttc evaluate recipes/SmolLM2-135M-Instruct/best_of_n.yaml
+
+Reads the parent's `records/merged.jsonl.gz` only (never a model), so old runs can be graded again
+when the grader improves; the voting itself is `ttc_mlops.voting`. Evaluating the same merged
+records twice logs nothing new.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .. import names as N
+from ..plots import run_figure
+from ..records import records_digest
+from ..voting import EvaluateError, Evaluation, evaluate_records
+from . import store
+from .model import register_version
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateResult:
+    parent_run_id: str
+    evaluation: Evaluation
+    partial: bool
+    already: bool  # the same merged records were evaluated before: nothing was logged again
+    registered: tuple[str, str] | None  # (registered model, version)
+
+
+def evaluate_parent(parent_id: str, recipe, register: bool = True, workers: int | None = None) -> EvaluateResult:
+    """Evaluate the parent's merged records, log metrics (step = n), table and figure, then register."""
+    run = store.get_run(parent_id)
+    try:
+        records = store.load_records(parent_id, N.MERGED_RECORDS)
+    except ValueError as err:
+        raise EvaluateError(f"parent run {parent_id}: {err}") from None
+    if records is None:
+        raise EvaluateError(f"parent run {parent_id} has no merged records ({N.RECORDS_DIR}/"
+                            f"{N.MERGED_RECORDS}): run `ttc merge --parent-run-id {parent_id}` first")
+    tags = run.data.tags
+    partial = tags.get(N.TAG_MERGED) == N.MERGED_PARTIAL
+    evaluation = evaluate_records(records, recipe.agg_strategy, recipe.apply_voting, recipe.n, workers)
+    digest = records_digest(records)
+    already = tags.get(N.TAG_EVALUATED) == digest
+    if already:
+        log.info("parent %s: these merged records were evaluated before; metrics not logged again", parent_id)
+    else:
+        store.log_step_metrics(parent_id, evaluation.metrics)
+        store.log_table(parent_id, evaluation.rows, N.EVAL_TABLE)
+        store.log_figure(parent_id, run_figure(evaluation.rows, title=N.run_name(recipe)), N.EVAL_PLOT)
+        store.set_tags(parent_id, {N.TAG_EVALUATED: digest, N.TAG_GROUP: f"{recipe.model_label}/{recipe.approach}"})
+    registered = None
+    if register and partial:
+        log.warning("parent %s was merged partially: not registered", parent_id)
+    elif register:
+        primary = N.M_ACC_WEIGHTED if recipe.apply_voting else N.M_ACC_NAIVE
+        name, version, created = register_version(parent_id, recipe, evaluation.at(), primary)
+        store.set_tags(parent_id, {N.TAG_REGISTERED: f"{name}/{version}"})
+        registered = (name, version)
+        log.info("%s version %s of %s", "registered" if created else "already registered as", version, name)
+    return EvaluateResult(parent_id, evaluation, partial, already, registered)

@@ -1,0 +1,282 @@
+"""The tracking store: find or create parent and chunk runs, log to them, read their records back.
+
+    MLFLOW_TRACKING_URI=sqlite:///mlflow.db python -c "from ttc_mlops.pipeline import store; print(store.tracking_uri())"
+
+Every call goes through one `MlflowClient` of the current tracking URI; names of tags, metrics and
+artifacts come from `ttc_mlops.names` (the run layout is described there).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from .. import names as N
+from ..config import Recipe, recipe_yaml
+from ..records import Record, read_records, write_records
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value; the full recipe is the YAML artifact
+MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch
+
+
+def client() -> MlflowClient:
+    return MlflowClient()
+
+
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
+def ensure_experiment(name: str) -> str:
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except mlflow.exceptions.MlflowException:  # created by a concurrent chunk meanwhile
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def recipe_params(recipe: Recipe) -> list[Param]:
+    params = []
+    for key, value in recipe.model_dump().items():
+        text = "" if value is None else str(value)
+        params.append(Param(key, text[: MAX_PARAM_CHARS - 3] + "..." if len(text) > MAX_PARAM_CHARS else text))
+    return params
+
+
+def config_tags(recipe: Recipe) -> dict[str, str]:
+    return {
+        N.TAG_SEARCH_KEY: recipe.search_key,
+        N.TAG_STRATEGY: recipe.approach,
+        N.TAG_MODEL: recipe.model_path,
+        N.TAG_PRM: recipe.prm_path,
+        N.TAG_DATASET: recipe.dataset_name,
+        N.TAG_N: str(recipe.n),
+    }
+
+
+# --- parent runs
+
+def _parents(experiment_id: str, key: str) -> list:
+    runs = client().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{N.TAG_SEARCH_KEY}` = '{key}' and tags.`{N.TAG_ROLE}` = '{N.ROLE_PARENT}'",
+        max_results=50,
+    )
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+
+def _log_config(run_id: str, recipe: Recipe, extra_tags: dict[str, str]) -> None:
+    c = client()
+    existing = c.get_run(run_id).data.params
+    params = [p for p in recipe_params(recipe.model_copy(update={k: None for k in ("chunk", "num_chunks")}))
+              if p.key not in existing]
+    tags = [RunTag(k, v) for k, v in {**config_tags(recipe), **extra_tags}.items()]
+    c.log_batch(run_id, params=params, tags=tags)
+
+
+def find_or_create_parent(recipe: Recipe, experiment_id: str) -> str:
+    """The parent run of this search configuration: the explicit `parent_run_id`, the run that
+    `mlflow run` started (MLFLOW_RUN_ID), or the oldest parent tagged with the same search key.
+    Two chunks that start at once may both create one; both then keep the oldest and the other
+    is deleted, so they converge on one parent."""
+    c = client()
+    if recipe.parent_run_id:
+        run = c.get_run(recipe.parent_run_id)  # raises with the id named if it does not exist
+        key = run.data.tags.get(N.TAG_SEARCH_KEY)
+        if key is not None and key != recipe.search_key:
+            raise ValueError(f"parent_run_id={recipe.parent_run_id} belongs to another search configuration "
+                             f"(search key {key}, this recipe's is {recipe.search_key})")
+        if key is None:
+            _log_config(run.info.run_id, recipe, {N.TAG_ROLE: N.ROLE_PARENT})
+        return run.info.run_id
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    if launched:
+        run = c.get_run(launched)
+        if run.data.tags.get(N.TAG_ROLE) in (None, N.ROLE_PARENT) \
+                and run.data.tags.get(N.TAG_SEARCH_KEY) in (None, recipe.search_key):
+            _log_config(launched, recipe, {N.TAG_ROLE: N.ROLE_PARENT, N.TAG_RUN_NAME: N.run_name(recipe)})
+            return launched
+    found = _parents(experiment_id, recipe.search_key)
+    if found:
+        return found[0].info.run_id
+    run = c.create_run(experiment_id, tags={N.TAG_ROLE: N.ROLE_PARENT, N.TAG_RUN_NAME: N.run_name(recipe),
+                                            **config_tags(recipe)})
+    _log_config(run.info.run_id, recipe, {})
+    c.set_terminated(run.info.run_id, "FINISHED")
+    time.sleep(0.2)  # let a concurrent creator's run become visible before choosing
+    winner = _parents(experiment_id, recipe.search_key)[0].info.run_id
+    if winner != run.info.run_id:
+        c.delete_run(run.info.run_id)
+    return winner
+
+
+def find_parent(recipe: Recipe):
+    """The parent run of this configuration (never creates one)."""
+    name = N.experiment_name(recipe)
+    exp = client().get_experiment_by_name(name)
+    found = _parents(exp.experiment_id, recipe.search_key) if exp is not None else []
+    if not found:
+        raise LookupError(f"no parent run with {N.TAG_SEARCH_KEY}={recipe.search_key} in experiment {name!r} "
+                          f"({tracking_uri()}): run the recipe first (`ttc run`)")
+    return found[0]
+
+
+def get_run(run_id: str):
+    try:
+        return client().get_run(run_id)
+    except mlflow.exceptions.MlflowException as err:
+        raise LookupError(f"parent_run_id={run_id!r}: no such run in {tracking_uri()} "
+                          f"({err.message.splitlines()[0]})") from None
+
+
+def adopt_launched_run(parent_id: str, role: str) -> None:
+    """`mlflow run -e merge|evaluate` starts a run of its own: nest it under the parent it works on."""
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    if launched and launched != parent_id:
+        set_tags(launched, {N.TAG_ROLE: role, N.TAG_PARENT: parent_id})
+
+
+def evaluated_parents(experiment: str, model: str | None = None) -> list:
+    """Evaluated parent runs of an experiment, optionally of one policy model (path or label)."""
+    c = client()
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        known = sorted(e.name for e in c.search_experiments())
+        raise LookupError(f"experiment={experiment!r} does not exist in {tracking_uri()} (experiments: {known})")
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{N.TAG_ROLE}` = '{N.ROLE_PARENT}'",
+                         max_results=10000)
+    runs = [r for r in runs if N.TAG_EVALUATED in r.data.tags]
+    if model is not None:
+        runs = [r for r in runs if model in (r.data.tags.get(N.TAG_MODEL), N.model_label_of(r.data.tags.get(N.TAG_MODEL, "")))]
+    return runs
+
+
+def experiments_with_parents() -> list[str]:
+    c = client()
+    found = []
+    for exp in c.search_experiments():
+        if c.search_runs([exp.experiment_id], filter_string=f"tags.`{N.TAG_ROLE}` = '{N.ROLE_PARENT}'", max_results=1):
+            found.append(exp.name)
+    return sorted(found)
+
+
+def create_compare_run(experiment: str, tags: dict[str, str]) -> str:
+    exp_id = ensure_experiment(experiment)
+    run = client().create_run(exp_id, tags={N.TAG_ROLE: N.ROLE_COMPARE, N.TAG_RUN_NAME: "compare", **tags})
+    return run.info.run_id
+
+
+# --- chunk runs
+
+def chunk_runs(parent_id: str) -> list:
+    c = client()
+    experiment_id = c.get_run(parent_id).info.experiment_id
+    return c.search_runs([experiment_id], max_results=10000,
+                         filter_string=f"tags.`{N.TAG_PARENT}` = '{parent_id}' and tags.`{N.TAG_ROLE}` = '{N.ROLE_CHUNK}'")
+
+
+def find_chunk_run(parent_id: str, start: int, end: int):
+    """The chunk run of rows [start, end), preferring a finished one."""
+    found = [r for r in chunk_runs(parent_id) if r.data.tags.get(N.TAG_ROWS) == f"{start}:{end}"]
+    found.sort(key=lambda r: (r.info.status != "FINISHED", r.info.start_time))
+    return found[0] if found else None
+
+
+def create_chunk_run(parent_id: str, recipe: Recipe, start: int, end: int, total: int) -> str:
+    c = client()
+    parent = c.get_run(parent_id)
+    tags = {N.TAG_ROLE: N.ROLE_CHUNK, N.TAG_PARENT: parent_id, N.TAG_ROWS: f"{start}:{end}",
+            N.TAG_PROBLEMS: str(end - start), N.TAG_TOTAL: str(total), N.TAG_RUN_NAME: N.chunk_run_name(start, end),
+            **config_tags(recipe)}
+    run = c.create_run(parent.info.experiment_id, tags=tags)
+    c.log_batch(run.info.run_id, params=recipe_params(recipe))
+    log_text(run.info.run_id, recipe_yaml(recipe), N.RECIPE_ARTIFACT)
+    return run.info.run_id
+
+
+def set_status(run_id: str, status: str) -> None:
+    client().set_terminated(run_id, status)
+
+
+def reopen(run_id: str) -> None:
+    client().update_run(run_id, status="RUNNING")
+
+
+# --- logging and reading back
+
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    client().log_text(run_id, text, artifact_file)
+
+
+def log_records(run_id: str, records: list[Record], name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_records(records, Path(tmp) / name)
+        client().log_artifact(run_id, str(path), N.RECORDS_DIR)
+
+
+def load_records(run_id: str, name: str) -> list[Record] | None:
+    """The run's records artifact, or None where the run has none."""
+    c = client()
+    found = {Path(f.path).name for f in c.list_artifacts(run_id, N.RECORDS_DIR)}
+    if name not in found:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = c.download_artifacts(run_id, f"{N.RECORDS_DIR}/{name}", tmp)
+        return read_records(Path(local))
+
+
+def load_run_text(run_id: str, artifact_file: str) -> str | None:
+    """A text artifact of a run, or None where it has none."""
+    c = client()
+    parent_dir = str(Path(artifact_file).parent) if "/" in artifact_file else None
+    found = {f.path for f in c.list_artifacts(run_id, parent_dir)}
+    if artifact_file not in found:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return Path(c.download_artifacts(run_id, artifact_file, tmp)).read_text()
+
+
+def log_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
+    log_step_metrics(run_id, {step: values})
+
+
+def log_step_metrics(run_id: str, per_step: dict[int, dict[str, float]]) -> None:
+    """Metrics with step = n, all in batches (a tracking server is not hit once per number)."""
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, step) for step, values in per_step.items()
+               for k, v in values.items() if v is not None]
+    for start in range(0, len(metrics), MAX_BATCH):
+        client().log_batch(run_id, metrics=metrics[start : start + MAX_BATCH])
+
+
+def metric_steps(run_id: str, key: str) -> dict[int, float]:
+    """step -> the latest value logged at that step."""
+    history = sorted(client().get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return {m.step: m.value for m in history}
+
+
+def set_tags(run_id: str, tags: dict[str, Any]) -> None:
+    client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_table(run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+    import pandas as pd
+
+    client().log_table(run_id, data=pd.DataFrame(rows), artifact_file=artifact_file)
+
+
+def log_figure(run_id: str, figure, artifact_file: str) -> None:
+    client().log_figure(run_id, figure, artifact_file)
