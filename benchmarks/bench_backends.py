@@ -76,9 +76,8 @@ def main(argv=None) -> None:
         policy = HFPolicy(settings) if backend == "transformers" else vllm_backend.VLLMPolicy(settings)
         log.info("%s loaded in %.1f s", backend, time.perf_counter() - t)
         for name in strategies:
-            for model in (policy, prm):  # no run profits from another's caches
-                model.clear_cache()
             meter = Meter(policy, prm)
+            meter.clear_cache()  # no run profits from another's caches
             t = time.perf_counter()
             STRATEGIES[name](problems, meter, prm=meter, recipe=recipes[name])
             wall = time.perf_counter() - t
