@@ -106,6 +106,7 @@ def test_lookahead_scores_greedy_rollouts_but_keeps_only_the_step():
     [ahead] = beam_search(problem, policy, FakePRM(), recipe(n=2, beam_width=2, num_iterations=2, lookahead=1))
     assert kept(ahead, 0) == ["A[s=0.3]\n\n"]  # its greedy next step scores 0.9
     assert ahead.tree[0].lookahead == "A1[s=0.9]\n\n" and ahead.tree[0].agg == 0.9
+    assert ahead.tree[0].step_score == 0.3  # the step's own score, not its lookahead's
     assert [len(c) for c in policy.calls] == [2, 2, 2]  # step, lookahead, last iteration (no lookahead)
     assert ahead.completions[0] == "A[s=0.3]\n\nA1[s=0.9]\n\nA end \\boxed{1}[s=0.8]"
     assert ahead.step_scores[0] == [0.3, 0.9, 0.8]

@@ -51,6 +51,24 @@ def test_each_subtree_follows_its_best_step_and_keeps_its_last_candidates():
     assert r.completion_tokens == [2, 3, 4, 4]  # the subtree's chosen steps plus the candidate
     assert r.selected == 1 and r.pred == "2"
     assert "steps per subtree [2, 3]" in r.notes[0]
+    # B1 stopped at a step beside its subtree's boxed answer: kept, as the reference does, but marked
+    assert r.finished == [False, True, True, True]
+    assert "1 of 4 completions unfinished" in r.notes[1]
+
+
+def test_an_unfinished_candidate_is_never_selected_and_never_votes():
+    from ttc_mlops.grading import extract_answer, is_equiv
+    from ttc_mlops.voting import evaluate_records
+
+    # one subtree: its boxed step ends it; the other candidate stopped mid-way but states the gold 7
+    unfinished = "So the final answer is 7. [s=0.8]\n\n"
+    steps = {"P": {"": ["A \\boxed{2}[s=0.9]", unfinished]}}
+    [r] = dvts([Problem("p", "P", "7")], StepPolicy(steps), FakePRM(), recipe(n=2, num_iterations=3))
+    assert r.completions == ["A \\boxed{2}[s=0.9]", unfinished] and r.finished == [True, False]
+    assert r.selected == 0 and r.pred == "2"
+    assert is_equiv(extract_answer(unfinished), "7")  # graded as an answer, it would be right
+    ev = evaluate_records([r], "last", workers=1)
+    assert ev.at(2) == {"acc_naive": 0.0, "acc_weighted": 0.0, "acc_maj": 0.0, "pass": 0.0}
 
 
 def test_tree_links_candidates_to_the_chosen_step_of_their_subtree():
@@ -98,6 +116,8 @@ def test_lookahead_picks_by_the_rollout_and_keeps_only_the_step():
     assert chosen(ahead, 0)[0] == "A[s=0.3]\n\n"
     assert ahead.completions[0] == "A[s=0.3]\n\nA1[s=0.9]\n\nA end \\boxed{1}[s=0.8]"
     assert ahead.step_scores[0] == [0.3, 0.9, 0.8]
+    first = ahead.tree[0]  # scored with its lookahead (0.9), but its own score is its own (0.3)
+    assert first.lookahead == "A1[s=0.9]\n\n" and first.agg == 0.9 and first.step_score == 0.3
 
 
 SCRIPT = {

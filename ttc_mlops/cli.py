@@ -161,6 +161,8 @@ def _evaluate_and_report(parent_id: str, recipe) -> None:
     overall = [r for r in ev.rows if r["level"] == "all"]
     rules = [m for m in N.VOTING_METRICS if m in overall[0]]
     typer.echo(format_table(["n", *rules], [[str(r["n"]), *[f"{r[m]:.3f}" for m in rules]] for r in overall]))
+    if ev.undecided:
+        typer.echo(f"{ev.undecided} answer class(es) the grader could not decide, counted wrong ({N.M_UNDECIDED})")
     typer.echo(f"{ev.problems} problems, {ev.distinct_answers} distinct answers; metrics on parent run {parent_id}"
                + (" (unchanged: evaluated before)" if result.already else ""))
     if result.registered:

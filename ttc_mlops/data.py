@@ -86,7 +86,7 @@ def is_local_dataset(name: str) -> bool:
 
 
 def _gold_answer(row: dict[str, Any]) -> str | None:
-    from .grading import last_boxed  # light: no math-verify import
+    from .grading import boxed_answer  # light: no math-verify import
 
     answer = row.get("answer")
     if isinstance(answer, str) and "####" in answer:  # GSM8K: worked solution, then "#### 18"
@@ -94,7 +94,7 @@ def _gold_answer(row: dict[str, Any]) -> str | None:
     if answer is not None:
         return str(answer)
     if isinstance(row.get("solution"), str):
-        return last_boxed(row["solution"])
+        return boxed_answer(row["solution"])
     return None
 
 

@@ -2,9 +2,17 @@
 
     python -c "from ttc_mlops.grading import is_equiv; print(is_equiv('\\\\frac{1}{2}', '0.5'))"
 
-`extract_answer` is plain string work (no math-verify import), so search code can call it.
-`is_equiv` parses each distinct answer once and caches each (answer, gold) pair: grading MATH-500
-at N=256 meets the same few answers again and again.
+Extraction (`extract_answer`) takes the last `\\boxed{}` first, then "the final answer is ...",
+then what math-verify's own extraction finds in the text (its answer patterns, else the last LaTeX
+or plain expression), so a solution that ends "Therefore, \\(x^3 = 12\\)." or "... is 15." is still read. `boxed_answer` is plain
+string work (no math-verify import): the search code uses it to tell a finished step.
+
+Equivalence (`is_equiv`, `equivalent`) is maths first: text is compared only in a conservative
+form that keeps every digit, dot and brace (so `3.5` is never `35`, nor `\\frac{1}{12}`
+`\\frac{11}{2}`), and matrices, equations, intervals and percentages go to math-verify whole.
+Each distinct answer is parsed once and each pair compared once (both cached): grading MATH-500 at
+N=256 meets the same few answers again and again. Where math-verify cannot decide (a gold answer it
+cannot read, a comparison that times out or fails) the verdict is None, never a guess.
 """
 
 from __future__ import annotations
@@ -18,39 +26,84 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_S = 5  # per parse / per comparison; a pathological expression cannot hang a run
 
+
+# --- extraction
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _FINAL_ANSWER = re.compile(r"final answer is:?\s*\$?(.+?)\$?(?:\.\s|\.?$|\s*I hope)", re.IGNORECASE | re.DOTALL)
 
 
-def last_boxed(text: str) -> str | None:
-    """The content of the last \\boxed{...} (or \\fbox{...}), braces balanced."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
+def _boxes(text: str, strict: bool) -> list[tuple[int, int, str]]:
+    """(start, end, content) of every `\\boxed{...}` / `\\fbox{...}` with balanced braces; unless
+    `strict`, also the brace-less `\\boxed 5` form (its content: the rest of its formula)."""
+    found = []
+    for m in _BOXED.finditer(text):
+        body_at = m.end() + len(text[m.end():]) - len(text[m.end():].lstrip(" "))
+        if text.startswith("{", body_at):
+            depth = 0
+            for j in range(body_at, len(text)):
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                if depth == 0:
+                    found.append((m.start(), j + 1, text[body_at + 1 : j].strip()))
+                    break
+        elif not strict and body_at > m.end():  # "\boxedx" is no box: a space must follow the command
+            formula = re.split(r"\$|\\\]|\\\)|\n", text[body_at:], maxsplit=1)[0].strip()
+            if formula:
+                found.append((m.start(), body_at + len(formula), formula))
+    return found
+
+
+# What may stand between boxes that together give one answer: "\boxed{-2} and \boxed{1}".
+# "or" is not among them: "\boxed{15\frac{39}{40}} or \boxed{\frac{639}{40}}" are one answer twice.
+_BETWEEN_BOXES = re.compile(r"(?:\s|\$|,|;|&|\\[()\[\]]|\\q?quad|\\text\{\s*(?:and|,)?\s*\}|\band\b)*")
+
+
+def boxed_answer(text: str, strict: bool = False) -> str | None:
+    """The content of the last `\\boxed{...}` (or `\\fbox{...}`), braces balanced; boxes that end
+    the text one after another ("\\boxed{-2} and \\boxed{1}") are joined with commas. Unless
+    `strict`, also the brace-less form `\\boxed 5` / `$\\boxed \\frac{6}{2}$`: the rest of its
+    formula. `strict` is what ends a search step: a step that merely mentions \\boxed does not."""
+    boxes = _boxes(text, strict)
+    if not boxes:
         return None
-    i = text.find("{", start)
-    if i < 0:
-        rest = text[start:].split("$")[0]  # "\boxed 5"
-        parts = rest.split(None, 1)
-        return parts[1].strip() if len(parts) > 1 else None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j].strip()
-    return None
+    if strict:
+        return boxes[-1][2]
+    run = [boxes[-1]]
+    for box in reversed(boxes[:-1]):
+        if not _BETWEEN_BOXES.fullmatch(text[box[1] : run[0][0]]):
+            break
+        run.insert(0, box)
+    return ", ".join(content for _, _, content in run)
 
 
 def extract_answer(completion: str) -> str | None:
-    boxed = last_boxed(completion)
-    if boxed is not None:
-        return boxed
-    match = None
-    for match in _FINAL_ANSWER.finditer(completion):
+    """The answer a completion gives, or None: the last boxed answer, or "the final answer is ..."
+    where that comes after it, else whatever math-verify extracts from the text (its answer
+    patterns, else its last LaTeX or plain expression)."""
+    stated = None
+    for stated in _FINAL_ANSWER.finditer(completion):
         pass
-    return match.group(1).strip() if match else None
+    boxes = _boxes(completion, strict=False)
+    if stated is not None and (not boxes or stated.start() > boxes[-1][0]):  # stated after the last box
+        text = stated.group(1).replace('\\"', "").strip()  # "\\"$12$ and $13$\\"": the quotes are not the answer
+        return boxed_answer(text) or text
+    return boxed_answer(completion) or _math_verify_extraction(completion)
 
+
+@functools.lru_cache(maxsize=1 << 16)
+def _math_verify_extraction(text: str) -> str | None:
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    try:
+        parsed = parse(text, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+                       parsing_timeout=TIMEOUT_S)
+    except Exception as err:  # math-verify raises on timeouts and odd LaTeX alike
+        log.debug("no answer extracted from %r: %s", text[-200:], err)
+        return None
+    return parsed[1].strip() or None if len(parsed) > 1 and isinstance(parsed[1], str) else None
+
+
+# --- equivalence
 
 @functools.lru_cache(maxsize=1 << 18)
 def parse_answer(answer: str):
@@ -64,33 +117,88 @@ def parse_answer(answer: str):
         return ()
 
 
-def normalise_text(answer: str) -> str:
-    answer = re.sub(r"\\text\{(.*?)\}", r"\1", answer)
-    return re.sub(r"[\s$\\{}.]", "", answer).lower()
+def readable(answer: str) -> bool:
+    """math-verify reads the answer as maths (not only as its own text)."""
+    return any(not isinstance(x, str) for x in parse_answer(answer))
+
+
+def _non_finite(expr) -> bool:
+    if not getattr(expr, "is_number", False):
+        return False
+    try:
+        z = complex(expr.doit().evalf(15))
+    except (TypeError, ValueError, ArithmeticError):
+        return True
+    return not (_finite(z.real) and _finite(z.imag))
+
+
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+# Sizing and spacing commands; `\ ` only where it is not the second half of a `\\` row break.
+_SPACING = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![A-Za-z])|(?<!\\)\\[!,;: ]|\\?\$")
+
+
+def canonical_text(answer: str) -> str:
+    """The answer as text, without what never changes its meaning (text wrappers, sizing, spacing,
+    dollar signs, case, a closing full stop). Digits, dots, braces and backslash commands stay:
+    this form decides only that two answers are written the same."""
+    text = _TEXT_WRAPPER.sub(r"\1", answer)
+    text = _SPACING.sub("", text).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    return re.sub(r"\s+", "", text).lower().rstrip(".")
+
+
+# Kept for callers that compare free text (e.g. a multiple-choice letter): the same conservative form.
+normalise_text = canonical_text
 
 
 @functools.lru_cache(maxsize=1 << 20)
 def is_equiv(pred: str | None, gold: str | None) -> bool | None:
-    """True / False, or None when the gold answer cannot be parsed (counted, not crashed on)."""
+    """True / False; None when it cannot be decided (a gold answer math-verify cannot read as
+    maths, a comparison that timed out or failed)."""
     if gold is None:
         return None
     if pred is None:
         return False
-    if normalise_text(pred) == normalise_text(gold):
+    if canonical_text(pred) == canonical_text(gold):
         return True
+    decided = _by_form(pred, gold)
+    if decided is not None:
+        return decided
     gold_parsed = parse_answer(gold)
-    if not gold_parsed:
+    if not readable(gold):
         return None
     pred_parsed = parse_answer(pred)
     if not pred_parsed:
         return False
+    if any(_non_finite(x) for x in gold_parsed[:1] + pred_parsed[:1]):
+        return False  # 1:00 and 12:00 are both "zoo" to math-verify: their texts differed above
     from math_verify import verify
 
     try:
-        return bool(verify(list(gold_parsed), list(pred_parsed), timeout_seconds=TIMEOUT_S))
+        return bool(verify(list(gold_parsed), list(pred_parsed), timeout_seconds=TIMEOUT_S, raise_on_error=True))
     except Exception as err:
         log.debug("could not compare %r with %r: %s", pred, gold, err)
-        return False
+        return None
+
+
+_BASE = re.compile(r"^([0-9A-Za-z]+)_\{?(\d+)\}?$")  # 52_8, 4210_{5}: a numeral in base 8, 5
+
+
+def _by_form(pred: str, gold: str) -> bool | None:
+    """Verdicts that the written form decides before math-verify, which would round or drop it:
+    numerals with a base subscript (math-verify reads 52_8 and 52_9 alike) and two plain numbers
+    (compared exactly, up to the rounding of a decimal written to 6+ significant digits, where
+    math-verify rounds to 6 decimal places: .0000672 is not .0000673)."""
+    bp, bg = _BASE.match(pred.replace(" ", "")), _BASE.match(gold.replace(" ", ""))
+    if bp and bg:
+        return bp.group(1).upper() == bg.group(1).upper() and int(bp.group(2)) == int(bg.group(2))
+    if bp or bg:  # a base on one side only: the numerals must agree (the base is the question's)
+        digits = (bp or bg).group(1).upper()
+        other = canonical_text(gold if bp else pred).upper()
+        return digits == other if other.isalnum() else None
+    x, y = plain_number(tidy(pred)), plain_number(tidy(gold))
+    if x is None or y is None:
+        return None
+    return x == y or abs(x - y) <= Fraction(1, 10**6) * max(abs(x), abs(y))
 
 
 # --- canonical keys: one parse per distinct answer, plain numbers without math-verify
@@ -98,11 +206,16 @@ def is_equiv(pred: str | None, gold: str | None) -> bool | None:
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
 _FRAC = re.compile(r"^([+-]?)\\[dt]?frac(?:\{([+-]?\d+)\}\{(\d+)\}|(\d)(\d))$")
 _SLASH = re.compile(r"^([+-]?\d+)/(\d+)$")
+_THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$")
 
 
 def plain_number(answer: str) -> Fraction | None:
-    """The exact value of an integer, decimal or simple fraction; None for anything else."""
-    text = answer.replace(" ", "").replace("$", "")
+    """The exact value of an integer, decimal (thousands separated or not: 32,348 or 32{,}348) or
+    simple fraction; None for anything else."""
+    text = answer.strip().replace("$", "").replace("{,}", ",")
+    if _THOUSANDS.match(text):  # "32, 349" (a space after the comma) is a pair, not a number
+        text = text.replace(",", "")
+    text = text.replace(" ", "")
     try:
         if _NUMBER.match(text):
             return Fraction(text)
@@ -119,55 +232,66 @@ def plain_number(answer: str) -> Fraction | None:
     return None
 
 
-_SIZING = re.compile(r"\\(left|right)(?![A-Za-z])|\\[!,;: ]|\\?\$")
-_ASSIGN = re.compile(r"^[A-Za-z]\s*=\s*(?=[^=]+$)")  # "x = 5": math-verify reads it as 5 too
 _WRAPPED = re.compile(r"^\(([^(),]*)\)$")  # "(5)", but never a tuple or an interval
 
 
 def tidy(answer: str) -> str:
     """The same answer without sizing, spacing and wrapper notation, so that forms which differ only
-    in those share one parse (and plain numbers skip math-verify)."""
-    text = _SIZING.sub("", answer).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    text = " ".join(text.split())
-    text = _ASSIGN.sub("", text)
+    in those share one parse (and plain numbers skip math-verify). Structure stays: a `\\\\` row
+    break, an equation's sides, a percent sign."""
+    text = re.sub(r",\\!\s*", "{,}", answer)  # 32,\\!348: a thousands separator, never a list
+    text = _SPACING.sub("", text).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    text = re.sub(r"(?<!\\)\\$", "", " ".join(text.split()))  # a stray closing backslash: "185\\"
     return _WRAPPED.sub(r"\1", text).strip()
 
 
 def answer_key(answer: str) -> tuple:
-    """A canonical form of an answer, from one parse: ("num", re, im) for numbers (12 significant
-    digits), ("expr", sympy text) for other parsed expressions, ("text", normalised) otherwise.
-    Equal keys are equivalent answers."""
+    """A canonical form of an answer, from one parse: ("num", re, im) for finite numbers (12
+    significant digits), ("base", digits, base) for numerals such as 52_8, ("expr", sympy text) for
+    other parsed expressions, ("text", canonical text) otherwise (text, and values such as 1:00 that math-verify reads as infinite). Equal keys
+    are equivalent answers; different keys may still be (see `equivalent`)."""
     answer = tidy(answer)
     value = plain_number(answer)
-    if value is None:
-        parsed = parse_answer(answer)  # math-verify, cached per distinct answer
-        expr = parsed[0] if parsed else None
-        if expr is None or isinstance(expr, str):
-            return ("text", normalise_text(answer))
-        if getattr(expr, "is_number", False):
-            try:
-                z = complex(expr.evalf(15))
-                return ("num", f"{z.real:.12g}", f"{z.imag:.12g}")
-            except (TypeError, ValueError, ArithmeticError):
-                pass
-        return ("expr", str(expr))
-    return ("num", f"{float(value):.12g}", "0")
+    if value is not None:
+        return ("num", f"{float(value):.12g}", "0")
+    base = _BASE.match(answer.replace(" ", ""))
+    if base:  # a numeral in another base: its digits and base, never its digits read in base 10
+        return ("base", base.group(1).upper(), str(int(base.group(2))))
+    parsed = parse_answer(answer)  # math-verify, cached per distinct answer
+    expr = parsed[0] if parsed else None
+    if expr is None or isinstance(expr, str):
+        return ("text", canonical_text(answer))
+    if getattr(expr, "is_number", False):
+        if _non_finite(expr):
+            return ("text", canonical_text(answer))  # zoo, nan, oo: their text says which
+        try:
+            z = complex(expr.evalf(15))
+        except (TypeError, ValueError, ArithmeticError):  # unevaluated, e.g. 10\% = 10*(1/100): its own key
+            return ("expr", str(expr))
+        return ("num", f"{z.real:.12g}", f"{z.imag:.12g}")
+    return ("expr", str(expr))
 
 
-def equivalent(a: str, gold: str, keys: dict[str, tuple]) -> bool:
-    """`a` is equivalent to `gold`. Decided by the keys where they suffice (equal keys; numbers far
-    apart; a number against an expression with symbols; text math-verify cannot read), by
-    math-verify (grading.is_equiv, cached by pair) for the rest: expressions, sets, intervals,
-    matrices, percentages and numbers within rounding of each other."""
-    ka, kg = keys[a], keys[gold]
-    if ka == kg or normalise_text(a) == normalise_text(gold):
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+def equivalent(a: str, b: str, keys: dict[str, tuple]) -> bool | None:
+    """Whether answers `a` and `b` (gold or not) are equivalent; None where undecided. Decided by
+    the keys where they suffice (equal keys; numbers far apart; a number against an expression with
+    symbols; text against maths), by math-verify (`is_equiv`, cached by pair) for the rest:
+    expressions, sets, intervals, matrices, equations, percentages and numbers within rounding."""
+    ka, kb = keys[a], keys[b]
+    if ka == kb or canonical_text(a) == canonical_text(b):
         return True
-    if "%" in a + gold or "Eq(" in ka[-1] + kg[-1]:  # 10\% is 10 and 0.1; "2x=5" is 5 to math-verify
-        return bool(is_equiv(tidy(a), tidy(gold)))
-    if ka[0] == "text" or {ka[0], kg[0]} == {"num", "expr"}:  # unreadable, or a number against symbols
+    if "%" in a + b or "Eq(" in ka[-1] + kb[-1]:  # 10\% is 10 and 0.1; "x = 5" is 5 to math-verify
+        return is_equiv(tidy(a), tidy(b))
+    if "text" in (ka[0], kb[0]):  # written differently, and not both maths
+        return None if not readable(tidy(b)) else False  # `b` (the gold answer) unreadable: undecided
+    if {ka[0], kb[0]} == {"num", "expr"}:  # a number against an expression with symbols
         return False
-    if ka[0] == kg[0] == "num":
-        x, y = complex(float(ka[1]), float(ka[2])), complex(float(kg[1]), float(kg[2]))
-        if abs(x - y) > 1e-4 * max(abs(x), abs(y), 1.0):  # close calls go to math-verify's rounding
+    if ka[0] == kb[0] == "num":
+        x, y = complex(float(ka[1]), float(ka[2])), complex(float(kb[1]), float(kb[2]))
+        if abs(x - y) > 1e-6 * max(abs(x), abs(y)):  # relative: .0000672 is not .0000673
             return False
-    return bool(is_equiv(tidy(a), tidy(gold)))
+    return is_equiv(tidy(a), tidy(b))

@@ -75,6 +75,7 @@ M_ACC_MAJ = "acc_maj"  # the most frequent answer
 M_PASS = "pass"  # any of the n completions is correct (pass@n)
 VOTING_METRICS = (M_ACC_NAIVE, M_ACC_WEIGHTED, M_ACC_MAJ, M_PASS)
 M_EVAL_PROBLEMS = "eval_problems"  # problems with a gold answer, at step = n
+M_UNDECIDED = "grading_undecided"  # answer classes the grader could not decide (counted wrong)
 
 
 def level_metric(metric: str, level: int) -> str:

@@ -48,13 +48,16 @@ class Record:
     agg_scores: list[float]  # per completion, aggregated with agg_strategy
     completion_tokens: list[int | None]  # per completion; None where a backend cannot tell
     finish_reasons: list[str]  # stop / eos / length per completion
-    selected: int | None  # index of the chosen completion (highest aggregated score)
+    selected: int | None  # index of the chosen completion (highest aggregated score among finished ones)
     pred: str | None  # the chosen completion's extracted answer
     approach: str
     agg_strategy: str
     groups: list[int] = field(default_factory=list)  # per completion: its beam / subtree (voting keeps groups whole)
     tree: list[TreeNode] = field(default_factory=list)  # every generated step (step-level search)
     notes: list[str] = field(default_factory=list)  # e.g. "3 of 4 beams survived"
+    # per completion: False for a solution that stopped mid-way (a DVTS candidate of a subtree's last
+    # iteration that ended at a step); it gives no answer. Empty in records written before this field.
+    finished: list[bool] = field(default_factory=list)
     version: int = RECORD_VERSION
 
     def to_dict(self) -> dict[str, Any]:

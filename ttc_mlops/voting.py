@@ -7,11 +7,16 @@ never cut), and four choices are graded: naive (the highest aggregated score), w
 (equivalent answers pooled, their scores summed), majority (the most frequent answer) and pass@n
 (any completion correct). Scores are aggregated with the recipe's `agg_strategy`.
 
+A vote never sees the gold answer: a problem's answers are grouped into classes by equivalence
+among themselves (`classify`), then each class is graded. An unfinished completion (a DVTS candidate
+that stopped at a step) gives no answer; where the grader cannot decide a class, it is counted wrong
+and reported (`Evaluation.undecided`).
+
 Grading is the hot path (MATH-500 at N=256 is 128,000 completions). It works per problem on its
 distinct answers only: each is parsed once into a canonical key (plain numbers such as 5, -2.5,
-\\frac{3}{4}, 3/4 without math-verify), compared with the gold answer once (by key where that
-decides, else math-verify, cached by pair; see `ttc_mlops.grading`), and wrong answers are classed
-by key for voting. Large record sets are graded on all cores. `ttc evaluate` (ttc_mlops.pipeline.
+\\frac{3}{4}, 3/4 without math-verify), keys that could be equal are compared (math-verify, cached
+by pair; see `ttc_mlops.grading`), and each class is graded once. Large record sets are graded on
+all cores. `ttc evaluate` (ttc_mlops.pipeline.
 evaluate) runs this on a parent's merged records and logs the result.
 """
 
@@ -29,6 +34,7 @@ from .names import (
     M_ACC_WEIGHTED,
     M_EVAL_PROBLEMS,
     M_PASS,
+    M_UNDECIDED,
     VOTING_METRICS,
     level_metric,
 )
@@ -45,32 +51,35 @@ class EvaluateError(ValueError):
     """Evaluate cannot go on; the message names the run and what is missing."""
 
 
-def classify(gold: str | None, answers: list[str]) -> tuple[list[int], list[bool]]:
-    """Answer classes of a problem's distinct answers: (class per answer, correct per class).
-    Answers equivalent to the gold answer form one class; wrong answers are classed by their
-    canonical key (so N=256 costs one parse per distinct answer, not a comparison per pair)."""
+def classify(gold: str | None, answers: list[str]) -> tuple[list[int], list[bool | None]]:
+    """Answer classes of a problem's distinct answers: (class per answer, verdict per class).
+
+    Classes are formed from the answers alone, never through the gold answer: answers with one
+    canonical key share a class, and an answer with a new key joins the first earlier class it is
+    equivalent to (`x = 5` and `5`; `\\frac{1}{2}` and `0.5` already share a key). Only then is each
+    class graded, by its first answer, against the gold: True, False, or None where the grader
+    cannot decide. So two answers that each equal the gold but not each other (`10` and `0.1`
+    against `10\\%`) stay two classes and never pool their votes. N=256 costs one parse per
+    distinct answer; comparisons run only between keys that could be equal."""
     keys = {a: answer_key(a) for a in answers}
-    if gold is not None:
-        keys.setdefault(gold, answer_key(gold))
-    classes: list[int] = []
-    correct: list[bool] = []
+    heads: list[str] = []  # the first answer of each class
     by_key: dict[tuple, int] = {}
-    gold_class = None
+    classes: list[int] = []
     for a in answers:
-        if gold is not None and equivalent(a, gold, keys):
-            if gold_class is None:
-                gold_class = len(correct)
-                correct.append(True)
-            classes.append(gold_class)
-            continue
         if keys[a] not in by_key:
-            by_key[keys[a]] = len(correct)
-            correct.append(False)
+            same = next((c for c, head in enumerate(heads) if equivalent(a, head, keys)), None)
+            if same is None:
+                same = len(heads)
+                heads.append(a)
+            by_key[keys[a]] = same
         classes.append(by_key[keys[a]])
-    return classes, correct
+    if gold is None:
+        return classes, [None] * len(heads)
+    keys.setdefault(gold, answer_key(gold))
+    return classes, [equivalent(head, gold, keys) for head in heads]
 
 
-def _classify_task(task: tuple[str | None, list[str]]) -> tuple[list[int], list[bool]]:
+def _classify_task(task: tuple[str | None, list[str]]) -> tuple[list[int], list[bool | None]]:
     return classify(*task)
 
 
@@ -78,10 +87,11 @@ def _classify_task(task: tuple[str | None, list[str]]) -> tuple[list[int], list[
 class Graded:
     """One problem, graded once for every n."""
     level: int | None
-    classes: list[int]  # per completion: its answer class, -1 where no answer was extracted
-    correct: list[bool]  # per class
+    classes: list[int]  # per completion: its answer class, -1 where it gives no answer
+    correct: list[bool | None]  # per class; None where the grader could not decide
     scores: list[float]  # per completion, aggregated with the recipe's agg_strategy
     order: list[list[int]]  # completion indices per group, groups in the order they were produced
+    finished: list[bool]  # per completion: False for a solution stopped mid-way (it gives no answer)
 
 
 def _groups(record: Record) -> list[list[int]]:
@@ -93,9 +103,13 @@ def _groups(record: Record) -> list[list[int]]:
 
 
 def grade(records: list[Record], agg_strategy: str, workers: int | None = None) -> tuple[list[Graded], int]:
-    """Grade every record that has a gold answer; returns (graded, distinct answers compared)."""
+    """Grade every record that has a gold answer; returns (graded, distinct answers compared).
+    An unfinished completion (a DVTS candidate stopped at a step) gives no answer, whatever its
+    text holds."""
     records = [r for r in records if r.answer is not None]
-    answers = [[extract_answer(c) for c in r.completions] for r in records]
+    finished = [r.finished if len(r.finished) == len(r.completions) else [True] * len(r.completions) for r in records]
+    answers = [[extract_answer(c) if done else None for c, done in zip(r.completions, fin)]
+               for r, fin in zip(records, finished)]
     distinct = [list(dict.fromkeys(a for a in ans if a is not None)) for ans in answers]
     tasks = [(r.answer, d) for r, d in zip(records, distinct)]
     total = sum(len(d) for d in distinct)
@@ -110,11 +124,12 @@ def grade(records: list[Record], agg_strategy: str, workers: int | None = None) 
     else:
         results = [classify(*t) for t in tasks]
     graded = []
-    for r, ans, d, (classes, correct) in zip(records, answers, distinct, results):
+    for r, ans, d, fin, (classes, correct) in zip(records, answers, distinct, finished, results):
         index = dict(zip(d, classes))
         scores = r.agg_scores if r.agg_strategy == agg_strategy and len(r.agg_scores) == len(r.completions) \
             else [aggregate(s, agg_strategy) for s in r.step_scores]
-        graded.append(Graded(r.level, [index[a] if a is not None else -1 for a in ans], correct, scores, _groups(r)))
+        graded.append(Graded(r.level, [index[a] if a is not None else -1 for a in ans], correct, scores, _groups(r),
+                             fin))
     return graded, total
 
 
@@ -129,8 +144,9 @@ def subset(g: Graded, n: int) -> list[int]:
 
 
 def choose(g: Graded, kept: list[int]) -> dict[str, bool]:
-    """Whether each voting rule picks a correct answer among the kept completions."""
-    best = max(kept, key=lambda i: g.scores[i])  # the first of equal scores
+    """Whether each voting rule picks a correct answer among the kept completions. Naive picks the
+    best-scored finished completion (the first of equal scores); votes count answered ones only."""
+    best = max([i for i in kept if g.finished[i]] or kept, key=lambda i: g.scores[i])
     answered = [i for i in kept if g.classes[i] >= 0]
     weight: dict[int, float] = {}
     for i in answered:
@@ -138,7 +154,7 @@ def choose(g: Graded, kept: list[int]) -> dict[str, bool]:
     votes = Counter(g.classes[i] for i in answered)
 
     def right(cls: int | None) -> bool:
-        return cls is not None and cls >= 0 and g.correct[cls]
+        return cls is not None and cls >= 0 and g.correct[cls] is True
 
     return {
         M_ACC_NAIVE: right(g.classes[best]),
@@ -160,6 +176,7 @@ class Evaluation:
     metrics: dict[int, dict[str, float]]  # n -> metric name -> value, logged with step = n
     problems: int
     distinct_answers: int
+    undecided: int  # answer classes the grader could not decide (counted wrong), over all problems
 
     def at(self, n: int | None = None) -> dict[str, float]:
         """Overall accuracies at n (default: the largest n)."""
@@ -194,4 +211,7 @@ def evaluate_records(records: list[Record], agg_strategy: str, voting: bool = Tr
                 metrics[n].update({level_metric(m, level): v for m, v in acc.items()})
     if not metrics:
         raise EvaluateError(f"no budget n <= {max_n or largest} keeps a whole group of completions in every record")
-    return Evaluation(rows, metrics, len(graded), distinct)
+    undecided = sum(v is None for g in graded for v in g.correct)
+    if undecided:
+        log.warning("%d answer classes could not be graded (counted wrong); see the metric %s", undecided, M_UNDECIDED)
+    return Evaluation(rows, metrics, len(graded), distinct, undecided)

@@ -50,6 +50,7 @@ def evaluate_parent(parent_id: str, recipe, register: bool = True, workers: int 
         log.info("parent %s: these merged records were evaluated before; metrics not logged again", parent_id)
     else:
         store.log_step_metrics(parent_id, evaluation.metrics)
+        store.log_metrics(parent_id, {N.M_UNDECIDED: evaluation.undecided})
         store.log_table(parent_id, evaluation.rows, N.EVAL_TABLE)
         store.log_figure(parent_id, run_figure(evaluation.rows, title=N.run_name(recipe)), N.EVAL_PLOT)
         store.set_tags(parent_id, {N.TAG_EVALUATED: digest, N.TAG_GROUP: f"{recipe.model_label}/{recipe.approach}"})

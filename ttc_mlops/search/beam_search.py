@@ -88,10 +88,10 @@ def _select(s: _Search, cands: list[tuple[_Beam, Generation, str, list[float]]],
     for parent, step, look, scores in cands:
         beam = _Beam(len(s.tree), parent.text + step.text, parent.tokens + step.num_tokens)
         agg = aggregate(scores, recipe.agg_strategy)
-        s.tree.append(step_node(beam.node, parent.node, it, step, look, scores, agg, "pruned"))
+        own = own_scores(scores, beam.text, look)
+        s.tree.append(step_node(beam.node, parent.node, it, step, look, own, agg, "pruned"))
         if last or ended(step):
             s.tree[beam.node].status = "finished"
-            own = own_scores(scores, beam.text, look)
             finished.append(_Finished(beam, own, aggregate(own, recipe.agg_strategy), step.finish_reason))
         else:
             live.append((agg, beam))

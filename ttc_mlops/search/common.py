@@ -9,7 +9,7 @@ import hashlib
 
 from ..config import STEP_DELIMITER
 from ..data import Problem
-from ..grading import extract_answer, last_boxed
+from ..grading import boxed_answer, extract_answer
 from ..policy import Generation, Policy, Sampling
 from ..prm import aggregate, split_steps
 from ..records import Record, TreeNode
@@ -24,9 +24,14 @@ def sample_seed(seed: int, problem_id: str, *path: int) -> int:
 
 def make_record(problem: Problem, recipe, completions: list[str], step_scores: list[list[float]],
                 tokens: list[int | None], finish: list[str], groups: list[int] | None = None,
-                tree: list[TreeNode] | None = None, notes: list[str] | None = None) -> Record:
+                tree: list[TreeNode] | None = None, notes: list[str] | None = None,
+                finished: list[bool] | None = None) -> Record:
+    """The record of a problem; the selected completion is the best-scored finished one (an
+    unfinished one gives no answer), the first of equal scores."""
     agg = [aggregate(s, recipe.agg_strategy) for s in step_scores]
-    selected = max(range(len(agg)), key=agg.__getitem__) if agg else None
+    finished = finished if finished is not None else [True] * len(completions)
+    eligible = [i for i in range(len(agg)) if finished[i]]
+    selected = max(eligible, key=agg.__getitem__) if eligible else None
     return Record(
         problem_id=problem.problem_id, problem=problem.problem, answer=problem.answer,
         level=problem.level, subject=problem.subject, completions=completions,
@@ -34,7 +39,7 @@ def make_record(problem: Problem, recipe, completions: list[str], step_scores: l
         selected=selected, pred=extract_answer(completions[selected]) if selected is not None else None,
         approach=recipe.approach, agg_strategy=recipe.agg_strategy,
         groups=groups if groups is not None else list(range(len(completions))),
-        tree=tree or [], notes=notes or [],
+        tree=tree or [], notes=notes or [], finished=finished,
     )
 
 
@@ -49,7 +54,7 @@ def step_sampling(recipe, last: bool) -> Sampling:
 def ended(gen: Generation) -> bool:
     """A step that ends its solution: EOS, out of tokens (a runaway step is not continued), a
     `\\boxed{}` answer, or nothing but whitespace (the model has nothing more to say)."""
-    return gen.finish_reason != "stop" or not gen.text.strip() or last_boxed(gen.text) is not None
+    return gen.finish_reason != "stop" or not gen.text.strip() or boxed_answer(gen.text, strict=True) is not None
 
 
 def expand(policy: Policy, prompts: list[str], seeds: list[int], recipe,
@@ -72,11 +77,12 @@ def expand(policy: Policy, prompts: list[str], seeds: list[int], recipe,
     return steps, looks
 
 
-def step_node(node: int, parent: int | None, it: int, step: Generation, lookahead: str, scores: list[float],
+def step_node(node: int, parent: int | None, it: int, step: Generation, lookahead: str, own: list[float],
               agg: float, status: str, subtree: int | None = None) -> TreeNode:
-    """The tree node of a sampled step; `scores` are those of its path (lookahead included)."""
+    """The tree node of a sampled step: `own` are its path's step scores without the lookahead (so
+    `step_score` is the step's own), `agg` what selection compared (lookahead included)."""
     return TreeNode(id=node, parent=parent, iteration=it, step=step.text, lookahead=lookahead, tokens=step.num_tokens,
-                    finish=step.finish_reason, step_score=scores[-1] if scores else None, agg=agg, status=status,
+                    finish=step.finish_reason, step_score=own[-1] if own else None, agg=agg, status=status,
                     subtree=subtree)
 
 

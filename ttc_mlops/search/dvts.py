@@ -11,7 +11,9 @@ n keeps subtrees whole, which is exactly DVTS at that n: subtrees are seeded ind
 
 Unlike search-and-learn's DVTS, completions carry real token counts (the subtree's chosen steps
 plus the candidate's own), `max_tokens` is the recipe's, and every candidate step is a node of the
-record's `tree`.
+record's `tree`. As in the reference, a subtree's other candidates are returned even when they
+stopped at a step mid-solution; here they are marked (`Record.finished` False, a note) and give no
+answer: they are never selected and never vote.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class _Candidate:
     tokens: int  # completion tokens of `text`
     finish: str
     node: int  # this step in the problem's tree
+    finished: bool  # the solution ended (EOS, out of tokens, an answer, the last iteration); else it
+    # stopped at a step: the reference returns it all the same, here it is marked and gives no answer
 
 
 @dataclass
@@ -84,16 +88,18 @@ def _follow_best(s: _Search, t: _Subtree, steps: list[Generation], looks: list[s
                  recipe, it: int) -> None:
     aggs = [aggregate(sc, recipe.agg_strategy) for sc in scores]
     best = max(range(len(steps)), key=aggs.__getitem__)  # ties: the first candidate
+    last = it == recipe.num_iterations - 1
     t.last = []
     for j, (step, look, sc) in enumerate(zip(steps, looks, scores)):
         text = t.text + step.text
         node = len(s.tree)
-        s.tree.append(step_node(node, t.node, it, step, look, sc, aggs[j], "chosen" if j == best else "rejected",
+        own = own_scores(sc, text, look)
+        s.tree.append(step_node(node, t.node, it, step, look, own, aggs[j], "chosen" if j == best else "rejected",
                                 subtree=t.index))
-        t.last.append(_Candidate(text, own_scores(sc, text, look), t.tokens + step.num_tokens,
-                                 step.finish_reason, node))
+        t.last.append(_Candidate(text, own, t.tokens + step.num_tokens, step.finish_reason, node,
+                                 finished=last or ended(step)))
     t.node, t.text, t.tokens = t.last[best].node, t.last[best].text, t.last[best].tokens
-    t.live = not (it == recipe.num_iterations - 1 or ended(steps[best]))
+    t.live = not t.last[best].finished
 
 
 def _record(s: _Search, recipe) -> Record:
@@ -102,6 +108,11 @@ def _record(s: _Search, recipe) -> Record:
         s.tree[c.node].completion = i
     depths = [1 + max(node.iteration for node in s.tree if node.subtree == t.index) for t in s.subtrees]
     notes = [f"dvts: {len(s.subtrees)} subtrees x beam_width={recipe.beam_width}; steps per subtree {depths}"]
+    unfinished = sum(not c.finished for _, c in outputs)
+    if unfinished:
+        notes.append(f"{unfinished} of {len(outputs)} completions unfinished (candidates that stopped at a step "
+                     f"beside their subtree's last step): kept as the reference does, they give no answer")
     return make_record(s.problem, recipe, [c.text for _, c in outputs], [c.scores for _, c in outputs],
                        [c.tokens for _, c in outputs], [c.finish for _, c in outputs],
-                       groups=[g for g, _ in outputs], tree=s.tree, notes=notes)
+                       groups=[g for g, _ in outputs], tree=s.tree, notes=notes,
+                       finished=[c.finished for _, c in outputs])
