@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from ttc_mlops.grading import answer_key, boxed_answer, equivalent, extract_answer, is_equiv
+from ttc_mlops.grading import (
+    answer_key,
+    boxed_answer,
+    equivalent,
+    extract_answer,
+    is_equiv,
+)
 from ttc_mlops.policy import Generation
 from ttc_mlops.records import Record
 from ttc_mlops.search.common import ended
