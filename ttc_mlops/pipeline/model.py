@@ -60,6 +60,8 @@ class TTCSearchModel(mlflow.pyfunc.PythonModel):
         records = []
         size = self.recipe.search_batch_size
         for start in range(0, len(problems), size):
+            policy.clear_cache()  # as a chunk run does: a batch's answers do not depend on the batch before
+            prm.clear_cache()
             records += strategy(problems[start : start + size], policy, prm, self.recipe)
         return pd.DataFrame({
             "problem": texts,

@@ -4,7 +4,9 @@
 
 Records are checkpointed to the chunk run after every search batch, so a chunk that dies part-way
 continues from the problems already saved when it is run again; a chunk whose run finished is not
-run again.
+run again. Every search batch starts from empty prefix caches, so a batch's records depend on its
+problems, the recipe and the seed only: a resumed chunk, another chunking with the same batch
+boundaries and a plain re-run give identical records.
 """
 
 from __future__ import annotations
@@ -160,6 +162,9 @@ def _search(recipe, problems, done, run_id, artifact, policy, prm, progress, str
     bar = tqdm(total=len(problems), initial=len(done), unit="problem", disable=not progress, desc=recipe.approach)
     for i in range(0, len(todo), recipe.search_batch_size):
         batch = todo[i : i + recipe.search_batch_size]
+        # Each search batch starts from empty prefix caches: what an earlier batch left there would
+        # change this one's numerics (bf16), and a resumed chunk or another chunking has no earlier batch.
+        meter.clear_cache()
         for record in strategy(batch, meter, prm=meter, recipe=recipe):
             records[record.problem_id] = record
         ordered = [records[p.problem_id] for p in problems if p.problem_id in records]
