@@ -9,6 +9,7 @@ Commands are thin; heavy imports (torch, transformers, mlflow) happen inside the
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Optional
 
@@ -20,6 +21,10 @@ SET_HELP = "Override a recipe field: --set key=value (repeatable; values read as
 
 
 def _fail(message: str, code: int = 2) -> None:
+    if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run says why, not just FAILED
+        from .pipeline.store import mark_launched_failed
+
+        mark_launched_failed(message)
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
@@ -37,8 +42,10 @@ def setup_logging(verbose: bool = False) -> None:
     """Progress on stderr for `ttc` and the benchmark scripts; chatty libraries only warn."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store", "filelock", "transformers"):
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow", "filelock", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # a CLI summary, not four "Downloading artifacts" bars
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @app.callback()
@@ -50,11 +57,21 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
 def validate(recipe: str = typer.Argument(..., help="Recipe YAML."),
              set_: list[str] = typer.Option([], "--set", help=SET_HELP),
              show: bool = typer.Option(False, help="Print the resolved recipe.")) -> None:
-    """Check a recipe (fields, types, cross-field rules) without loading anything."""
-    from .config import recipe_yaml
+    """Check a recipe (fields, types, cross-field rules, its PRM family) without loading anything."""
+    from .config import RecipeError, recipe_yaml
+    from .prm.families import families, family_for
 
     r = _recipe(recipe, set_)
-    typer.echo(recipe_yaml(r) if show else f"ok: {recipe} ({r.approach}, n={r.n}, model={r.model_path})")
+    try:
+        family = family_for(r.prm_path, r.prm_family)
+    except RecipeError as err:
+        _fail(str(err))
+    if show:
+        typer.echo(recipe_yaml(r))
+        return
+    typer.echo(f"ok: {recipe} ({r.approach}, n={r.n}, model={r.model_path}, prm={r.prm_path} [{family}])")
+    found = sorted(families().values(), key=lambda f: (f.dist is not None, f.name))
+    typer.echo("PRM families: " + ", ".join(f.name if f.dist is None else f"{f.name} (plugin: {f.dist})" for f in found))
 
 
 @app.command()
@@ -166,8 +183,10 @@ def _evaluate_and_report(parent_id: str, recipe) -> None:
     typer.echo(f"{ev.problems} problems, {ev.distinct_answers} distinct answers; metrics on parent run {parent_id}"
                + (" (unchanged: evaluated before)" if result.already else ""))
     if result.registered:
-        typer.echo(f"registered: models:/{result.registered[0]}/{result.registered[1]} "
-                   f"(best: models:/{result.registered[0]}@{N.BEST_ALIAS})")
+        name, version = result.registered
+        best = (f"best: models:/{name}@{N.BEST_ALIAS} = version {result.best}" if result.best
+                else f"no `{N.BEST_ALIAS}` alias: no version scored above 0")
+        typer.echo(f"registered: models:/{name}/{version} ({best})")
 
 
 @app.command("merge")
@@ -178,11 +197,10 @@ def merge_command(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML
                                              help="Merge despite missing / duplicate problems; tag the result partial."),
           push_to_hub: bool = typer.Option(False, "--push-to-hub", help="Also upload the merged records to hub_dataset_id.")) -> None:
     """Merge the chunk runs of a parent, checking that every problem comes exactly once."""
-    from . import names as N
     from .pipeline.store import adopt_launched_run
 
     pid, r = _parent(recipe, set_, parent_run_id)
-    adopt_launched_run(pid, N.ROLE_STEP)
+    adopt_launched_run(pid, "merge")
     _merge_and_report(pid, r, allow_partial, push_to_hub)
 
 
@@ -191,18 +209,18 @@ def evaluate_command(recipe: Optional[str] = typer.Argument(None, help="Recipe Y
              set_: list[str] = typer.Option([], "--set", help=SET_HELP),
              parent_run_id: Optional[str] = typer.Option(None, help="The merged parent run to evaluate.")) -> None:
     """Grade a parent's merged records at n = 1, 2, 4, ..., N; log metrics (step = n) and register."""
-    from . import names as N
     from .pipeline.store import adopt_launched_run
 
     pid, r = _parent(recipe, set_, parent_run_id)
-    adopt_launched_run(pid, N.ROLE_STEP)
+    adopt_launched_run(pid, "evaluate")
     _evaluate_and_report(pid, r)
 
 
 @app.command("compare")
 def compare_command(experiment: Optional[str] = typer.Option(None, help="Experiment (default: the only one with parent runs)."),
             model: Optional[str] = typer.Option(None, help="Only this policy model (path or label)."),
-            output: str = typer.Option("accuracy_vs_n.png", help="Where to write the PNG.")) -> None:
+            output: str = typer.Option("accuracy_vs_n.png", help="Where to write the PNG."),
+            allow_mixed: bool = typer.Option(False, "--allow-mixed", help="Draw runs of different problem sets together.")) -> None:
     """Draw accuracy against N for every strategy and voting rule of an experiment; log it to MLflow."""
     from .pipeline.compare import compare
     from .pipeline.store import experiments_with_parents
@@ -213,7 +231,7 @@ def compare_command(experiment: Optional[str] = typer.Option(None, help="Experim
             _fail(f"--experiment is needed: {len(found)} experiments have parent runs ({found})")
         experiment = found[0]
     try:
-        _, text, run_id = compare(experiment, model, output)
+        _, text, run_id = compare(experiment, model, output, allow_mixed)
     except LookupError as err:
         _fail(str(err), code=1)
     typer.echo(text)

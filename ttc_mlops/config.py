@@ -24,6 +24,7 @@ from .names import model_label_of
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 BUILTIN_DATASET = "builtin:math-mini"
+BUILTIN_MATH500 = "builtin:math500"  # MATH-500 (MIT), shipped in the package: no Hub needed
 STEP_DELIMITER = "\n\n"
 
 SAL_SYSTEM_PROMPT = (
@@ -47,6 +48,16 @@ NON_RESULT_FIELDS = CHUNK_FIELDS + (
     "num_proc", "experiment_name", "search_batch_size", "prm_batch_size", "gpu_memory_utilization",
     "prefix_cache_gib",
 )
+
+# Fields that only some strategies read: a best-of-N configuration has no beam width. They are
+# left out of its parameters and of its search key (so they never split one configuration in two).
+STRATEGY_FIELDS = {
+    "beam_width": ("beam_search", "dvts"),
+    "num_iterations": ("beam_search", "dvts"),
+    "lookahead": ("beam_search", "dvts"),
+    "filter_duplicates": ("beam_search",),
+    "sort_completed": ("beam_search",),
+}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -78,6 +89,7 @@ class PolicySettings(ModelSettings):
 class PRMSettings(ModelSettings):
     family: str | None  # None: looked up from `path`
     batch_size: int  # sequences per forward pass
+    step_separator: str | None = None  # TRL PRMs: the text after every step; None: the checkpoint's own
 
 
 class Recipe(BaseModel):
@@ -108,6 +120,9 @@ class Recipe(BaseModel):
     model_path: str = "meta-llama/Llama-3.2-1B-Instruct"  # Hub id, local dir or EMBEDDED_MODEL
     prm_path: str = "RLHFlow/Llama3.1-8B-PRM-Deepseek-Data"
     prm_family: str | None = None  # overrides the family looked up from prm_path
+    # TRL-trained PRMs (prm_family: trl): the text after every step, TRL's PRMConfig.step_separator;
+    # None reads it from the checkpoint's training_args.bin, else TRL's default "\n"
+    prm_step_separator: str | None = Field(None, min_length=1)
     backend: Literal["auto", "transformers", "vllm"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
@@ -120,12 +135,13 @@ class Recipe(BaseModel):
     prefix_cache_gib: float = Field(2.0, ge=0.0)
 
     # --- data
-    dataset_name: str = "HuggingFaceH4/MATH-500"  # Hub id, local .jsonl/.json/.parquet, or BUILTIN_DATASET
+    dataset_name: str = "HuggingFaceH4/MATH-500"  # Hub id, local .jsonl/.json/.parquet, BUILTIN_MATH500 or BUILTIN_DATASET
     dataset_config: str | None = None
     dataset_split: str = "test"
     dataset_start: int | None = Field(None, ge=0)
     dataset_end: int | None = Field(None, ge=1)
     num_samples: int | None = Field(None, ge=1)
+    dataset_levels: list[int] | None = None  # keep only problems of these MATH levels (1-5), before num_samples
     chunk: int | None = Field(None, ge=0)  # this process's chunk, 0-based
     num_chunks: int | None = Field(None, ge=1)
 
@@ -163,6 +179,8 @@ class Recipe(BaseModel):
             if not looks_like_model_ref(value):
                 raise ValueError(f"{field}={value!r} is neither a Hub id (org/name), a local "
                                  f"directory path, nor {EMBEDDED_MODEL!r}")
+        if self.dataset_levels is not None and (not self.dataset_levels or not set(self.dataset_levels) <= set(range(1, 6))):
+            raise ValueError(f"dataset_levels={self.dataset_levels} must be a non-empty list of MATH levels 1-5")
         if self.push_to_hub and not self.hub_dataset_id:
             raise ValueError("push_to_hub=true needs hub_dataset_id (org/name)")
         return self
@@ -176,7 +194,11 @@ class Recipe(BaseModel):
 
     def result_params(self) -> dict[str, Any]:
         """The fields that decide the records (what a parent run is keyed on)."""
-        return {k: v for k, v in self.model_dump().items() if k not in NON_RESULT_FIELDS}
+        return {k: v for k, v in self.params().items() if k not in NON_RESULT_FIELDS}
+
+    def params(self) -> dict[str, Any]:
+        """Every field that applies to this recipe's strategy (the full recipe is its YAML)."""
+        return {k: v for k, v in self.model_dump().items() if self.approach in STRATEGY_FIELDS.get(k, (self.approach,))}
 
     @property
     def dataset_label(self) -> str:
@@ -195,7 +217,7 @@ class Recipe(BaseModel):
     @property
     def prm_settings(self) -> PRMSettings:
         return PRMSettings(self.prm_path, self.dtype, self.device, self.trust_remote_code, self.prefix_cache_gib,
-                           self.prm_family, self.prm_batch_size)
+                           self.prm_family, self.prm_batch_size, self.prm_step_separator)
 
 
 def looks_like_model_ref(value: str) -> bool:

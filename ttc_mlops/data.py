@@ -10,17 +10,21 @@ one, else `<dataset>/<row index>`: never the text, so duplicate problems do not 
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import BUILTIN_DATASET, Recipe, RecipeError
+from .config import BUILTIN_DATASET, BUILTIN_MATH500, Recipe, RecipeError
 
 log = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+# MATH-500 as published with "Let's Verify Step by Step" (openai/prm800k, MIT; the same 500 rows as
+# HuggingFaceH4/MATH-500): problem, solution, answer, subject, level, unique_id.
+MATH500_FILE = Path(__file__).resolve().parent / "builtin" / "math500.jsonl.gz"
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,7 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
         import pandas as pd
 
         return pd.read_parquet(path).to_dict("records")
-    text = path.read_text()
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
     if path.suffix == ".json" and text.lstrip().startswith("["):
         return json.loads(text)
     rows = []
@@ -147,6 +151,8 @@ def load_dataset_problems(recipe: Recipe) -> list[Problem]:
     name = recipe.dataset_name
     if name == BUILTIN_DATASET:
         problems = builtin_problems()
+    elif name == BUILTIN_MATH500:
+        problems = rows_to_problems(_read_local(MATH500_FILE), "math500")
     elif is_local_dataset(name):
         path = Path(name).expanduser()
         if not path.is_file():
@@ -158,6 +164,10 @@ def load_dataset_problems(recipe: Recipe) -> list[Problem]:
 
         ds = datasets.load_dataset(name, recipe.dataset_config, split=recipe.dataset_split)
         problems = rows_to_problems(ds, recipe.dataset_label)
+    if recipe.dataset_levels is not None:
+        problems = [p for p in problems if p.level in recipe.dataset_levels]
+        if not problems:
+            raise RecipeError(f"dataset_levels={recipe.dataset_levels}: {name} has no problem of those levels")
     if recipe.num_samples is not None:
         problems = problems[: recipe.num_samples]
     return problems

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 
 # --- tags
-TAG_ROLE = "ttc.role"  # ROLE_PARENT | ROLE_CHUNK | ROLE_STEP | ROLE_COMPARE
+TAG_ROLE = "ttc.role"  # ROLE_PARENT | ROLE_CHUNK | ROLE_STEP | ROLE_COMPARE | ROLE_LAUNCHER | ROLE_FAILED
 TAG_SEARCH_KEY = "ttc.search_key"
 TAG_STRATEGY = "ttc.strategy"
 TAG_MODEL = "ttc.model"
@@ -29,16 +29,22 @@ TAG_TOTAL = "ttc.total_problems"  # problems in the whole set
 TAG_MERGED = "ttc.merged"  # MERGED_COMPLETE | MERGED_PARTIAL
 TAG_MERGED_PROBLEMS = "ttc.merged_problems"  # problems in the merged records
 TAG_MERGED_DIGEST = "ttc.merged_digest"  # sha256 of the merged records (what evaluate graded)
+TAG_PROBLEM_SET = "ttc.problem_set"  # sha256 of the merged records' problem ids: which problems were graded
 TAG_EVALUATED = "ttc.evaluated"  # the merged digest that evaluate's metrics belong to
 TAG_GROUP = "ttc.group"  # "<model>/<strategy>": group-by key for the mlflow ui chart view
 TAG_REGISTERED = "ttc.registered"  # "<registered model>/<version>"
+TAG_ERROR = "ttc.error"  # why a run failed before any work
+TAG_POINTS_TO = "ttc.points_to"  # a launcher run's parent run (in the recipe's experiment)
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
+TAG_NOTE = "mlflow.note.content"  # the run's description in the UI
 
 ROLE_PARENT = "parent"  # one per search configuration
 ROLE_CHUNK = "chunk"  # one per slice of the problems, under its parent
 ROLE_STEP = "step"  # the run `mlflow run -e merge|evaluate` starts, nested under the parent
 ROLE_COMPARE = "compare"  # a run that holds a comparison figure of an experiment
+ROLE_LAUNCHER = "launcher"  # the run `mlflow run` started in another experiment: points to the parent
+ROLE_FAILED = "failed"  # the run `mlflow run` started, for a recipe that failed its checks
 MERGED_COMPLETE = "complete"
 MERGED_PARTIAL = "partial"
 
@@ -49,6 +55,8 @@ MERGE_REPORT = f"{RECORDS_DIR}/merge-report.txt"  # missing / duplicate problems
 RECIPE_ARTIFACT = "recipe.yaml"
 EVAL_TABLE = "eval/accuracy.json"
 EVAL_PLOT = "eval/accuracy.png"
+EVAL_PROBLEMS = "eval/problems.json"  # one row per problem: gold, selected answer, verdict, score, tokens
+EVAL_DIR = "eval"  # also eval/search-*.html: every problem's completions and search tree
 COMPARE_TABLE = "compare/accuracy.json"
 COMPARE_PLOT = "compare/accuracy.png"
 MODEL_ARTIFACT = "model"

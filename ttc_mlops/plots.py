@@ -26,7 +26,7 @@ def _figure(ncols: int):
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols + 2.4, 3.6), squeeze=False, sharey=True)
     return fig, list(axes[0])
 
 
@@ -47,7 +47,8 @@ def run_figure(rows: list[dict], title: str):
             ax.plot(*zip(*points), marker="o", label=label)
     _axis(ax, title)
     ax.set_ylabel("accuracy")
-    ax.legend(fontsize=8)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # beside the data
     fig.tight_layout()
     return fig
 
@@ -59,6 +60,7 @@ class Curve:
     rule: str
     points: dict[int, float] = field(default_factory=dict)  # n -> accuracy
     source: dict[int, tuple[int, int]] = field(default_factory=dict)  # n -> (N of the run, start time)
+    problem_sets: set[tuple[int, str]] = field(default_factory=set)  # (problems, digest) of its runs
 
     @property
     def label(self) -> str:
@@ -75,7 +77,7 @@ def compare_figure(curves: list[Curve], title: str):
             ax.plot(ns, [c.points[n] for n in ns], marker="o", label=c.label)
         _axis(ax, RULE_TITLES[rule])
     axes[0].set_ylabel("accuracy")
-    axes[-1].legend(fontsize=8)
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # beside the data
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -84,8 +86,10 @@ def compare_figure(curves: list[Curve], title: str):
 def table(curves: list[Curve]) -> tuple[list[str], list[list[str]]]:
     """(header, rows): one row per curve, one column per n."""
     ns = sorted({n for c in curves for n in c.points})
-    header = ["model", "strategy", "rule", *[f"n={n}" for n in ns]]
-    rows = [[c.model, c.strategy, c.rule, *[f"{c.points[n]:.3f}" if n in c.points else "" for n in ns]] for c in curves]
+    header = ["model", "strategy", "rule", "problems", "problem set", *[f"n={n}" for n in ns]]
+    rows = [[c.model, c.strategy, c.rule, "/".join(str(k) for k, _ in sorted(c.problem_sets)),
+             "/".join(d for _, d in sorted(c.problem_sets)),
+             *[f"{c.points[n]:.3f}" if n in c.points else "" for n in ns]] for c in curves]
     return header, rows
 
 

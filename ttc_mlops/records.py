@@ -101,3 +101,9 @@ def records_digest(records: list[Record]) -> str:
     for r in records:
         h.update(json.dumps(r.to_dict(), sort_keys=True, ensure_ascii=False).encode())
     return h.hexdigest()[:16]
+
+
+def problem_set_digest(problem_ids: Iterable[str]) -> str:
+    """A short hash of which problems a record set covers (order ignored): runs compared side by
+    side must have graded the same problems."""
+    return hashlib.sha256("\n".join(sorted(problem_ids)).encode()).hexdigest()[:12]

@@ -86,6 +86,8 @@ def _classify_task(task: tuple[str | None, list[str]]) -> tuple[list[int], list[
 @dataclass
 class Graded:
     """One problem, graded once for every n."""
+    record: Record
+    answers: list[str | None]  # per completion: the extracted answer (None: no answer)
     level: int | None
     classes: list[int]  # per completion: its answer class, -1 where it gives no answer
     correct: list[bool | None]  # per class; None where the grader could not decide
@@ -128,8 +130,8 @@ def grade(records: list[Record], agg_strategy: str, workers: int | None = None) 
         index = dict(zip(d, classes))
         scores = r.agg_scores if r.agg_strategy == agg_strategy and len(r.agg_scores) == len(r.completions) \
             else [aggregate(s, agg_strategy) for s in r.step_scores]
-        graded.append(Graded(r.level, [index[a] if a is not None else -1 for a in ans], correct, scores, _groups(r),
-                             fin))
+        graded.append(Graded(r, ans, r.level, [index[a] if a is not None else -1 for a in ans], correct, scores,
+                             _groups(r), fin))
     return graded, total
 
 
@@ -143,25 +145,59 @@ def subset(g: Graded, n: int) -> list[int]:
     return kept
 
 
-def choose(g: Graded, kept: list[int]) -> dict[str, bool]:
-    """Whether each voting rule picks a correct answer among the kept completions. Naive picks the
-    best-scored finished completion (the first of equal scores); votes count answered ones only."""
+def picks(g: Graded, kept: list[int]) -> dict[str, int | None]:
+    """The completion each voting rule picks among the kept ones (None: no answer to pick). Naive
+    picks the best-scored finished completion (the first of equal scores); the votes count
+    answered completions only, and name the first completion of the winning class."""
     best = max([i for i in kept if g.finished[i]] or kept, key=lambda i: g.scores[i])
     answered = [i for i in kept if g.classes[i] >= 0]
     weight: dict[int, float] = {}
     for i in answered:
         weight[g.classes[i]] = weight.get(g.classes[i], 0.0) + g.scores[i]
     votes = Counter(g.classes[i] for i in answered)
-
-    def right(cls: int | None) -> bool:
-        return cls is not None and cls >= 0 and g.correct[cls] is True
-
+    first = {}
+    for i in answered:
+        first.setdefault(g.classes[i], i)
     return {
-        M_ACC_NAIVE: right(g.classes[best]),
-        M_ACC_WEIGHTED: right(max(weight, key=weight.get) if weight else None),
-        M_ACC_MAJ: right(votes.most_common(1)[0][0] if votes else None),
-        M_PASS: any(right(g.classes[i]) for i in kept),
+        M_ACC_NAIVE: best,
+        M_ACC_WEIGHTED: first[max(weight, key=weight.get)] if weight else None,
+        M_ACC_MAJ: first[votes.most_common(1)[0][0]] if votes else None,
     }
+
+
+def right(g: Graded, i: int | None) -> bool:
+    """Completion i gives an answer graded correct."""
+    return i is not None and g.classes[i] >= 0 and g.correct[g.classes[i]] is True
+
+
+def choose(g: Graded, kept: list[int]) -> dict[str, bool]:
+    """Whether each voting rule picks a correct answer among the kept completions."""
+    chosen = {rule: right(g, i) for rule, i in picks(g, kept).items()}
+    return {**chosen, M_PASS: any(right(g, i) for i in kept)}
+
+
+def problem_rows(graded: list[Graded], n: int) -> list[dict]:
+    """One row per problem at budget n, for people: the gold answer, what each rule picked, and
+    whether it is right (None where the grader could not decide)."""
+    rows = []
+    for g in graded:
+        kept = subset(g, n)
+        if not kept:
+            continue
+        pick = picks(g, kept)
+        naive, weighted = pick[M_ACC_NAIVE], pick[M_ACC_WEIGHTED]
+        r = g.record
+        rows.append({
+            "problem_id": r.problem_id, "level": r.level, "gold": r.answer,
+            "selected": g.answers[naive], "correct": None if g.classes[naive] >= 0 and g.correct[g.classes[naive]] is None
+            else right(g, naive),
+            "score": round(g.scores[naive], 4), "weighted_vote": g.answers[weighted] if weighted is not None else None,
+            "weighted_correct": right(g, weighted), "pass": any(right(g, i) for i in kept),
+            "tokens": sum(t for t in r.completion_tokens if t is not None),
+            "finish": r.finish_reasons[naive] if naive < len(r.finish_reasons) else None,
+            "notes": "; ".join(r.notes),
+        })
+    return rows
 
 
 def budgets(max_n: int) -> list[int]:
@@ -177,6 +213,7 @@ class Evaluation:
     problems: int
     distinct_answers: int
     undecided: int  # answer classes the grader could not decide (counted wrong), over all problems
+    problems_table: list[dict]  # one row per problem at the largest n (`problem_rows`)
 
     def at(self, n: int | None = None) -> dict[str, float]:
         """Overall accuracies at n (default: the largest n)."""
@@ -214,4 +251,4 @@ def evaluate_records(records: list[Record], agg_strategy: str, voting: bool = Tr
     undecided = sum(v is None for g in graded for v in g.correct)
     if undecided:
         log.warning("%d answer classes could not be graded (counted wrong); see the metric %s", undecided, M_UNDECIDED)
-    return Evaluation(rows, metrics, len(graded), distinct, undecided)
+    return Evaluation(rows, metrics, len(graded), distinct, undecided, problem_rows(graded, max(metrics)))

@@ -15,8 +15,13 @@ from ..plots import RULE_TITLES, Curve, compare_figure, format_table, table
 from . import store
 
 
-def collect(experiment: str, model: str | None = None) -> list[Curve]:
-    """Curves of the evaluated parent runs of an experiment."""
+class MixedProblemsError(LookupError):
+    """The runs to compare graded different problem sets."""
+
+
+def collect(experiment: str, model: str | None = None, allow_mixed: bool = False) -> list[Curve]:
+    """Curves of the evaluated parent runs of an experiment; refuses runs of different problem sets
+    (count and digest of problem ids) unless `allow_mixed`."""
     runs = store.evaluated_parents(experiment, model)
     if not runs:
         raise LookupError(f"experiment={experiment!r} has no evaluated parent runs"
@@ -27,21 +32,31 @@ def collect(experiment: str, model: str | None = None) -> list[Curve]:
         label = N.model_label_of(tags.get(N.TAG_MODEL, "?"))
         strategy = tags.get(N.TAG_STRATEGY, "?")
         big_n = int(tags.get(N.TAG_N, 0))
+        problem_set = (int(tags.get(N.TAG_MERGED_PROBLEMS, 0)), tags.get(N.TAG_PROBLEM_SET, "?"))
         for rule in RULE_TITLES:
             if rule not in run.data.metrics:
                 continue
             curve = curves.setdefault((label, strategy, rule), Curve(label, strategy, rule))
+            curve.problem_sets.add(problem_set)
             for n, value in store.metric_steps(run.info.run_id, rule).items():
                 rank = (big_n, run.info.start_time)
                 if n not in curve.source or rank > curve.source[n]:
                     curve.points[n], curve.source[n] = value, rank
+    found = sorted({ps for c in curves.values() for ps in c.problem_sets})
+    if len(found) > 1 and not allow_mixed:
+        lines = "\n  ".join(f"{r.data.tags.get(N.TAG_RUN_NAME, r.info.run_id)} ({r.info.run_id}): "
+                            f"{r.data.tags.get(N.TAG_MERGED_PROBLEMS, '?')} problems, set "
+                            f"{r.data.tags.get(N.TAG_PROBLEM_SET, '?')}" for r in runs)
+        raise MixedProblemsError(f"experiment={experiment!r}: its evaluated runs graded {len(found)} different problem "
+                                 f"sets; compare runs of one set (--model), or pass --allow-mixed to draw them anyway:"
+                                 f"\n  {lines}")
     return sorted(curves.values(), key=lambda c: (c.model, c.strategy, list(RULE_TITLES).index(c.rule)))
 
 
-def compare(experiment: str, model: str | None, output: str) -> tuple[list[Curve], str, str]:
+def compare(experiment: str, model: str | None, output: str, allow_mixed: bool = False) -> tuple[list[Curve], str, str]:
     """Draw, write the PNG, log it (and the table) to a compare run of the experiment.
     Returns (curves, the table as text, the compare run id)."""
-    curves = collect(experiment, model)
+    curves = collect(experiment, model, allow_mixed)
     fig = compare_figure(curves, f"{experiment}" + (f" ({model})" if model else ""))
     fig.savefig(output, dpi=120)
     header, rows = table(curves)

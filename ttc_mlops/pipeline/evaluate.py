@@ -3,7 +3,9 @@
     ttc evaluate recipes/SmolLM2-135M-Instruct/best_of_n.yaml
 
 Reads the parent's `records/merged.jsonl.gz` only (never a model), so old runs can be graded again
-when the grader improves; the voting itself is `ttc_mlops.voting`. Evaluating the same merged
+when the grader improves; the voting itself is `ttc_mlops.voting`. Logs the metrics (step = n), the
+table and figure of accuracy against n, a per-problem table (`eval/problems.json`) and each
+problem's search as pages (`eval/search-*.html`, ttc_mlops.report). Evaluating the same merged
 records twice logs nothing new.
 """
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from .. import names as N
 from ..plots import run_figure
 from ..records import records_digest
+from ..report import pages, search_html
 from ..voting import EvaluateError, Evaluation, evaluate_records
 from . import store
 from .model import register_version
@@ -29,6 +32,7 @@ class EvaluateResult:
     partial: bool
     already: bool  # the same merged records were evaluated before: nothing was logged again
     registered: tuple[str, str] | None  # (registered model, version)
+    best: str | None = None  # the version the `best` alias points to (None: not set, nothing scored above 0)
 
 
 def evaluate_parent(parent_id: str, recipe, register: bool = True, workers: int | None = None) -> EvaluateResult:
@@ -52,15 +56,19 @@ def evaluate_parent(parent_id: str, recipe, register: bool = True, workers: int 
         store.log_step_metrics(parent_id, evaluation.metrics)
         store.log_metrics(parent_id, {N.M_UNDECIDED: evaluation.undecided})
         store.log_table(parent_id, evaluation.rows, N.EVAL_TABLE)
+        store.log_table(parent_id, evaluation.problems_table, N.EVAL_PROBLEMS)
+        rows = {row["problem_id"]: row for row in evaluation.problems_table}
+        for name, page in pages(records):
+            store.log_text(parent_id, search_html(page, rows, f"{N.run_name(recipe)}: {name}"), f"{N.EVAL_DIR}/{name}")
         store.log_figure(parent_id, run_figure(evaluation.rows, title=N.run_name(recipe)), N.EVAL_PLOT)
         store.set_tags(parent_id, {N.TAG_EVALUATED: digest, N.TAG_GROUP: f"{recipe.model_label}/{recipe.approach}"})
-    registered = None
+    registered = best = None
     if register and partial:
         log.warning("parent %s was merged partially: not registered", parent_id)
     elif register:
         primary = N.M_ACC_WEIGHTED if recipe.apply_voting else N.M_ACC_NAIVE
-        name, version, created = register_version(parent_id, recipe, evaluation.at(), primary)
+        name, version, created, best = register_version(parent_id, recipe, evaluation.at(), primary)
         store.set_tags(parent_id, {N.TAG_REGISTERED: f"{name}/{version}"})
         registered = (name, version)
         log.info("%s version %s of %s", "registered" if created else "already registered as", version, name)
-    return EvaluateResult(parent_id, evaluation, partial, already, registered)
+    return EvaluateResult(parent_id, evaluation, partial, already, registered, best)

@@ -104,7 +104,7 @@ def launch(recipe_path: str, overrides: list[str], chunks: int, *, only_missing:
     uri = store.tracking_uri()
     check_store(uri)
 
-    experiment_id = store.ensure_experiment(N.experiment_name(recipe))
+    experiment_id = store.ensure_experiment(store.experiment_for(recipe))
     parent = store.find_or_create_parent(recipe, experiment_id)
     bounds = [chunk_bounds(total, i, chunks) for i in range(chunks)]
     finished = finished_chunks(parent, bounds)

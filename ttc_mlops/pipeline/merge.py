@@ -22,7 +22,7 @@ import yaml
 from .. import names as N
 from ..config import CHUNK_FIELDS, Recipe, build_recipe, recipe_yaml
 from ..data import Problem, load_dataset_problems
-from ..records import Record, records_digest
+from ..records import Record, problem_set_digest, records_digest
 from . import store
 
 log = logging.getLogger(__name__)
@@ -226,6 +226,7 @@ def log_merge(result: MergeResult) -> None:
         N.TAG_MERGED_PROBLEMS: len(result.records),
         N.TAG_TOTAL: result.total,
         N.TAG_MERGED_DIGEST: result.digest,
+        N.TAG_PROBLEM_SET: problem_set_digest(r.problem_id for r in result.records),
     })
 
 

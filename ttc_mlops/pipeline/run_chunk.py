@@ -115,7 +115,7 @@ def run_chunk(recipe: Recipe, policy=None, prm=None, progress: bool = True) -> C
     all_problems = preflight(recipe)
     start, end = row_range(len(all_problems), recipe)
     problems = all_problems[start:end]
-    experiment_id = store.ensure_experiment(N.experiment_name(recipe))
+    experiment_id = store.ensure_experiment(store.experiment_for(recipe))
     parent_id = store.find_or_create_parent(recipe, experiment_id)
     artifact = N.chunk_artifact(start, end)
 

@@ -49,8 +49,10 @@ def ensure_experiment(name: str) -> str:
 
 
 def recipe_params(recipe: Recipe) -> list[Param]:
+    """The recipe's fields that apply to its strategy, as MLflow params (the full recipe is the
+    run's recipe.yaml)."""
     params = []
-    for key, value in recipe.model_dump().items():
+    for key, value in recipe.params().items():
         text = "" if value is None else str(value)
         params.append(Param(key, text[: MAX_PARAM_CHARS - 3] + "..." if len(text) > MAX_PARAM_CHARS else text))
     return params
@@ -65,6 +67,38 @@ def config_tags(recipe: Recipe) -> dict[str, str]:
         N.TAG_DATASET: recipe.dataset_name,
         N.TAG_N: str(recipe.n),
     }
+
+
+# --- experiments: the recipe's, unless `mlflow run --experiment-name` chose another
+
+DEFAULT_EXPERIMENT = "Default"  # where `mlflow run` puts its run when told nothing
+
+
+def _launched():
+    """The run `mlflow run` started for this process, or None."""
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    return client().get_run(launched) if launched else None
+
+
+def experiment_for(recipe: Recipe) -> str:
+    """The experiment a run of this recipe logs to: the recipe's (`experiment_name`, default
+    ttc-<dataset>), or the one `mlflow run --experiment-name` (or MLFLOW_EXPERIMENT_NAME) chose.
+    MLflow's own `Default` experiment is never chosen: it only means nobody said."""
+    launched = _launched()
+    if launched is not None:
+        name = client().get_experiment(launched.info.experiment_id).name
+        if name != DEFAULT_EXPERIMENT:
+            return name
+    return N.experiment_name(recipe)
+
+
+def mark_launched_failed(message: str) -> None:
+    """A run `mlflow run` started whose recipe failed before any work: say so in its name and tags
+    (a failed `-P set=...` typo is otherwise an unnamed FAILED run)."""
+    launched = _launched()
+    if launched is not None and launched.data.tags.get(N.TAG_ROLE) is None:
+        set_tags(launched.info.run_id, {N.TAG_ROLE: N.ROLE_FAILED, N.TAG_ERROR: message[:MAX_PARAM_CHARS],
+                                        N.TAG_RUN_NAME: "failed preflight: " + message.splitlines()[0][:200]})
 
 
 # --- parent runs
@@ -87,7 +121,7 @@ def _log_config(run_id: str, recipe: Recipe, extra_tags: dict[str, str]) -> None
     c.log_batch(run_id, params=params, tags=tags)
 
 
-def find_or_create_parent(recipe: Recipe, experiment_id: str) -> str:
+def find_or_create_parent(recipe: Recipe, experiment_id: str, adopt: bool = True) -> str:
     """The parent run of this search configuration: the explicit `parent_run_id`, the run that
     `mlflow run` started (MLFLOW_RUN_ID), or the oldest parent tagged with the same search key.
     Two chunks that start at once may both create one; both then keep the oldest and the other
@@ -102,13 +136,16 @@ def find_or_create_parent(recipe: Recipe, experiment_id: str) -> str:
         if key is None:
             _log_config(run.info.run_id, recipe, {N.TAG_ROLE: N.ROLE_PARENT})
         return run.info.run_id
-    launched = os.environ.get("MLFLOW_RUN_ID")
-    if launched:
-        run = c.get_run(launched)
-        if run.data.tags.get(N.TAG_ROLE) in (None, N.ROLE_PARENT) \
-                and run.data.tags.get(N.TAG_SEARCH_KEY) in (None, recipe.search_key):
-            _log_config(launched, recipe, {N.TAG_ROLE: N.ROLE_PARENT, N.TAG_RUN_NAME: N.run_name(recipe)})
-            return launched
+    launched = _launched() if adopt else None
+    if launched is not None and launched.data.tags.get(N.TAG_ROLE) in (None, N.ROLE_PARENT) \
+            and launched.data.tags.get(N.TAG_SEARCH_KEY) in (None, recipe.search_key):
+        if launched.info.experiment_id == experiment_id:
+            _log_config(launched.info.run_id, recipe, {N.TAG_ROLE: N.ROLE_PARENT, N.TAG_RUN_NAME: N.run_name(recipe)})
+            return launched.info.run_id
+        # `mlflow run` put its run in another experiment (Default): it becomes a pointer to the parent
+        parent = find_or_create_parent(recipe.model_copy(), experiment_id, adopt=False)
+        _point_to(launched, parent, experiment_id, N.run_name(recipe))
+        return parent
     found = _parents(experiment_id, recipe.search_key)
     if found:
         return found[0].info.run_id
@@ -123,11 +160,30 @@ def find_or_create_parent(recipe: Recipe, experiment_id: str) -> str:
     return winner
 
 
+def _point_to(launched, parent_id: str, experiment_id: str, name: str) -> None:
+    where = client().get_experiment(experiment_id).name
+    set_tags(launched.info.run_id, {
+        N.TAG_ROLE: N.ROLE_LAUNCHER, N.TAG_POINTS_TO: parent_id, N.TAG_RUN_NAME: f"-> {name} (experiment {where})",
+        N.TAG_NOTE: f"`mlflow run` started this run here; the search logs to its parent run {parent_id} in the "
+                    f"recipe's experiment {where!r} (experiment id {experiment_id}). Pass `--experiment-name {where}` "
+                    f"to `mlflow run` to have no pointer run."})
+
+
 def find_parent(recipe: Recipe):
-    """The parent run of this configuration (never creates one)."""
-    name = N.experiment_name(recipe)
+    """The parent run of this configuration (never creates one): in the experiment a run of the
+    recipe logs to, else the only experiment that has one."""
+    name = experiment_for(recipe)
     exp = client().get_experiment_by_name(name)
     found = _parents(exp.experiment_id, recipe.search_key) if exp is not None else []
+    if not found:
+        found = client().search_runs([e.experiment_id for e in client().search_experiments()], max_results=50,
+                                     filter_string=f"tags.`{N.TAG_SEARCH_KEY}` = '{recipe.search_key}' and "
+                                                   f"tags.`{N.TAG_ROLE}` = '{N.ROLE_PARENT}'")
+        where = sorted({client().get_experiment(r.info.experiment_id).name for r in found})
+        if len(where) > 1:
+            raise LookupError(f"no parent run with {N.TAG_SEARCH_KEY}={recipe.search_key} in experiment {name!r}, "
+                              f"but one in each of {where}: say which with --set experiment_name=... or --parent-run-id")
+        found.sort(key=lambda r: (r.info.start_time, r.info.run_id))
     if not found:
         raise LookupError(f"no parent run with {N.TAG_SEARCH_KEY}={recipe.search_key} in experiment {name!r} "
                           f"({tracking_uri()}): run the recipe first (`ttc run`)")
@@ -142,11 +198,13 @@ def get_run(run_id: str):
                           f"({err.message.splitlines()[0]})") from None
 
 
-def adopt_launched_run(parent_id: str, role: str) -> None:
-    """`mlflow run -e merge|evaluate` starts a run of its own: nest it under the parent it works on."""
+def adopt_launched_run(parent_id: str, step: str) -> None:
+    """`mlflow run -e merge|evaluate` starts a run of its own: nest it under the parent it works on,
+    named for what it did."""
     launched = os.environ.get("MLFLOW_RUN_ID")
     if launched and launched != parent_id:
-        set_tags(launched, {N.TAG_ROLE: role, N.TAG_PARENT: parent_id})
+        parent_name = get_run(parent_id).data.tags.get(N.TAG_RUN_NAME, parent_id)
+        set_tags(launched, {N.TAG_ROLE: N.ROLE_STEP, N.TAG_PARENT: parent_id, N.TAG_RUN_NAME: f"{step}: {parent_name}"})
 
 
 def evaluated_parents(experiment: str, model: str | None = None) -> list:

@@ -10,7 +10,7 @@ in the text is removed so that it cannot fake a step.
 
 from __future__ import annotations
 
-from .stepwise import StepwisePRM, pair_probability
+from .stepwise import StepwisePRM, pair_probability, require_output_head
 
 STEP_TAG = "ки"
 GOOD, BAD = "+", "-"
@@ -21,6 +21,7 @@ class MathShepherdPRM(StepwisePRM):
         from ..models import load_causal_lm
 
         model, tok, device = load_causal_lm(settings)
+        require_output_head(settings.path, model)
         super().__init__(settings, model.base_model, tok, device)
         self.model = model
         candidates = tok.encode(f"{GOOD} {BAD}", add_special_tokens=False)

@@ -14,7 +14,7 @@ reference ignores it).
 
 from __future__ import annotations
 
-from .stepwise import StepwisePRM, pair_probability
+from .stepwise import StepwisePRM, pair_probability, require_output_head
 
 
 class RLHFlowPRM(StepwisePRM):
@@ -22,6 +22,7 @@ class RLHFlowPRM(StepwisePRM):
         from ..models import load_causal_lm
 
         model, tokenizer, device = load_causal_lm(settings)
+        require_output_head(settings.path, model)
         super().__init__(settings, model.base_model, tokenizer, device)
         self.model = model
         self.plus_id = tokenizer.encode("+", add_special_tokens=False)[-1]

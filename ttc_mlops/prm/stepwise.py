@@ -157,19 +157,45 @@ def pair_probability(model, hidden, good_id: int, bad_id: int):
 def load_base_model(settings: PRMSettings):
     """(base model without its LM head, tokenizer, device): the hidden states a value or
     classification head reads. Heads are loaded by `load_head`, never by remote code."""
-    from transformers import AutoModel, AutoTokenizer
+    # The checkpoints name their own head classes in `auto_map`; the base is plain transformers code.
+    return load_checked(settings, "AutoModel")
+
+
+def load_checked(settings: PRMSettings, auto_class: str):
+    """(model, tokenizer, device) of a transformers Auto class, without remote code. A weight the
+    checkpoint lacks is an error naming it: transformers only warns and initialises it at random."""
+    import transformers
 
     from ..models import pick_device, pick_dtype, resolve_model
 
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     source = resolve_model(settings.path)
-    log.info("loading PRM %s (%s, %s)", settings.path, dtype, device)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    # The checkpoints name their own head classes in `auto_map`; the base is plain transformers code.
-    model = AutoModel.from_pretrained(source, dtype=dtype, trust_remote_code=False)
+    log.info("loading PRM %s (%s, %s, %s)", settings.path, auto_class, dtype, device)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    model, info = getattr(transformers, auto_class).from_pretrained(source, dtype=dtype, trust_remote_code=False,
+                                                                    output_loading_info=True)
+    missing = sorted(info["missing_keys"]) + [m[0] if isinstance(m, tuple) else m for m in info["mismatched_keys"]]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise RuntimeError(f"prm_path={settings.path!r}: the checkpoint holds no {missing[0]}{more} of the "
+                           f"{type(model).__name__} it is loaded as, or not in its shape; is prm_family right for this model?")
     model.to(device).eval()
     return model, tokenizer, device
+
+
+def require_output_head(prm_path: str, model) -> None:
+    """A causal LM's output layer must come from the checkpoint (or be its tied input embeddings):
+    transformers fills a missing one at random and only warns, and every score would be noise."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None:
+        raise RuntimeError(f"prm_path={prm_path!r}: {type(model).__name__} has no output layer to read tokens from")
+    if embeddings is not None and head.weight is embeddings.weight:
+        return  # tied: loaded with the base model
+    name = next(n for n, p in model.named_parameters() if p is head.weight)
+    if name not in checkpoint_tensor_names(prm_path):
+        raise RuntimeError(f"prm_path={prm_path!r}: the checkpoint holds no {name} (the output layer this family reads "
+                           f"its good / bad token probabilities from); is prm_family right for this model?")
 
 
 _WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
@@ -201,6 +227,32 @@ def load_head(prm_path: str, prefix: str) -> dict:
             raise RuntimeError(f"prm_path={prm_path!r}: the checkpoint ({name}) holds no {prefix}* weights; "
                                f"is prm_family right for this model?")
         return {key[len(prefix):]: value for key, value in tensors.items()}
+    raise RuntimeError(f"prm_path={prm_path!r}: none of {_WEIGHT_FILES} found in {source}")
+
+
+def checkpoint_tensor_names(prm_path: str) -> set[str]:
+    """The names of the tensors a checkpoint holds, from its index or its weight file's header."""
+    import json
+
+    from transformers.utils import cached_file
+
+    from ..models import resolve_model
+
+    source = resolve_model(prm_path)
+    for name in _WEIGHT_FILES:
+        path = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+        if path is None:
+            continue
+        if name.endswith(".index.json"):
+            return set(json.loads(Path(path).read_text())["weight_map"])
+        if name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                return set(f.keys())
+        import torch
+
+        return set(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
     raise RuntimeError(f"prm_path={prm_path!r}: none of {_WEIGHT_FILES} found in {source}")
 
 
