@@ -17,6 +17,7 @@ PROMPT_SEP = "\nA: "
 
 class FakePolicy:
     name = "fake-policy"
+    progress = None
 
     def __init__(self, script: dict[str, list[str]], steps: bool = False):
         self.script = script  # problem text -> candidate full solutions
@@ -81,6 +82,7 @@ class StepPolicy:
     """
 
     name = "step-policy"
+    progress = None
 
     def __init__(self, steps: dict[str, dict[str, list[str]]]):
         self.steps = steps

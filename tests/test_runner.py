@@ -60,6 +60,10 @@ def test_killed_chunk_resumes_with_the_same_records(mlflow_store):
     assert resumed.resumed_from == 4 and len(policy.calls) == 1  # only the last batch ran
     fresh = run_chunk(recipe(experiment_name="u"), FakePolicy(SCRIPT), FakePRM(), progress=False)
     assert [r.to_dict() for r in resumed.records] == [r.to_dict() for r in fresh.records]
+    # the metrics are totals over the chunk's work, the killed process's included
+    for key in (N.M_GENERATE_CALLS, N.M_GENERATED_TOKENS, N.M_COMPLETION_TOKENS, N.M_PROBLEMS):
+        assert resumed.metrics[key] == fresh.metrics[key], key
+    assert resumed.metrics[N.M_GENERATE_CALLS] == 3 and resumed.metrics[N.M_WALL_S] > 0
 
 
 def test_chunks_share_one_parent(mlflow_store):
@@ -84,3 +88,20 @@ def test_output_dir_gets_a_local_copy(mlflow_store, tmp_path):
 
     run_chunk(recipe(output_dir=str(tmp_path / "out")), FakePolicy(SCRIPT), FakePRM(), progress=False)
     assert len(read_records(tmp_path / "out" / N.chunk_artifact(0, 6))) == 6
+
+
+def test_the_bar_moves_within_a_search_batch(mlflow_store):
+    from ttc_mlops.pipeline.run_chunk import Meter
+
+    moves = []
+    meter = Meter(FakePolicy(SCRIPT), FakePRM(), advance=moves.append)
+    meter.begin_batch(4, recipe(approach="beam_search", n=4, beam_width=2, num_iterations=10))
+    for _ in range(3):
+        meter.score(["p"], [["a"]])
+    assert sum(moves) == pytest.approx(4 * 3 / 10)  # three of ten iterations
+    meter.end_batch()
+    assert sum(moves) == pytest.approx(4)
+    moves.clear()
+    meter.begin_batch(2, recipe(n=4, max_tokens=100))  # best-of-N: by tokens, reported per decoding step
+    meter.policy.progress(200)
+    assert sum(moves) == pytest.approx(2 * 200 / 800)

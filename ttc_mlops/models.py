@@ -67,7 +67,8 @@ def embedded_model_dir() -> Path:
     if (target / "config.json").is_file():
         return target
     gguf = _find_gguf()
-    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    log.info("first use of the embedded model: converting %s (~260 MB) to safetensors in %s; once per machine, "
+             "about half a minute", gguf.name, target)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -94,6 +94,11 @@ def chunk_artifact(start: int, end: int) -> str:
     return f"chunk-{start:05d}-{end:05d}.jsonl.gz"
 
 
+def chunk_counters_artifact(records_artifact: str) -> str:
+    """What a chunk's work cost so far (calls, tokens, seconds), checkpointed with its records."""
+    return records_artifact.replace(".jsonl.gz", ".counters.json")
+
+
 def experiment_name(recipe) -> str:
     return recipe.experiment_name or f"ttc-{recipe.dataset_label}"
 

@@ -11,10 +11,12 @@ boundaries and a plain re-run give identical records.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .. import names as N
 from ..config import Recipe, RecipeError
@@ -52,14 +54,27 @@ def preflight(recipe: Recipe) -> list[Problem]:
 
 @dataclass
 class Meter:
-    """Wraps a policy and a PRM to count calls, tokens and seconds without the strategies knowing."""
+    """Wraps a policy and a PRM to count calls, tokens and seconds without the strategies knowing,
+    and to move the progress bar within a search batch: by tokens sampled (best-of-N, on backends
+    that report them) and by PRM calls (one per iteration of a step-level search). The counters
+    are checkpointed with the records, so a resumed chunk's metrics are totals over all its work."""
     policy: object
     prm: object
+    advance: Callable[[float], None] | None = None  # moves the bar by this many problems
     generate_calls: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # every token sampled: pruned beams, rejected candidates, lookahead
     gen_s: float = 0.0
     prm_calls: int = 0
     prm_s: float = 0.0
+    prm_tokens_before: int = 0  # PRM tokens run by earlier processes of this chunk
+    wall_before: float = 0.0  # seconds spent by earlier processes of this chunk
+    _batch: int = 0
+    _shown: float = 0.0  # problems of the current batch the bar shows as done
+    _plan: tuple[str, float] = ("scores", 1.0)  # what measures the batch's progress, and how much of it there is
+    _seen: float = 0.0
+
+    def __post_init__(self):
+        self.policy.progress = self._tokens  # backends that decode token by token report each step
 
     def chat_prompt(self, system: str, user: str) -> str:
         return self.policy.chat_prompt(system, user)
@@ -77,19 +92,57 @@ class Meter:
         scores = self.prm.score(problems, completions)
         self.prm_s += time.perf_counter() - t
         self.prm_calls += 1
+        if self._plan[0] == "scores":
+            self._seen += 1
+            self._show(min(self._seen / self._plan[1], 0.95))
         return scores
 
     def clear_cache(self) -> None:
         self.policy.clear_cache()
         self.prm.clear_cache()
 
+    # --- progress within a search batch
+    def begin_batch(self, size: int, recipe: Recipe) -> None:
+        self._batch, self._shown, self._seen = size, 0.0, 0.0
+        if recipe.approach == "best_of_n":  # one generate call: its tokens, at most n x max_tokens a problem
+            self._plan = ("tokens", float(size * recipe.n * recipe.max_tokens))
+        else:  # one PRM call per iteration
+            self._plan = ("scores", float(recipe.num_iterations))
+
+    def end_batch(self) -> None:
+        self._show(1.0)
+
+    def _tokens(self, count: int) -> None:
+        if self._plan[0] == "tokens":
+            self._seen += count
+            self._show(min(self._seen / self._plan[1], 0.9))
+
+    def _show(self, fraction: float) -> None:
+        target = fraction * self._batch
+        if self.advance is not None and target > self._shown:
+            self.advance(target - self._shown)
+            self._shown = target
+
+    # --- totals across the processes that worked on this chunk
     @property
     def name(self) -> str:
         return getattr(self.policy, "name", "policy")
 
     @property
     def prm_tokens(self) -> int | None:
-        return getattr(self.prm, "tokens_processed", None)
+        tokens = getattr(self.prm, "tokens_processed", None)
+        return None if tokens is None else tokens + self.prm_tokens_before
+
+    def counters(self, wall: float) -> dict[str, float]:
+        return {"generate_calls": self.generate_calls, "completion_tokens": self.completion_tokens, "gen_s": self.gen_s,
+                "prm_calls": self.prm_calls, "prm_s": self.prm_s, "prm_tokens": self.prm_tokens or 0,
+                "wall_s": self.wall_before + wall}
+
+    def resume(self, saved: dict[str, float]) -> None:
+        """Start from the counters an earlier process of this chunk checkpointed."""
+        self.generate_calls, self.completion_tokens = int(saved["generate_calls"]), int(saved["completion_tokens"])
+        self.gen_s, self.prm_calls, self.prm_s = saved["gen_s"], int(saved["prm_calls"]), saved["prm_s"]
+        self.prm_tokens_before, self.wall_before = int(saved["prm_tokens"]), saved["wall_s"]
 
 
 @dataclass
@@ -157,38 +210,46 @@ def _search(recipe, problems, done, run_id, artifact, policy, prm, progress, str
             from ..prm import load_prm
 
             prm = load_prm(recipe.prm_settings)
-    meter = Meter(policy, prm)
+    bar = tqdm(total=len(problems), initial=len(done), unit="problem", disable=not progress, desc=recipe.approach,
+               bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}{postfix}]")
+    meter = Meter(policy, prm, advance=bar.update)
+    counters = N.chunk_counters_artifact(artifact)
+    if done:
+        before = store.load_run_text(run_id, f"{N.RECORDS_DIR}/{counters}")
+        if before is not None:
+            meter.resume(json.loads(before))
     t0 = time.perf_counter()
-    bar = tqdm(total=len(problems), initial=len(done), unit="problem", disable=not progress, desc=recipe.approach)
     for i in range(0, len(todo), recipe.search_batch_size):
         batch = todo[i : i + recipe.search_batch_size]
         # Each search batch starts from empty prefix caches: what an earlier batch left there would
         # change this one's numerics (bf16), and a resumed chunk or another chunking has no earlier batch.
         meter.clear_cache()
+        meter.begin_batch(len(batch), recipe)
         for record in strategy(batch, meter, prm=meter, recipe=recipe):
             records[record.problem_id] = record
         ordered = [records[p.problem_id] for p in problems if p.problem_id in records]
-        store.log_records(run_id, ordered, artifact)  # checkpoint
-        elapsed = time.perf_counter() - t0
-        bar.update(len(batch))
-        bar.set_postfix(tok_s=f"{meter.completion_tokens / max(elapsed, 1e-9):.0f}")
+        store.log_records(run_id, ordered, artifact)  # checkpoint: the records, then what they cost
+        store.log_text(run_id, json.dumps(meter.counters(time.perf_counter() - t0)), f"{N.RECORDS_DIR}/{counters}")
+        meter.end_batch()
+        bar.set_postfix(tok_s=f"{meter.completion_tokens / max(meter.gen_s, 1e-9):.0f}")
     bar.close()
-    wall = time.perf_counter() - t0
+    totals = meter.counters(time.perf_counter() - t0)
     ordered = [records[p.problem_id] for p in problems]
     tokens = sum(t for r in ordered for t in r.completion_tokens if t is not None)
     acc, ungraded = accuracy(ordered)
+    wall = totals["wall_s"]
     metrics = {
         N.M_PROBLEMS: len(ordered),
         N.M_COMPLETION_TOKENS: tokens,
         N.M_WALL_S: wall,
-        N.M_TOKENS_PER_S: meter.completion_tokens / wall if wall > 0 else 0.0,
+        N.M_TOKENS_PER_S: totals["completion_tokens"] / wall if wall > 0 else 0.0,
         N.M_ACC_SELECTED: acc,
         N.M_UNGRADED: ungraded,
-        N.M_GENERATE_CALLS: meter.generate_calls,
-        N.M_GENERATED_TOKENS: meter.completion_tokens,
-        N.M_GEN_S: meter.gen_s,
-        N.M_PRM_S: meter.prm_s,
-        N.M_OTHER_S: max(wall - meter.gen_s - meter.prm_s, 0.0),
+        N.M_GENERATE_CALLS: totals["generate_calls"],
+        N.M_GENERATED_TOKENS: totals["completion_tokens"],
+        N.M_GEN_S: totals["gen_s"],
+        N.M_PRM_S: totals["prm_s"],
+        N.M_OTHER_S: max(wall - totals["gen_s"] - totals["prm_s"], 0.0),
         N.M_PRM_TOKENS: meter.prm_tokens,
     }
     if not todo:

@@ -11,7 +11,7 @@ out of `max_tokens` (a length stop is not an answer: search keeps the two apart)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Callable, Literal, Protocol
 
 FinishReason = Literal["stop", "eos", "length"]
 
@@ -33,6 +33,9 @@ class Generation:
 
 class Policy(Protocol):
     name: str
+    # Called by backends that decode token by token with how many tokens one decoding step sampled
+    # (progress within a long call); None where nobody listens. vLLM's backend does not call it.
+    progress: Callable[[int], None] | None
 
     def clear_cache(self) -> None:
         """Forget every prefix kept between calls (benchmarks, so that no run profits from another's)."""

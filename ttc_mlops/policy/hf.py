@@ -36,6 +36,7 @@ class HFPolicy:
         if settings.chat_template is not None:
             self.tokenizer.chat_template = settings.chat_template
         self.max_batch = max_batch
+        self.progress = None  # called with the tokens each decoding step sampled
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.eos_ids = set(eos) | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
@@ -107,6 +108,8 @@ class HFPolicy:
                         # the next prompt of a search is this one plus the step: keep what was run
                         self.store.add(enc[row_of[prompts[row]]] + tokens[row][:-1],
                                        lambda b=b: row_kv(cache, b, attention[b]))
+                if self.progress is not None:
+                    self.progress(len(sampled))
                 live = [b for b, row in enumerate(batch) if row is not None]
                 if not live:
                     break

@@ -129,6 +129,7 @@ def shutdown() -> None:
 class VLLMPolicy:
     def __init__(self, settings: PolicySettings):
         self.name = settings.path
+        self.progress = None  # vLLM returns whole generations: progress moves per call, not per token
         self.llm = engine(settings)
         self.tokenizer = self.llm.get_tokenizer()
         if settings.chat_template is not None:

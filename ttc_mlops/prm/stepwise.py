@@ -177,8 +177,8 @@ def load_checked(settings: PRMSettings, auto_class: str):
                                                                     output_loading_info=True)
     missing = sorted(info["missing_keys"]) + [m[0] if isinstance(m, tuple) else m for m in info["mismatched_keys"]]
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise RuntimeError(f"prm_path={settings.path!r}: the checkpoint holds no {missing[0]}{more} of the "
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise RuntimeError(f"prm_path={settings.path!r}: the checkpoint holds no {', '.join(missing[:3])}{more} of the "
                            f"{type(model).__name__} it is loaded as, or not in its shape; is prm_family right for this model?")
     model.to(device).eval()
     return model, tokenizer, device
