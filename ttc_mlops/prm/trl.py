@@ -38,7 +38,9 @@ TRAINING_ARGS = "training_args.bin"  # where transformers' Trainer.save_model pi
 class TRLPRM(StepwisePRM):
     def __init__(self, settings):
         from transformers.modeling_layers import GenericForTokenClassification
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        )
 
         from ..models import resolve_model
 
