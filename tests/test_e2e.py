@@ -19,7 +19,7 @@ def test_best_of_n_entry_point_with_the_embedded_model(mlflow_store, tmp_path):
     assert "accuracy (selected)" in done.stdout
 
     from ttc_mlops import names as N
-    from ttc_mlops.pipeline import model, store
+    from ttc_mlops.pipeline import store
 
     c = store.client()
     exp = c.get_experiment_by_name("e2e")
@@ -44,4 +44,45 @@ def test_best_of_n_entry_point_with_the_embedded_model(mlflow_store, tmp_path):
     # the whole set ran in one process, so the job ends merged, evaluated (step = n) and registered
     assert sorted(m.step for m in c.get_metric_history(parent.info.run_id, N.M_ACC_WEIGHTED)) == [1, 2]
     assert c.get_run(parent.info.run_id).data.tags[N.TAG_MERGED] == "complete"
-    assert model.model_version_by_alias("ttc-SmolLM2-135M-Instruct-best_of_n").run_id == parent.info.run_id
+    [version] = c.search_model_versions("name = 'ttc-SmolLM2-135M-Instruct-best_of_n'")
+    assert version.run_id == parent.info.run_id
+
+
+def test_the_readme_main_job_verbatim_lands_in_the_recipes_experiment(mlflow_store, tmp_path):
+    """`mlflow run . -e best_of_n --env-manager local`, nothing more: the parent and its chunk go to
+    the recipe's experiment (ttc-embedded), MLflow's own run in Default points to them, every `ttc`
+    command that takes the recipe finds them, and the demo shows accuracy rising with N."""
+    from typer.testing import CliRunner
+
+    from ttc_mlops import names as N
+    from ttc_mlops.cli import app
+    from ttc_mlops.pipeline import store
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "best_of_n", "--env-manager", "local"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Downloading artifacts" not in done.stdout + done.stderr  # a clean summary
+
+    c = store.client()
+    recipe_exp = c.get_experiment_by_name("ttc-embedded")
+    runs = c.search_runs([recipe_exp.experiment_id])
+    roles = sorted(r.data.tags.get(N.TAG_ROLE) for r in runs)
+    assert roles == ["chunk", "parent"]
+    parent = next(r for r in runs if r.data.tags[N.TAG_ROLE] == "parent")
+    [pointer] = c.search_runs([c.get_experiment_by_name("Default").experiment_id])
+    assert pointer.data.tags[N.TAG_ROLE] == N.ROLE_LAUNCHER and pointer.data.tags[N.TAG_POINTS_TO] == parent.info.run_id
+    # a best-of-N parent shows what best-of-N reads, not beam settings
+    assert "n" in parent.data.params and "beam_width" not in parent.data.params
+    # the demo's point: pass@n and the weighted vote rise with n
+    history = {m: {x.step: x.value for x in c.get_metric_history(parent.info.run_id, m)} for m in ("pass", "acc_weighted")}
+    assert history["pass"][16] > history["pass"][1] and history["acc_weighted"][16] > history["acc_weighted"][1]
+    # the commands that take the recipe find the run
+    recipe = str(REPO / "recipes" / "SmolLM2-135M-Instruct" / "best_of_n.yaml")
+    out = CliRunner().invoke(app, ["evaluate", recipe])
+    assert out.exit_code == 0 and parent.info.run_id in out.output, out.output
+    out = CliRunner().invoke(app, ["compare", "--experiment", "ttc-embedded", "--output", str(tmp_path / "c.png")])
+    assert out.exit_code == 0 and "best_of_n" in out.output, out.output
+    # and the per-problem views are there for the UI
+    files = {a.path for a in c.list_artifacts(parent.info.run_id, N.EVAL_DIR)}
+    assert N.EVAL_PROBLEMS in files and f"{N.EVAL_DIR}/search-0000-0007.html" in files

@@ -163,10 +163,12 @@ def test_training_moves_scores_toward_the_labels(trl_prm):
                 (good if label else bad).append(score)
         return good, bad
 
+    def mean(xs):
+        return sum(xs) / len(xs)
+
     (good0, bad0), (good1, bad1) = by_label(before), by_label(after)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert mean(good1) > mean(good0) and mean(bad1) < mean(bad0)
-    assert min(good1) > 0.9 > 0.1 > max(bad1)  # every right step above every wrong one, by far
+    assert min(good1) > 0.9 and max(bad1) < 0.1  # every right step above every wrong one, by far
 
 
 def test_the_separator_is_the_recipes_then_the_checkpoints_then_trls_default(trl_prm, tmp_path, caplog):

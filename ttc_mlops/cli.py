@@ -44,8 +44,9 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "filelock", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # a CLI summary, not four "Downloading artifacts" bars
+    # a CLI summary, not four "Downloading artifacts" bars nor MLflow's INFO lines (it reads these on import)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 @app.callback()

@@ -211,7 +211,7 @@ def _search(recipe, problems, done, run_id, artifact, policy, prm, progress, str
 
             prm = load_prm(recipe.prm_settings)
     bar = tqdm(total=len(problems), initial=len(done), unit="problem", disable=not progress, desc=recipe.approach,
-               bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}{postfix}]")
+               bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}{postfix}]", mininterval=1.0)
     meter = Meter(policy, prm, advance=bar.update)
     counters = N.chunk_counters_artifact(artifact)
     if done:

@@ -25,9 +25,9 @@ class SkyworkPRM(StepwisePRM):
         super().__init__(settings, *load_base_model(settings))
         head = load_head(settings.path, "v_head.summary.")
         hidden = self.base.config.hidden_size
-        if tuple(head["weight"].shape) != (1, hidden):
-            raise RuntimeError(f"PRM {self.name}: v_head.summary.weight has shape {tuple(head['weight'].shape)}, "
-                               f"expected (1, {hidden})")
+        shape = tuple(head["weight"].shape) if "weight" in head else None
+        if shape != (1, hidden):
+            raise RuntimeError(f"PRM {self.name}: v_head.summary.weight has shape {shape}, expected (1, {hidden})")
         # The head runs in float32: one dot product per token, and the sigmoid is sensitive near 0 and 1.
         self.v_head = torch.nn.Linear(hidden, 1, bias="bias" in head).to(self.device)
         self.v_head.load_state_dict(head)

@@ -175,11 +175,11 @@ def load_checked(settings: PRMSettings, auto_class: str):
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     model, info = getattr(transformers, auto_class).from_pretrained(source, dtype=dtype, trust_remote_code=False,
                                                                     output_loading_info=True)
-    missing = sorted(info["missing_keys"]) + [m[0] if isinstance(m, tuple) else m for m in info["mismatched_keys"]]
+    missing = sorted(info["missing_keys"])  # (a weight of the wrong shape is transformers' own error)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise RuntimeError(f"prm_path={settings.path!r}: the checkpoint holds no {', '.join(missing[:3])}{more} of the "
-                           f"{type(model).__name__} it is loaded as, or not in its shape; is prm_family right for this model?")
+                           f"{type(model).__name__} it is loaded as; is prm_family right for this model?")
     model.to(device).eval()
     return model, tokenizer, device
 
