@@ -78,8 +78,8 @@ def tree_html(tree: list[TreeNode]) -> str:
     return _children(None, children, full=len(tree) <= FULL_TREE)
 
 
-def problem_html(record: Record, row: dict | None) -> str:
-    """One problem: the verdict line, its completions, its tree."""
+def problem_html(record: Record, row: dict | None, open_: bool = False) -> str:
+    """One problem: the verdict line, its completions, its tree (unfolded when `open_`)."""
     row = row or {}
     head = (f"<b>{escape(record.problem_id)}</b> level {record.level} &middot; gold <code>{escape(str(record.answer))}"
             f"</code> &middot; selected <code>{escape(str(row.get('selected')))}</code> {_verdict(row.get('correct'))}"
@@ -92,15 +92,16 @@ def problem_html(record: Record, row: dict | None) -> str:
         for i, c in enumerate(record.completions))
     table = f"<table><tr><th>#</th><th>score</th><th>tokens</th><th>finish</th><th>completion</th></tr>{lines}</table>"
     notes = "".join(f"<li>{escape(n)}</li>" for n in record.notes)
-    tree = f"<details><summary>search tree ({len(record.tree)} steps)</summary>{tree_html(record.tree)}</details>" \
+    unfold = " open" if open_ else ""
+    tree = f"<details{unfold}><summary>search tree ({len(record.tree)} steps)</summary>{tree_html(record.tree)}</details>" \
         if record.tree else ""
-    return (f'<details class="p"><summary>{head}</summary><p>{escape(record.problem)}</p>'
+    return (f'<details class="p"{unfold}><summary>{head}</summary><p>{escape(record.problem)}</p>'
             f"{'<ul>' + notes + '</ul>' if notes else ''}{table}{tree}</details>")
 
 
 def search_html(records: list[Record], rows: dict[str, dict], title: str = "search") -> str:
     """A page of problems; `rows` are voting.problem_rows by problem id (verdicts, picks)."""
-    body = "".join(problem_html(r, rows.get(r.problem_id)) for r in records)
+    body = "".join(problem_html(r, rows.get(r.problem_id), open_=i == 0) for i, r in enumerate(records))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{_CSS}</style>"
             f"</head><body><h3>{escape(title)}</h3>{body}</body></html>")
 

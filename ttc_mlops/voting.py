@@ -188,11 +188,11 @@ def problem_rows(graded: list[Graded], n: int) -> list[dict]:
         naive, weighted = pick[M_ACC_NAIVE], pick[M_ACC_WEIGHTED]
         r = g.record
         rows.append({
-            "problem_id": r.problem_id, "level": r.level, "gold": r.answer,
-            "selected": g.answers[naive], "correct": None if g.classes[naive] >= 0 and g.correct[g.classes[naive]] is None
-            else right(g, naive),
-            "score": round(g.scores[naive], 4), "weighted_vote": g.answers[weighted] if weighted is not None else None,
-            "weighted_correct": right(g, weighted), "pass": any(right(g, i) for i in kept),
+            "problem_id": r.problem_id, "level": r.level,
+            "correct": None if g.classes[naive] >= 0 and g.correct[g.classes[naive]] is None else right(g, naive),
+            "selected": g.answers[naive], "gold": r.answer, "pass": any(right(g, i) for i in kept),
+            "weighted_vote": g.answers[weighted] if weighted is not None else None,
+            "weighted_correct": right(g, weighted), "score": round(g.scores[naive], 4),
             "tokens": sum(t for t in r.completion_tokens if t is not None),
             "finish": r.finish_reasons[naive] if naive < len(r.finish_reasons) else None,
             "notes": "; ".join(r.notes),

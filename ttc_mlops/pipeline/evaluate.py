@@ -61,7 +61,8 @@ def evaluate_parent(parent_id: str, recipe, register: bool = True, workers: int 
         for name, page in pages(records):
             store.log_text(parent_id, search_html(page, rows, f"{N.run_name(recipe)}: {name}"), f"{N.EVAL_DIR}/{name}")
         store.log_figure(parent_id, run_figure(evaluation.rows, title=N.run_name(recipe)), N.EVAL_PLOT)
-        store.set_tags(parent_id, {N.TAG_EVALUATED: digest, N.TAG_GROUP: f"{recipe.model_label}/{recipe.approach}"})
+        store.set_tags(parent_id, {N.TAG_EVALUATED: digest, N.TAG_GROUP: f"{recipe.model_label}/{recipe.approach}",
+                                   N.TAG_NOTE: description(recipe, evaluation, [name for name, _ in pages(records)])})
     registered = best = None
     if register and partial:
         log.warning("parent %s was merged partially: not registered", parent_id)
@@ -72,3 +73,18 @@ def evaluate_parent(parent_id: str, recipe, register: bool = True, workers: int 
         registered = (name, version)
         log.info("%s version %s of %s", "registered" if created else "already registered as", version, name)
     return EvaluateResult(parent_id, evaluation, partial, already, registered, best)
+
+
+def description(recipe, evaluation: Evaluation, search_pages: list[str]) -> str:
+    """The parent's description in the UI (markdown): accuracy at every n and where to read more."""
+    rules = [m for m in N.VOTING_METRICS if m in evaluation.at()]
+    lines = [f"**{recipe.approach}** over `{recipe.model_path}`, PRM `{recipe.prm_path}`, on {evaluation.problems} "
+             f"problems of `{recipe.dataset_name}`.", "", "| n | " + " | ".join(rules) + " |",
+             "|---|" + "---|" * len(rules)]
+    lines += [f"| {n} | " + " | ".join(f"{evaluation.at(n)[m]:.3f}" for m in rules) + " |" for n in sorted(evaluation.metrics)]
+    lines += ["", f"Per problem (gold, selected answer, verdict, score, tokens): `{N.EVAL_PROBLEMS}` in Artifacts. "
+              f"Each problem's completions and search tree: " + ", ".join(f"`{N.EVAL_DIR}/{p}`" for p in search_pages)
+              + ". The full recipe: `recipe.yaml`."]
+    if evaluation.undecided:
+        lines.append(f"{evaluation.undecided} answer classes could not be graded (counted wrong).")
+    return "\n".join(lines)
