@@ -67,3 +67,15 @@ def test_compare_names_what_is_missing(mlflow_store):
     store.ensure_experiment("empty")
     out = cli.invoke(app, ["compare", "--experiment", "empty"])
     assert out.exit_code == 1 and "has no evaluated parent runs" in out.output
+
+
+def test_compare_refuses_runs_of_different_problem_sets_unless_asked(mlflow_store, tmp_path):
+    evaluated(n=4)
+    relabel(evaluated(n=4, seed=7, num_samples=2), "dvts")  # DVTS on 2 problems beside best-of-N on 4
+    out = CliRunner().invoke(app, ["compare", "--experiment", "cmp", "--output", str(tmp_path / "c.png")])
+    assert out.exit_code == 1 and "graded 2 different problem sets" in out.output
+    assert "4 problems, set" in out.output and "2 problems, set" in out.output
+    out = CliRunner().invoke(app, ["compare", "--experiment", "cmp", "--output", str(tmp_path / "c.png"), "--allow-mixed"])
+    assert out.exit_code == 0, out.output
+    line = next(x for x in out.output.splitlines() if x.startswith("SmolLM2-135M-Instruct  dvts"))
+    assert "  2  " in line  # each line says how many problems it graded

@@ -79,3 +79,18 @@ def test_bad_data_inputs(tmp_path):
 def test_duplicate_problem_texts_keep_distinct_ids():
     problems = rows_to_problems([{"problem": "same", "answer": "1"}, {"problem": "same", "answer": "1"}], "d")
     assert [p.problem_id for p in problems] == ["d/0", "d/1"]
+
+
+def test_math500_ships_in_the_package_with_a_level_filter(math500):
+    from ttc_mlops.config import BUILTIN_MATH500
+
+    builtin = load_dataset_problems(recipe(dataset_name=BUILTIN_MATH500))
+    shared = load_dataset_problems(recipe(dataset_name=str(math500)))
+    assert builtin == shared  # the same 500 rows, ids, answers and levels as the published file
+    level1 = load_dataset_problems(recipe(dataset_name=BUILTIN_MATH500, dataset_levels=[1], num_samples=10))
+    assert len(level1) == 10 and {p.level for p in level1} == {1}
+    assert len(load_dataset_problems(recipe(dataset_name=BUILTIN_MATH500, dataset_levels=[4, 5]))) == 128 + 134
+    from ttc_mlops.config import build_recipe
+
+    with pytest.raises(RecipeError, match=r"dataset_levels=\[6\] must be a non-empty list of MATH levels 1-5"):
+        build_recipe({"dataset_name": BUILTIN_MATH500, "dataset_levels": [6]})

@@ -52,6 +52,7 @@ def test_chunks_merge_and_evaluate_entry_points_against_a_server(mlflow_server):
     # the entry points' own runs nest under the parent they worked on
     steps = c.search_runs([parent.info.experiment_id], filter_string=f"tags.`{N.TAG_ROLE}` = '{N.ROLE_STEP}'")
     assert len(steps) == 3 and all(s.data.tags[N.TAG_PARENT] == pid for s in steps)
+    assert sorted(s.data.tags[N.TAG_RUN_NAME].split(":")[0] for s in steps) == ["evaluate", "merge", "merge"]
 
     version = model.model_version_by_alias("ttc-SmolLM2-135M-Instruct-best_of_n")
     assert version.run_id == pid and float(version.tags["acc_weighted"]) == 1.0
