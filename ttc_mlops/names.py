@@ -75,6 +75,17 @@ M_GEN_S = "gen_s"
 M_PRM_S = "prm_s"
 M_OTHER_S = "other_s"
 M_PRM_TOKENS = "prm_tokens"  # tokens the PRM ran (reused prefixes do not count)
+# compute: about 2 x parameters x tokens, as run and as it would be without prefix reuse ("_full")
+M_PROMPT_TOKENS = "prompt_tokens"  # prompt / prefill tokens the policy ran
+M_PROMPT_TOKENS_FULL = "prompt_tokens_full"  # every prompt token of every request, reuse or not
+M_PRM_TOKENS_FULL = "prm_tokens_full"  # every token of every sequence the PRM scored
+M_POLICY_PARAMS = "policy_params"
+M_PRM_PARAMS = "prm_params"
+M_POLICY_FLOPS = "policy_flops"  # 2 x policy_params x (prompt_tokens + generated_tokens)
+M_POLICY_FLOPS_FULL = "policy_flops_full"  # 2 x policy_params x (prompt_tokens_full + generated_tokens)
+M_PRM_FLOPS = "prm_flops"  # 2 x prm_params x prm_tokens
+M_PRM_FLOPS_FULL = "prm_flops_full"  # 2 x prm_params x prm_tokens_full
+M_FLOPS = "flops"  # policy_flops + prm_flops
 
 # --- evaluate's metrics, logged on the parent with step = n
 M_ACC_NAIVE = "acc_naive"  # the completion with the highest aggregated score
