@@ -18,6 +18,8 @@ PROMPT_SEP = "\nA: "
 class FakePolicy:
     name = "fake-policy"
     progress = None
+    params = None  # no FLOPs for a fake
+    prompt_tokens = prompt_tokens_full = 0
 
     def __init__(self, script: dict[str, list[str]], steps: bool = False):
         self.script = script  # problem text -> candidate full solutions
@@ -53,6 +55,8 @@ class FakePolicy:
 
 class FakePRM:
     name = "fake-prm"
+    params = None
+    tokens_processed = tokens_full = 0
 
     def __init__(self):
         self.calls = 0
@@ -83,6 +87,8 @@ class StepPolicy:
 
     name = "step-policy"
     progress = None
+    params = None
+    prompt_tokens = prompt_tokens_full = 0
 
     def __init__(self, steps: dict[str, dict[str, list[str]]]):
         self.steps = steps

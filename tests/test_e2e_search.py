@@ -30,6 +30,11 @@ def _run(entry_point: str, mlflow_store, tmp_path):
     m = chunk.data.metrics
     assert m[N.M_PROBLEMS] == 1 and m[N.M_GENERATE_CALLS] >= 1 and m[N.M_PRM_TOKENS] > 0
     assert m[N.M_GEN_S] > 0 and m[N.M_PRM_S] > 0 and m[N.M_OTHER_S] >= 0
+    # compute: 2 x parameters x tokens, as run and without prefix reuse (a step-level search reuses)
+    assert 100e6 < m[N.M_POLICY_PARAMS] < 170e6 and m[N.M_PRM_PARAMS] > 0  # SmolLM2-135M, embeddings aside
+    assert m[N.M_PROMPT_TOKENS_FULL] > m[N.M_PROMPT_TOKENS] > 0 and m[N.M_PRM_TOKENS_FULL] > m[N.M_PRM_TOKENS]
+    assert m[N.M_POLICY_FLOPS] == 2 * m[N.M_POLICY_PARAMS] * (m[N.M_PROMPT_TOKENS] + m[N.M_GENERATED_TOKENS])
+    assert m[N.M_FLOPS] == m[N.M_POLICY_FLOPS] + m[N.M_PRM_FLOPS] < m[N.M_POLICY_FLOPS_FULL] + m[N.M_PRM_FLOPS_FULL]
     [record] = store.load_records(chunk.info.run_id, N.chunk_artifact(0, 1))
     assert record.approach == entry_point
     assert 0 < len(record.completions) <= 4 and len(set(record.completions)) == len(record.completions)

@@ -153,3 +153,32 @@ def load_causal_lm(settings: ModelSettings):
         model.to(device).eval()
         _LOADED[key] = (model, tokenizer, device)
     return _LOADED[key]
+
+
+def compute_params(model) -> int:
+    """Parameters one token's forward pass multiplies by (FLOPs ~ 2 x this x tokens): every weight but
+    the input embedding table (a lookup), plus the output layer where it shares that table's storage."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
+    return total - embed.numel() + (head.weight.numel() if tied else 0)
+
+
+def config_params(config) -> int | None:
+    """The same count from a decoder-only config (for an engine whose weights live elsewhere, vLLM's):
+    attention, gated MLP and the output layer per the config's sizes; None for a config it cannot read."""
+    try:
+        h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or h // heads
+        inter = config.intermediate_size
+    except AttributeError:
+        return None
+    attention = h * heads * head_dim * 2 + h * kv * head_dim * 2  # q, o; k, v
+    return layers * (attention + 3 * h * inter) + vocab * h

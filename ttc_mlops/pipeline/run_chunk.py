@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -66,7 +66,7 @@ class Meter:
     gen_s: float = 0.0
     prm_calls: int = 0
     prm_s: float = 0.0
-    prm_tokens_before: int = 0  # PRM tokens run by earlier processes of this chunk
+    before: dict[str, float] = field(default_factory=dict)  # token counts of earlier processes of this chunk
     wall_before: float = 0.0  # seconds spent by earlier processes of this chunk
     _batch: int = 0
     _shown: float = 0.0  # problems of the current batch the bar shows as done
@@ -75,6 +75,11 @@ class Meter:
 
     def __post_init__(self):
         self.policy.progress = self._tokens  # backends that decode token by token report each step
+        self._start = self._counts()  # the backends' own counters run on across chunks of a process
+
+    def _counts(self) -> dict[str, int]:
+        return {"prompt_tokens": self.policy.prompt_tokens, "prompt_tokens_full": self.policy.prompt_tokens_full,
+                "prm_tokens": self.prm.tokens_processed, "prm_tokens_full": self.prm.tokens_full}
 
     def chat_prompt(self, system: str, user: str) -> str:
         return self.policy.chat_prompt(system, user)
@@ -128,21 +133,39 @@ class Meter:
     def name(self) -> str:
         return getattr(self.policy, "name", "policy")
 
-    @property
-    def prm_tokens(self) -> int | None:
-        tokens = getattr(self.prm, "tokens_processed", None)
-        return None if tokens is None else tokens + self.prm_tokens_before
-
     def counters(self, wall: float) -> dict[str, float]:
+        """Totals over this chunk's work so far, earlier processes included."""
+        now = self._counts()
+        tokens = {k: now[k] - self._start[k] + self.before.get(k, 0) for k in now}
         return {"generate_calls": self.generate_calls, "completion_tokens": self.completion_tokens, "gen_s": self.gen_s,
-                "prm_calls": self.prm_calls, "prm_s": self.prm_s, "prm_tokens": self.prm_tokens or 0,
-                "wall_s": self.wall_before + wall}
+                "prm_calls": self.prm_calls, "prm_s": self.prm_s, **tokens, "wall_s": self.wall_before + wall}
 
     def resume(self, saved: dict[str, float]) -> None:
         """Start from the counters an earlier process of this chunk checkpointed."""
         self.generate_calls, self.completion_tokens = int(saved["generate_calls"]), int(saved["completion_tokens"])
         self.gen_s, self.prm_calls, self.prm_s = saved["gen_s"], int(saved["prm_calls"]), saved["prm_s"]
-        self.prm_tokens_before, self.wall_before = int(saved["prm_tokens"]), saved["wall_s"]
+        self.before = {k: saved.get(k, 0) for k in self._start}
+        self.wall_before = saved["wall_s"]
+
+    def compute(self, totals: dict[str, float]) -> dict[str, float | None]:
+        """Tokens and FLOPs (2 x parameters x tokens), as run and as they would be without prefix reuse."""
+        policy, prm = self.policy.params, self.prm.params
+        gen = totals["completion_tokens"]
+
+        def flops(params, tokens):
+            return None if params is None else 2.0 * params * tokens
+
+        out = {
+            N.M_PROMPT_TOKENS: totals["prompt_tokens"], N.M_PROMPT_TOKENS_FULL: totals["prompt_tokens_full"],
+            N.M_PRM_TOKENS: totals["prm_tokens"], N.M_PRM_TOKENS_FULL: totals["prm_tokens_full"],
+            N.M_POLICY_PARAMS: policy, N.M_PRM_PARAMS: prm,
+            N.M_POLICY_FLOPS: flops(policy, totals["prompt_tokens"] + gen),
+            N.M_POLICY_FLOPS_FULL: flops(policy, totals["prompt_tokens_full"] + gen),
+            N.M_PRM_FLOPS: flops(prm, totals["prm_tokens"]), N.M_PRM_FLOPS_FULL: flops(prm, totals["prm_tokens_full"]),
+        }
+        if out[N.M_POLICY_FLOPS] is not None and out[N.M_PRM_FLOPS] is not None:
+            out[N.M_FLOPS] = out[N.M_POLICY_FLOPS] + out[N.M_PRM_FLOPS]
+        return out
 
 
 @dataclass
@@ -250,7 +273,7 @@ def _search(recipe, problems, done, run_id, artifact, policy, prm, progress, str
         N.M_GEN_S: totals["gen_s"],
         N.M_PRM_S: totals["prm_s"],
         N.M_OTHER_S: max(wall - totals["gen_s"] - totals["prm_s"], 0.0),
-        N.M_PRM_TOKENS: meter.prm_tokens,
+        **meter.compute(totals),
     }
     if not todo:
         store.log_records(run_id, ordered, artifact)

@@ -36,6 +36,9 @@ class Policy(Protocol):
     # Called by backends that decode token by token with how many tokens one decoding step sampled
     # (progress within a long call); None where nobody listens. vLLM's backend does not call it.
     progress: Callable[[int], None] | None
+    params: int | None  # parameters one token's forward multiplies by (FLOPs ~ 2 x params x tokens); None: unknown
+    prompt_tokens: int  # prompt tokens run so far (prefix reuse spares some)
+    prompt_tokens_full: int  # every prompt token of every request so far
 
     def clear_cache(self) -> None:
         """Forget every prefix kept between calls (benchmarks, so that no run profits from another's)."""

@@ -28,7 +28,7 @@ MAX_BATCH = 64  # rows per decoding loop; bounds the KV cache on small machines
 
 class HFPolicy:
     def __init__(self, settings: PolicySettings, max_batch: int = MAX_BATCH):
-        from ..models import load_causal_lm
+        from ..models import compute_params, load_causal_lm
         from .kvcache import store_for
 
         self.name = settings.path
@@ -37,6 +37,9 @@ class HFPolicy:
             self.tokenizer.chat_template = settings.chat_template
         self.max_batch = max_batch
         self.progress = None  # called with the tokens each decoding step sampled
+        self.params = compute_params(self.model)
+        self.prompt_tokens = 0  # prompt tokens run through the model (prefix reuse spares the rest)
+        self.prompt_tokens_full = 0  # every prompt token of every request
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         self.eos_ids = set(eos) | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
@@ -75,9 +78,11 @@ class HFPolicy:
         row_of = {p: i for i, p in enumerate(unique)}
         enc = [self.tokenizer(p, add_special_tokens=False).input_ids for p in unique]
         generators = [torch.Generator(device=self.device).manual_seed(int(s) % (2**63)) for s in seeds]
+        self.prompt_tokens_full += sum(len(enc[row_of[p]]) for p in prompts)
         if len(enc) > 1:  # e.g. the system prompt of every problem: run it once
-            warm(self.model.base_model, self.store, [common_prefix(enc)], self.pad_id)
+            self.prompt_tokens += warm(self.model.base_model, self.store, [common_prefix(enc)], self.pad_id)
         pre = prefill(self.model, enc, self.store, self.pad_id, logits_to_keep=1)
+        self.prompt_tokens += pre.ran
         keep(self.store, pre, enc)
         cache, attention = pre.cache, pre.attention
         logits, step_pos = pre.out.logits[:, -1, :].float(), pre.positions[:, -1:]

@@ -29,6 +29,7 @@ import os
 import time
 
 from ..config import PolicySettings
+from ..models import config_params
 from . import Generation, Sampling, chat_prompt
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,9 @@ class VLLMPolicy:
         self.progress = None  # vLLM returns whole generations: progress moves per call, not per token
         self.llm = engine(settings)
         self.tokenizer = self.llm.get_tokenizer()
+        self.params = config_params(self.llm.llm_engine.model_config.hf_config)
+        self.prompt_tokens = 0  # prompt tokens the engine computed (its prefix cache spares the rest)
+        self.prompt_tokens_full = 0  # every prompt token of every request
         if settings.chat_template is not None:
             self.tokenizer.chat_template = settings.chat_template
 
@@ -158,6 +162,9 @@ class VLLMPolicy:
             for seed in seeds
         ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=False)
+        full = sum(map(len, ids))
+        self.prompt_tokens_full += full
+        self.prompt_tokens += full - sum(getattr(out, "num_cached_tokens", None) or 0 for out in outputs)
         return [self._generation(out.outputs[0]) for out in outputs]
 
     @staticmethod

@@ -18,6 +18,9 @@ AGGREGATIONS = ("last", "min", "prod", "mean")
 
 class PRM(Protocol):
     name: str
+    params: int | None  # parameters one token's forward multiplies by; None: unknown
+    tokens_processed: int  # input tokens run so far (prefix reuse and score caching spare some)
+    tokens_full: int  # every token of every sequence asked for so far, as if nothing were reused
 
     def clear_cache(self) -> None:
         """Forget every score and prefix kept between calls."""

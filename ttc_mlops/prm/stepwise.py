@@ -55,6 +55,7 @@ class StepwisePRM(ABC):
 
     def __init__(self, settings: PRMSettings, base, tokenizer, device):
         """`base`: the model without its output layer, whose last hidden states `step_scores` reads."""
+        from ..models import compute_params
         from ..policy.kvcache import store_for
 
         self.name = settings.path
@@ -64,6 +65,9 @@ class StepwisePRM(ABC):
         self._scores: dict[tuple[str, tuple[str, ...]], float] = {}  # (problem, steps 1..j) -> step j's score
         self.store = store_for(base, settings.prefix_cache_gib, f"PRM {self.name}")
         self.tokens_processed = 0  # PRM input tokens run through the model
+        self.tokens_full = 0  # every token of every sequence asked for, as if nothing were reused
+        self._lengths: dict[tuple[str, tuple[str, ...]], int] = {}  # (problem, steps) -> its sequence's tokens
+        self.params = compute_params(base)
 
     # --- what a family defines
     @abstractmethod
@@ -77,16 +81,19 @@ class StepwisePRM(ABC):
     # --- shared
     def clear_cache(self) -> None:
         self._scores.clear()
+        self._lengths.clear()
         if self.store is not None:
             self.store.clear()
 
     def score(self, problems: list[str], completions: list[list[str]]) -> list[list[list[float]]]:
         current = set(problems)
         self._scores = {k: v for k, v in self._scores.items() if k[0] in current}
+        self._lengths = {k: v for k, v in self._lengths.items() if k[0] in current}
         keys = [[(problem, tuple(split_steps(c))) for c in comps] for problem, comps in zip(problems, completions)]
         todo = [self._row(key) for key in dict.fromkeys(key for row in keys for key in row) if key not in self._scores]
         if todo:
             self._run(todo)
+        self.tokens_full += sum(self._length(key) for row in keys for key in row)
         return [[[self._scores[(p, steps[:j])] for j in range(1, len(steps) + 1)] for p, steps in row] for row in keys]
 
     def _check_positions(self, positions: list[int], steps: tuple[str, ...], marker: str) -> list[int]:
@@ -95,9 +102,17 @@ class StepwisePRM(ABC):
                                f"input; the tokenizer does not keep {marker!r} as one token")
         return positions
 
+    def _length(self, key: tuple[str, tuple[str, ...]]) -> int:
+        """Tokens of the sequence that scores `key`'s last step (what a PRM without reuse runs)."""
+        if key not in self._lengths:
+            _, read_at = self.encode(*key)
+            self._lengths[key] = read_at[-1] + 1
+        return self._lengths[key]
+
     def _row(self, key: tuple[str, tuple[str, ...]]) -> _Row:
         problem, steps = key
         ids, read_at = self.encode(problem, steps)
+        self._lengths[key] = read_at[-1] + 1
         first_new = next(j for j in range(len(steps)) if (problem, steps[: j + 1]) not in self._scores)
         return _Row(key, ids[: read_at[-1] + 1], read_at, first_new)
 
