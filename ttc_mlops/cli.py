@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -90,13 +91,20 @@ def run(recipe: str = typer.Argument(..., help="Recipe YAML."),
 
     extra = [f"{k}={v}" for k, v in (("chunk", chunk), ("num_chunks", num_chunks), ("parent_run_id", parent_run_id)) if v is not None]
     r = _recipe(recipe, [*shlex.split(overrides), *set_, *extra])
+    from .pipeline.lease import ChunkBusy
     from .pipeline.merge import strip_chunk_fields
-    from .pipeline.run_chunk import run_chunk
+    from .pipeline.run_chunk import Stopped, run_chunk
 
     try:
         result = run_chunk(r, progress=progress)
     except RecipeError as err:
         _fail(str(err))
+    except ChunkBusy as err:
+        _fail(str(err), code=1)
+    except Stopped as err:
+        typer.secho(f"{err}: the chunk run is marked FAILED, what was checkpointed is kept; run the same command to "
+                    f"resume", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(128 + getattr(signal, err.signal))
     _summary(r, result)
     if all(getattr(r, k) is None for k in ("chunk", "num_chunks", "dataset_start", "dataset_end")):
         # the whole problem set in one process: finish the pipeline on its parent
@@ -278,6 +286,51 @@ def launch_command(recipe: str = typer.Argument(..., help="Recipe YAML."),
                f"{done.tracking_uri.rstrip('/')}/#/experiments/{done.experiment_id}/runs/{done.parent_run_id}")
     typer.echo(f"if a task fails: ttc launch {recipe} --chunks {done.num_chunks} --only-missing"
                + "".join(f" --set {shlex.quote(s)}" for s in set_))
+
+
+@app.command("optimal")
+def optimal_command(experiment: Optional[str] = typer.Option(None, help="Experiment (default: the only one with parent runs)."),
+            model: Optional[str] = typer.Option(None, help="Only this policy model (path or label)."),
+            difficulty: str = typer.Option("model", help="Bins of: oracle (pass@1 against the gold answers) or "
+                                                         "model (mean PRM score, no gold; the one a deployment can apply)."),
+            budget: str = typer.Option("n", help="Budget axis: n (completions per problem) or flops (FLOPs per problem)."),
+            rule: str = typer.Option("acc_weighted", help="Voting rule accuracy is measured with."),
+            bins: int = typer.Option(5, min=1, help="Difficulty bins (quantiles of the problems)."),
+            cross_validate: bool = typer.Option(True, "--cross-validate/--no-cross-validate",
+                                                help="Choose on one half of the problems, score on the other (off: "
+                                                     "chosen and scored on the same problems, biased upwards)."),
+            output: str = typer.Option("compute_optimal.png", help="Where to write the PNG."),
+            fetch_table: Optional[str] = typer.Option(None, "--fetch-table", metavar="RUN_ID",
+                                                      help="Only fetch the table of this `ttc optimal` run to where "
+                                                           "`optimal_table: RUN_ID` reads it, then exit.")) -> None:
+    """Compute-optimal scaling: per difficulty bin and budget the best strategy, against every fixed one; log the table to deploy."""
+    from .pipeline.optimal import OptimalError, optimal
+    from .pipeline.optimal import fetch_table as fetch
+    from .pipeline.store import experiments_with_parents
+
+    if fetch_table is not None:
+        try:
+            typer.echo(f"table of {fetch_table}: {fetch(fetch_table)}")
+        except LookupError as err:
+            _fail(str(err), code=1)
+        return
+    if experiment is None:
+        found = experiments_with_parents()
+        if len(found) != 1:
+            _fail(f"--experiment is needed: {len(found)} experiments have parent runs ({found})")
+        experiment = found[0]
+    try:
+        done = optimal(experiment, model, difficulty, budget, rule, bins, cross_validate, output)
+    except OptimalError as err:
+        _fail(str(err), code=1)
+    typer.echo(f"accuracy ({rule}) against budget ({budget}):")
+    typer.echo(done.curve_text)
+    typer.echo(f"\nchosen per {difficulty} difficulty bin (1 easiest; * the bin had no problems: chosen on all):")
+    typer.echo(done.routes_text)
+    typer.echo(f"\nwrote {output}; logged to run {done.run_id} of experiment {experiment!r} (difficulty from "
+               f"best-of-N parent {done.difficulty_run}); table kept at {done.table_file}")
+    if difficulty == "model":
+        typer.echo(f"deploy: mlflow run . -e compute_optimal --env-manager local -P table={done.run_id} -P set=\"n=16\"")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ I/O): whatever needs the disk or the network (dataset files, model directories) 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -57,6 +58,9 @@ STRATEGY_FIELDS = {
     "lookahead": ("beam_search", "dvts"),
     "filter_duplicates": ("beam_search",),
     "sort_completed": ("beam_search",),
+    "optimal_table": ("compute_optimal",),
+    "probe_n": ("compute_optimal",),
+    "flops_budget": ("compute_optimal",),
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -96,7 +100,7 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
     # --- search (the symbols of Snell et al. / search-and-learn)
-    approach: Literal["best_of_n", "beam_search", "dvts"] = "best_of_n"
+    approach: Literal["best_of_n", "beam_search", "dvts", "compute_optimal"] = "best_of_n"
     n: int = Field(4, ge=1)  # N, completions per problem (the test-time compute budget)
     beam_width: int = Field(4, ge=1)  # M, expansions kept per beam
     num_iterations: int = Field(40, ge=1)  # maximum search depth, in steps
@@ -107,6 +111,19 @@ class Recipe(BaseModel):
     # answers from the first iteration), so this default differs on purpose.
     sort_completed: bool = True
     apply_voting: bool = True  # evaluate majority / weighted voting besides the naive choice
+
+    # --- compute-optimal routing (approach: compute_optimal; Snell et al. 2024, `ttc optimal`)
+    # The (difficulty bin -> strategy, settings) table to apply: the run id of a `ttc optimal` run
+    # (read from the copy it keeps under $TTC_CACHE/optimal/; `ttc optimal --fetch-table ID` fetches
+    # it), or a path to its table.json. Routes run with the table's sampling settings; the recipe's
+    # own temperature, max_tokens, ... apply only where a hand-written table leaves them out.
+    optimal_table: str | None = None
+    # best-of-N samples per problem whose mean PRM score picks its difficulty bin (no gold answer);
+    # they are paid from the budget and join the final vote
+    probe_n: int = Field(4, ge=1)
+    # For a table chosen against FLOPs: FLOPs per problem, the probe's included. None: the budget is
+    # n (completions per problem, the probe's included). n always caps a problem's completions.
+    flops_budget: float | None = Field(None, gt=0)
 
     # --- sampling
     temperature: float = Field(0.8, ge=0.0)
@@ -141,6 +158,9 @@ class Recipe(BaseModel):
     dataset_start: int | None = Field(None, ge=0)
     dataset_end: int | None = Field(None, ge=1)
     num_samples: int | None = Field(None, ge=1)
+    # a dataset whose problems lack a gold answer is refused before any model loads; false runs them
+    # anyway (their records carry no verdict: nothing to grade)
+    require_answers: bool = True
     dataset_levels: list[int] | None = None  # keep only problems of these MATH levels (1-5), before num_samples
     chunk: int | None = Field(None, ge=0)  # this process's chunk, 0-based
     num_chunks: int | None = Field(None, ge=1)
@@ -164,6 +184,9 @@ class Recipe(BaseModel):
             if self.n % self.beam_width:
                 raise ValueError(f"n={self.n} is not a multiple of beam_width={self.beam_width} "
                                  f"({self.approach} splits n into n / beam_width beams)")
+        if self.approach == "compute_optimal" and self.probe_n >= self.n:
+            raise ValueError(f"probe_n={self.probe_n} leaves nothing of n={self.n} for the route (n counts a "
+                             f"problem's completions, the probe's included)")
         if self.dataset_start is not None and self.dataset_end is not None:
             if self.dataset_end <= self.dataset_start:
                 raise ValueError(f"dataset_end={self.dataset_end} must be greater than "
@@ -229,16 +252,20 @@ def looks_like_model_ref(value: str) -> bool:
     return bool(_HUB_ID.match(value))
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _format_error(err: ValidationError, source: str, overridden: set[str] = frozenset()) -> str:
+    """One line per problem, naming the field, the value, where it came from and what is expected."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "recipe"
+        where = "--set" if e["loc"] and e["loc"][0] in overridden else source
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key {loc!r} in {source} (not a Recipe field)")
+            close = difflib.get_close_matches(loc, Recipe.model_fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"unknown key {loc!r} in {where} (not a Recipe field{hint})")
         elif e["type"] == "value_error" and not e["loc"]:
             lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"{loc}={e.get('input')!r} in {source}: {e['msg']}")
+            lines.append(f"{loc}={e.get('input')!r} in {where}: {e['msg']}")
     return "\n".join(lines)
 
 
@@ -260,13 +287,13 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def build_recipe(data: dict[str, Any], overrides: list[str] | dict[str, Any] = (), source: str = "recipe") -> Recipe:
     merged = dict(data)
-    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
+    items = list(overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides))
     for key, value in items:
         merged[key] = value
     try:
         return Recipe(**merged)
     except ValidationError as err:
-        raise RecipeError(_format_error(err, source)) from None
+        raise RecipeError(_format_error(err, source, {key for key, _ in items})) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> Recipe:
@@ -275,6 +302,9 @@ def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] = ()) ->
         raise RecipeError(f"recipe={str(path)!r}: no such file")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"recipe={str(path)!r} is not a text file (byte {err.start} is not UTF-8): expected a YAML "
+                          f"mapping of Recipe fields") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe={str(path)!r} is not valid YAML: {err}") from None
     if not isinstance(data, dict):

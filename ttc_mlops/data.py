@@ -129,21 +129,38 @@ def rows_to_problems(rows: Iterable[dict[str, Any]], label: str) -> list[Problem
 
 
 def _read_local(path: Path) -> list[dict[str, Any]]:
+    """The rows of a .parquet, .json (an array of objects) or .jsonl(.gz) file, each a JSON object."""
+    where = f"dataset_name={str(path)!r}"
     if path.suffix == ".parquet":
         import pandas as pd
 
-        return pd.read_parquet(path).to_dict("records")
-    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+        try:
+            return pd.read_parquet(path).to_dict("records")
+        except Exception as err:  # pyarrow raises its own kinds for every way a file can be broken
+            raise RecipeError(f"{where} is not a readable parquet file ({type(err).__name__}: {err})") from None
+    try:
+        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    except (UnicodeDecodeError, OSError, EOFError) as err:
+        raise RecipeError(f"{where} is not a UTF-8 text file of JSON rows ({err})") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise RecipeError(f"dataset_name={str(path)!r}: line {lineno} is not JSON ({err})") from None
-    return rows
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RecipeError(f"{where} is not valid JSON ({err})") from None
+        numbered = list(enumerate(rows, 1))
+    else:
+        numbered = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    numbered.append((lineno, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise RecipeError(f"{where}: line {lineno} is not JSON ({err})") from None
+    for lineno, row in numbered:
+        if not isinstance(row, dict):
+            raise RecipeError(f"{where}: row {lineno} is a JSON {type(row).__name__}, expected an object with a "
+                              f"'problem' (or 'question') field")
+    return [row for _, row in numbered]
 
 
 def load_dataset_problems(recipe: Recipe) -> list[Problem]:
@@ -170,6 +187,8 @@ def load_dataset_problems(recipe: Recipe) -> list[Problem]:
             raise RecipeError(f"dataset_levels={recipe.dataset_levels}: {name} has no problem of those levels")
     if recipe.num_samples is not None:
         problems = problems[: recipe.num_samples]
+    if not problems:
+        raise RecipeError(f"dataset_name={name!r} has no problems")
     return problems
 
 

@@ -91,7 +91,8 @@ def embedded_model_dir() -> Path:
 
 
 def check_model_ref(field: str, value: str) -> None:
-    """Preflight (may touch the disk): a local path must be a directory."""
+    """Preflight (may touch the disk and ask the Hub; never loads a model): a local path must be a
+    directory; a Hub id must be in the local cache or exist on the Hub."""
     if value == EMBEDDED_MODEL:
         return
     if not looks_like_model_ref(value):
@@ -99,6 +100,32 @@ def check_model_ref(field: str, value: str) -> None:
     local = Path(value).expanduser()
     if value.startswith(("/", "./", "../", "~")) and not local.is_dir():
         raise RecipeError(f"{field}={value!r}: no such directory (expected a model directory or a Hub id)")
+    if not local.is_dir():
+        _check_hub(field, value)
+
+
+def _check_hub(field: str, repo: str) -> None:
+    """A Hub model id that nothing here could load fails now, not after a parent and a chunk run exist."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return  # downloaded before: loads offline
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise RecipeError(f"{field}={repo!r} is not in the local Hub cache and HF_HUB_OFFLINE is set: download it "
+                          f"first (`hf download {repo}`) or give a local directory")
+    try:
+        HfApi().model_info(repo, timeout=20)
+    except GatedRepoError:
+        raise RecipeError(f"{field}={repo!r} is gated on the Hub: request access on its page, then log in "
+                          f"(`hf auth login`) or set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise RecipeError(f"{field}={repo!r} does not exist on the Hub (or is private: log in with `hf auth login` "
+                          f"or set HF_TOKEN); expected a Hub model id, a local directory or {EMBEDDED_MODEL!r}") from None
+    except Exception as err:  # no network: the model could not be downloaded either
+        raise RecipeError(f"{field}={repo!r} is not in the local Hub cache and the Hub cannot be reached "
+                          f"({type(err).__name__}: {str(err)[:200]}): download it where there is network, or give "
+                          f"a local directory") from None
 
 
 def resolve_model(value: str) -> str:

@@ -35,6 +35,10 @@ TAG_GROUP = "ttc.group"  # "<model>/<strategy>": group-by key for the mlflow ui 
 TAG_REGISTERED = "ttc.registered"  # "<registered model>/<version>"
 TAG_ERROR = "ttc.error"  # why a run failed before any work
 TAG_POINTS_TO = "ttc.points_to"  # a launcher run's parent run (in the recipe's experiment)
+TAG_STOPPED_BY = "ttc.stopped_by"  # the signal that stopped a chunk (SIGTERM, SIGHUP)
+# a chunk run's lease (pipeline/lease.py): who works it, since when, last renewed (unix s; 0: released)
+TAG_LEASE_HOST, TAG_LEASE_PID, TAG_LEASE_TASK = "ttc.lease.host", "ttc.lease.pid", "ttc.lease.slurm_task"
+TAG_LEASE_STARTED, TAG_LEASE_RENEWED = "ttc.lease.started", "ttc.lease.renewed"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 TAG_NOTE = "mlflow.note.content"  # the run's description in the UI
@@ -116,7 +120,7 @@ def experiment_name(recipe) -> str:
 
 def run_name(recipe) -> str:
     return f"{recipe.model_label}-{recipe.approach}-n{recipe.n}" + (
-        f"-m{recipe.beam_width}" if recipe.approach != "best_of_n" else "")
+        f"-m{recipe.beam_width}" if recipe.approach in ("beam_search", "dvts") else "")
 
 
 def chunk_run_name(start: int, end: int) -> str:
@@ -130,3 +134,19 @@ def model_label_of(model_path: str) -> str:
 def registered_model_name(recipe) -> str:
     """One registered model per (policy model, strategy)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"ttc-{recipe.model_label}-{recipe.approach}")
+
+
+# --- compute-optimal scaling (`ttc optimal`, the compute_optimal strategy)
+M_FLOPS_PER_PROBLEM = "flops_per_problem"  # evaluate, step = n: the chunks' `flops` per problem, scaled to n
+EVAL_DIFFICULTY = "eval/difficulty.json"  # best-of-N parent: per problem pass@1, mean PRM score, their bins
+EVAL_OUTCOMES = "eval/outcomes.json"  # per voting rule, per n, per problem: 1 where the rule picked a right answer
+ROLE_OPTIMAL = "optimal"  # a `ttc optimal` run: the compute-optimal curve and the table to deploy
+TAG_DIFFICULTY = "ttc.difficulty"  # oracle | model
+TAG_BUDGET_AXIS = "ttc.budget_axis"  # n | flops
+TAG_RULE = "ttc.rule"  # the voting rule accuracy was measured with (acc_weighted, ...)
+TAG_OPTIMAL_TABLE = "ttc.optimal_table"  # a compute_optimal parent: the table it applied
+OPTIMAL_TABLE = "optimal/table.json"  # per budget, bin -> (strategy, settings): what compute_optimal applies
+OPTIMAL_CURVE = "optimal/curve.json"  # per budget: compute-optimal (cross-validated, in-sample), every fixed strategy
+OPTIMAL_ROUTES = "optimal/routes.json"  # per (budget, bin): the chosen configuration, flat, for the UI's table view
+OPTIMAL_PLOT = "optimal/accuracy.png"
+M_OPTIMAL_IN_SAMPLE = "optimal_in_sample"  # a `ttc optimal` run, step = budget: chosen and scored on the same problems

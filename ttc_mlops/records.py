@@ -65,12 +65,49 @@ class Record:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Record":
+        """A record from its JSON form, its fields' types checked (a record whose completions are
+        null would merge as complete and break grading later)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"not a ttc_mlops record: a JSON {type(data).__name__}")
         missing = [f for f in ("problem_id", "completions", "agg_scores") if f not in data]
         if missing:
             raise ValueError(f"not a ttc_mlops record (missing {missing})")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        _check_types(known)
         known["tree"] = [TreeNode.from_dict(node) for node in known.get("tree") or []]
         return cls(**known)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# field -> (what it must be, the check); fields absent from old records keep their defaults
+_FIELD_TYPES = {
+    "problem_id": ("a string", lambda v: isinstance(v, str)),
+    "problem": ("a string", lambda v: isinstance(v, str)),
+    "completions": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v)),
+    "step_scores": ("a list of lists of numbers",
+                    lambda v: isinstance(v, list) and all(isinstance(s, list) and all(map(_is_number, s)) for s in v)),
+    "agg_scores": ("a list of numbers", lambda v: isinstance(v, list) and all(map(_is_number, v))),
+    "completion_tokens": ("a list of integers or nulls",
+                          lambda v: isinstance(v, list) and all(t is None or isinstance(t, int) for t in v)),
+    "finish_reasons": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(f, str) for f in v)),
+    "selected": ("an integer or null", lambda v: v is None or isinstance(v, int)),
+    "groups": ("a list of integers", lambda v: isinstance(v, list) and all(isinstance(g, int) for g in v)),
+    "finished": ("a list of booleans", lambda v: isinstance(v, list) and all(isinstance(f, bool) for f in v)),
+    "tree": ("a list of step nodes", lambda v: isinstance(v, list) and all(isinstance(n, dict) for n in v)),
+}
+
+
+def _check_types(data: dict[str, Any]) -> None:
+    for field, (expected, ok) in _FIELD_TYPES.items():
+        if field in data and not ok(data[field]):
+            raise ValueError(f"record {data.get('problem_id')!r}: {field}={str(data[field])[:60]!r} is not {expected}")
+    lengths = {f: len(data[f]) for f in ("step_scores", "agg_scores", "finish_reasons", "completion_tokens")
+               if f in data}
+    if any(n != len(data["completions"]) for n in lengths.values()):
+        raise ValueError(f"record {data.get('problem_id')!r}: {len(data['completions'])} completions but {lengths}")
 
 
 def write_records(records: Iterable[Record], path: Path) -> Path:
@@ -83,16 +120,26 @@ def write_records(records: Iterable[Record], path: Path) -> Path:
 
 
 def read_records(path: Path) -> list[Record]:
+    """Every record of a file, or ValueError naming what is wrong."""
+    records, problem = read_records_tolerant(path)
+    if problem is not None:
+        raise ValueError(f"record file {path.name} is corrupt: {problem}")
+    return records
+
+
+def read_records_tolerant(path: Path) -> tuple[list[Record], str | None]:
+    """The records up to the first one that cannot be read, and what was wrong there (None: nothing).
+    A checkpoint cut off mid-write keeps what came before the cut."""
     opener = gzip.open if path.suffix == ".gz" else open
-    records = []
+    records, lineno = [], 0
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     records.append(Record.from_dict(json.loads(line)))
-    except (OSError, EOFError, json.JSONDecodeError, ValueError, TypeError) as err:
-        raise ValueError(f"record file {path} is corrupt: {err}") from None
-    return records
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError) as err:
+        return records, f"line {lineno + 1 if not records and lineno == 0 else lineno}: {err}"
+    return records, None
 
 
 def records_digest(records: list[Record]) -> str:

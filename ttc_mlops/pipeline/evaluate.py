@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 
 from .. import names as N
+from ..optimal import budget_share
 from ..plots import run_figure
 from ..records import records_digest
 from ..report import pages, search_html
@@ -63,6 +64,9 @@ def evaluate_parent(parent_id: str, recipe, register: bool = True, workers: int 
         store.log_figure(parent_id, run_figure(evaluation.rows, title=N.run_name(recipe)), N.EVAL_PLOT)
         store.set_tags(parent_id, {N.TAG_EVALUATED: digest, N.TAG_GROUP: f"{recipe.model_label}/{recipe.approach}",
                                    N.TAG_NOTE: description(recipe, evaluation, [name for name, _ in pages(records)])})
+    flops = flops_per_problem(parent_id, records, sorted(evaluation.metrics))
+    if flops and (not already or N.M_FLOPS_PER_PROBLEM not in run.data.metrics):
+        store.log_step_metrics(parent_id, {n: {N.M_FLOPS_PER_PROBLEM: v} for n, v in flops.items()})
     registered = best = None
     if register and partial:
         log.warning("parent %s was merged partially: not registered", parent_id)
@@ -73,6 +77,26 @@ def evaluate_parent(parent_id: str, recipe, register: bool = True, workers: int 
         registered = (name, version)
         log.info("%s version %s of %s", "registered" if created else "already registered as", version, name)
     return EvaluateResult(parent_id, evaluation, partial, already, registered, best)
+
+
+def flops_per_problem(parent_id: str, records, ns: list[int]) -> dict[int, float]:
+    """FLOPs per problem at each n (step = n, so accuracy can be drawn against compute): the `flops`
+    the parent's chunk runs logged (one run per rows, the one merge takes), over the merged problems,
+    times the share of the work that voting at n keeps (`budget_share`): n / N for best-of-N and
+    DVTS, whose samples / subtrees can be subsampled; all of it for beam search and compute_optimal,
+    whose completions form one group. The estimate at n < N assumes every sample (subtree) costs the
+    same and shares nothing with the others; with prefix reuse the prompt is run once for all of
+    them, so at n < N it overstates a little. Empty where a chunk logged no `flops` (older runs)."""
+    runs = sorted(store.chunk_runs(parent_id), key=lambda r: (r.data.tags.get(N.TAG_ROWS, ""),
+                                                              r.info.status != "FINISHED", r.info.start_time))
+    taken = {}
+    for r in runs:
+        taken.setdefault(r.data.tags.get(N.TAG_ROWS), r)
+    if not taken or not records or any(N.M_FLOPS not in r.data.metrics for r in taken.values()):
+        log.info("parent %s: a chunk run logged no %s; %s not logged", parent_id, N.M_FLOPS, N.M_FLOPS_PER_PROBLEM)
+        return {}
+    per_problem = sum(r.data.metrics[N.M_FLOPS] for r in taken.values()) / len(records)
+    return {n: per_problem * budget_share(records, n) for n in ns}
 
 
 def description(recipe, evaluation: Evaluation, search_pages: list[str]) -> str:

@@ -103,6 +103,7 @@ def launch(recipe_path: str, overrides: list[str], chunks: int, *, only_missing:
             raise LaunchError(f"job script {script} not found (install ttc_mlops from its repository: pip install -e .)")
     uri = store.tracking_uri()
     check_store(uri)
+    store.check_parent_run(recipe)
 
     experiment_id = store.ensure_experiment(store.experiment_for(recipe))
     parent = store.find_or_create_parent(recipe, experiment_id)

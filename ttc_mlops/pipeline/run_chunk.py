@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,7 +27,7 @@ from ..data import Problem, load_dataset_problems, row_range
 from ..grading import is_equiv
 from ..records import Record, write_records
 from ..search import STRATEGIES
-from . import store
+from . import lease, store
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,6 @@ def preflight(recipe: Recipe) -> list[Problem]:
     if recipe.approach not in STRATEGIES:
         raise RecipeError(f"approach={recipe.approach!r} is not implemented yet (available: {sorted(STRATEGIES)})")
 
-    check_model_ref("model_path", recipe.model_path)
-    check_model_ref("prm_path", recipe.prm_path)
     family_for(recipe.prm_path, recipe.prm_family)
     if recipe.backend == "vllm":
         from ..policy import vllm as vllm_backend
@@ -47,8 +48,15 @@ def preflight(recipe: Recipe) -> list[Problem]:
         usable, why = vllm_backend.available(recipe.policy_settings)
         if not usable:
             raise RecipeError(f"backend='vllm' but vLLM cannot run here: {why}")
+    check_model_ref("model_path", recipe.model_path)
+    check_model_ref("prm_path", recipe.prm_path)
     problems = load_dataset_problems(recipe)
     row_range(len(problems), recipe)  # dataset_start past the end, too many chunks
+    unanswered = [p.problem_id for p in problems if p.answer is None]
+    if unanswered and recipe.require_answers:
+        raise RecipeError(f"dataset_name={recipe.dataset_name!r}: {len(unanswered)} of {len(problems)} problems have no "
+                          f"gold answer (no 'answer' field, nor a \\boxed{{}} in 'solution'), e.g. {unanswered[0]!r}: "
+                          f"nothing could grade them. Set require_answers=false to run them anyway")
     return problems
 
 
@@ -189,6 +197,7 @@ def accuracy(records: list[Record]) -> tuple[float | None, int]:
 def run_chunk(recipe: Recipe, policy=None, prm=None, progress: bool = True) -> ChunkResult:
     """Run (or resume, or skip) this process's chunk. `policy` / `prm` default to the recipe's."""
     all_problems = preflight(recipe)
+    store.check_parent_run(recipe)
     start, end = row_range(len(all_problems), recipe)
     problems = all_problems[start:end]
     experiment_id = store.ensure_experiment(store.experiment_for(recipe))
@@ -196,26 +205,71 @@ def run_chunk(recipe: Recipe, policy=None, prm=None, progress: bool = True) -> C
     artifact = N.chunk_artifact(start, end)
 
     existing = store.find_chunk_run(parent_id, start, end)
-    done: list[Record] = []
+    rows = f"{start}:{end}"
     if existing is not None and existing.info.status == "FINISHED":
-        log.info("rows %d:%d already finished in run %s; nothing to do", start, end, existing.info.run_id)
+        log.info("rows %s already finished in run %s; nothing to do", rows, existing.info.run_id)
         records = store.load_records(existing.info.run_id, artifact) or []
         return ChunkResult(existing.info.run_id, parent_id, records, True, len(records), dict(existing.data.metrics))
     if existing is not None:
         run_id = existing.info.run_id
-        done = store.load_records(run_id, artifact) or []
+        lease.acquire(existing, rows)  # refuses while another live process works this chunk
         store.reopen(run_id)
-        log.info("resuming rows %d:%d in run %s from %d saved problems", start, end, run_id, len(done))
     else:
         run_id = store.create_chunk_run(parent_id, recipe, start, end, len(all_problems))
-
+        lease.acquire(store.get_run(run_id), rows)
+    heartbeat = lease.Heartbeat(run_id)
+    done: list[Record] = []
     try:
-        records, metrics = _search(recipe, problems, done, run_id, artifact, policy, prm, progress, STRATEGIES[recipe.approach])
-    except BaseException:
+        with stop_on_signals():
+            if existing is not None:
+                done = _checkpoint(run_id, artifact)
+                log.info("resuming rows %s in run %s from %d saved problems", rows, run_id, len(done))
+            records, metrics = _search(recipe, problems, done, run_id, artifact, policy, prm, progress,
+                                       STRATEGIES[recipe.approach])
+    except BaseException as err:
+        if isinstance(err, Stopped):
+            store.set_tags(run_id, {N.TAG_STOPPED_BY: err.signal})
         store.set_status(run_id, "FAILED")  # the checkpointed records stay on the run
         raise
+    finally:
+        heartbeat.release()
     store.set_status(run_id, "FINISHED")
     return ChunkResult(run_id, parent_id, records, False, len(done), metrics)
+
+
+def _checkpoint(run_id: str, artifact: str) -> list[Record]:
+    """The records a killed process saved: what can be read is kept, the rest is said and recomputed."""
+    done, problem = store.load_records_tolerant(run_id, artifact)
+    if problem is not None:
+        log.warning("%s: keeping the %d records before it, recomputing the rest", problem, len(done or []))
+    return done or []
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP (Slurm's time limit, preemption, a closed terminal) stopped the chunk."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(f"stopped by {signal_name}")
+        self.signal = signal_name
+
+
+@contextmanager
+def stop_on_signals():
+    """Turn SIGTERM / SIGHUP into `Stopped`, so the chunk run is marked FAILED (its checkpoint kept)
+    instead of staying RUNNING; only where signals can be handled (the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    before = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def _search(recipe, problems, done, run_id, artifact, policy, prm, progress, strategy) -> tuple[list[Record], dict]:
@@ -239,8 +293,12 @@ def _search(recipe, problems, done, run_id, artifact, policy, prm, progress, str
     counters = N.chunk_counters_artifact(artifact)
     if done:
         before = store.load_run_text(run_id, f"{N.RECORDS_DIR}/{counters}")
-        if before is not None:
-            meter.resume(json.loads(before))
+        try:
+            if before is not None:
+                meter.resume(json.loads(before))
+        except (ValueError, KeyError, TypeError) as err:
+            log.warning("%s/%s of run %s is unreadable (%s): this chunk's cost metrics count this process only",
+                        N.RECORDS_DIR, counters, run_id, err)
     t0 = time.perf_counter()
     for i in range(0, len(todo), recipe.search_batch_size):
         batch = todo[i : i + recipe.search_batch_size]

@@ -20,8 +20,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from .. import names as N
-from ..config import Recipe, recipe_yaml
-from ..records import Record, read_records, write_records
+from ..config import Recipe, RecipeError, recipe_yaml
+from ..records import Record, read_records_tolerant, write_records
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,33 @@ MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value; the full recipe is th
 MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch
 
 
+_READY: set[str] = set()  # tracking URIs this process has opened once
+
+
 def client() -> MlflowClient:
+    uri = tracking_uri()
+    if uri not in _READY:
+        _open_store(uri)
+        _READY.add(uri)
     return MlflowClient()
+
+
+def _open_store(uri: str) -> None:
+    """Open a SQLite store for the first time under a file lock beside the database: creating one
+    runs MLflow's schema migrations, and processes that run them at once collide (a lost chunk, or a
+    store left with `_alembic_tmp_*` tables for good). Whoever comes second finds it migrated."""
+    if not uri.startswith("sqlite:///"):
+        return
+    from filelock import FileLock
+
+    path = Path(uri.removeprefix("sqlite:///"))
+    if str(path) in ("", ":memory:"):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock", timeout=600):
+        c = MlflowClient(uri)
+        c.search_experiments(max_results=1)  # the tracking tables
+        c.search_registered_models(max_results=1)  # the registry's
 
 
 def tracking_uri() -> str:
@@ -102,6 +127,27 @@ def mark_launched_failed(message: str) -> None:
 
 
 # --- parent runs
+
+def check_parent_run(recipe: Recipe) -> None:
+    """An explicit `parent_run_id` must be a parent run of this configuration: checked before
+    anything is written (a chunk run given by mistake would get a chunk nested under it)."""
+    if not recipe.parent_run_id:
+        return
+    try:
+        run = client().get_run(recipe.parent_run_id)
+    except mlflow.exceptions.MlflowException as err:
+        raise RecipeError(f"parent_run_id={recipe.parent_run_id!r}: no such run in {tracking_uri()} "
+                          f"({err.message.splitlines()[0]})") from None
+    role, key = run.data.tags.get(N.TAG_ROLE), run.data.tags.get(N.TAG_SEARCH_KEY)
+    if role not in (None, N.ROLE_PARENT):
+        raise RecipeError(f"parent_run_id={recipe.parent_run_id!r} is a {role} run ({N.TAG_ROLE}={role}), not a parent: "
+                          f"give the parent's id" + (f" ({run.data.tags[N.TAG_PARENT]})" if N.TAG_PARENT in run.data.tags
+                                                      else ""))
+    if key is not None and key != recipe.search_key:
+        raise RecipeError(f"parent_run_id={recipe.parent_run_id!r} belongs to another search configuration "
+                          f"({N.TAG_SEARCH_KEY}={key}; this recipe's is {recipe.search_key}): leave parent_run_id out, "
+                          f"or run the recipe that parent was made for")
+
 
 def _parents(experiment_id: str, key: str) -> list:
     runs = client().search_runs(
@@ -286,14 +332,25 @@ def log_records(run_id: str, records: list[Record], name: str) -> None:
 
 
 def load_records(run_id: str, name: str) -> list[Record] | None:
-    """The run's records artifact, or None where the run has none."""
+    """The run's records artifact, or None where the run has none; ValueError naming the artifact
+    (not a temporary download path) where it is corrupt."""
+    records, problem = load_records_tolerant(run_id, name)
+    if problem is not None:
+        raise ValueError(problem)
+    return records
+
+
+def load_records_tolerant(run_id: str, name: str) -> tuple[list[Record] | None, str | None]:
+    """The run's records up to the first unreadable one, and what was wrong (None: nothing)."""
     c = client()
     found = {Path(f.path).name for f in c.list_artifacts(run_id, N.RECORDS_DIR)}
     if name not in found:
-        return None
+        return None, None
     with tempfile.TemporaryDirectory() as tmp:
         local = c.download_artifacts(run_id, f"{N.RECORDS_DIR}/{name}", tmp)
-        return read_records(Path(local))
+        records, problem = read_records_tolerant(Path(local))
+    where = f"{N.RECORDS_DIR}/{name} of run {run_id}"
+    return records, None if problem is None else f"record file {where} is corrupt at {problem}"
 
 
 def load_run_text(run_id: str, artifact_file: str) -> str | None:
