@@ -101,9 +101,9 @@ _FIELD_TYPES = {
 
 
 def _check_types(data: dict[str, Any]) -> None:
-    for field, (expected, ok) in _FIELD_TYPES.items():
-        if field in data and not ok(data[field]):
-            raise ValueError(f"record {data.get('problem_id')!r}: {field}={str(data[field])[:60]!r} is not {expected}")
+    for name, (expected, ok) in _FIELD_TYPES.items():
+        if name in data and not ok(data[name]):
+            raise ValueError(f"record {data.get('problem_id')!r}: {name}={str(data[name])[:60]!r} is not {expected}")
     lengths = {f: len(data[f]) for f in ("step_scores", "agg_scores", "finish_reasons", "completion_tokens")
                if f in data}
     if any(n != len(data["completions"]) for n in lengths.values()):
