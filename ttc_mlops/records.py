@@ -103,7 +103,7 @@ _FIELD_TYPES = {
 def _check_types(data: dict[str, Any]) -> None:
     for name, (expected, ok) in _FIELD_TYPES.items():
         if name in data and not ok(data[name]):
-            raise ValueError(f"record {data.get('problem_id')!r}: {name}={str(data[name])[:60]!r} is not {expected}")
+            raise ValueError(f"record {data.get('problem_id')!r}: {name}={repr(data[name])[:60]} is not {expected}")
     lengths = {f: len(data[f]) for f in ("step_scores", "agg_scores", "finish_reasons", "completion_tokens")
                if f in data}
     if any(n != len(data["completions"]) for n in lengths.values()):
