@@ -110,3 +110,17 @@ def test_sampling_follows_the_distribution_and_never_draws_a_cut_token():
     assert set(nucleus) == {0, 1}  # 0.5 + 0.3 reaches top_p: the tail is never drawn
     again = HFPolicy._sample(logits[:3], Sampling(temperature=1.0), [torch.Generator().manual_seed(s) for s in (7, 8, 9)])
     assert again == draws[7:10]  # a row's draw depends on its own seed only
+
+
+def test_trust_remote_code_says_what_will_run(tiny_llama_dir, tmp_path, caplog):
+    import shutil
+
+    from ttc_mlops.models import load_causal_lm
+
+    model = tmp_path / "with-code"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / "modeling_custom.py").write_text("# a checkpoint's own code\n")
+    settings = Recipe(model_path=str(model), dtype="float32", device="cpu", trust_remote_code=True).policy_settings
+    with caplog.at_level("WARNING", logger="ttc_mlops.models"):
+        load_causal_lm(settings)
+    assert f"trust_remote_code=true: loading {model} runs the Python code it ships (modeling_custom.py)" in caplog.text

@@ -47,7 +47,8 @@ tool = os.path.basename(sys.argv[0])
 log = os.environ["FAKE_SLURM_LOG"]
 calls = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
 with open(log, "a") as f:
-    f.write(json.dumps({{"tool": tool, "argv": sys.argv[1:], "cluster": os.environ.get("TTC_CLUSTER")}}) + "\\n")
+    f.write(json.dumps({{"tool": tool, "argv": sys.argv[1:], "cluster": os.environ.get("TTC_CLUSTER"),
+                        "password": os.environ.get("MLFLOW_TRACKING_PASSWORD")}}) + "\\n")
 if tool == "sbatch":
     if os.environ.get("FAKE_SBATCH_FAIL") == str(sum(c["tool"] == "sbatch" for c in calls) + 1):
         sys.exit("sbatch: error: invalid partition specified: nope")
@@ -304,3 +305,20 @@ def test_merge_job_stops_when_merge_refuses(tmp_path):
     failed, lines = _job_script("merge_evaluate.sbatch", ["parent123"], tmp_path, FAKE_MERGE_FAILS="1")
     assert failed.returncode == 1 and "missing chunks: rows 2:4" in failed.stderr
     assert not any(line.startswith("evaluate") for line in lines)
+
+
+def test_credentials_reach_the_jobs_through_the_environment_only(slurm, fake_server, recipe_file, tmp_path,
+                                                                monkeypatch):
+    """An authenticated tracking server: sbatch passes the caller's environment to the jobs, so the
+    credentials travel there and nowhere else (not in argv, the recipe copy or the logs)."""
+    secret = "s3cret-never-written"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret)
+    done = launch(str(recipe_file), [], 2, log_dir=tmp_path / "logs")
+    sbatch = slurm("sbatch")
+    assert len(sbatch) == 2 and all(c["password"] == secret for c in sbatch)
+    assert not any(secret in arg for c in sbatch for arg in c["argv"])
+    written = [f for f in (tmp_path / "logs").rglob("*") if f.is_file()]
+    assert written and not any(secret in f.read_text() for f in written)
+    run = store.client().get_run(done.parent_run_id)
+    assert not any(secret in v for v in {**run.data.params, **run.data.tags}.values())

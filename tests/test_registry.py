@@ -58,6 +58,10 @@ def round_trip(model):
     # models from code: the version holds the loader file and the recipe, no pickled object
     files = {Path(a.path).name for a in store.client().list_artifacts(better.parent_run_id, "model")}
     assert "registered_model.py" in files and "MLmodel" in files and not any(f.endswith(".pkl") for f in files)
+    from ttc_mlops.pipeline.model import load_search
+
+    data_only = load_search(f"models:/{name}@best")  # the recipe alone, no code from the store
+    assert data_only.recipe.seed == 2 and data_only.recipe.model_path == str(model)
     loaded = mlflow.pyfunc.load_model(f"models:/{name}@best")
     out = loaded.predict(pd.DataFrame({"problem": ["What is $2 + 3$?", "What is $3^4$?"]}))
     assert list(out.columns) == ["problem", "answer", "completion", "score"] and len(out) == 2

@@ -165,6 +165,8 @@ def load_causal_lm(settings: ModelSettings):
     """(model, tokenizer, device) for a model name; loaded once per process and shared (the
     embedded model serves as both policy and PRM)."""
     model_path, trust = settings.path, settings.trust_remote_code
+    if trust:
+        warn_remote_code(model_path)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     key = (model_path, str(dtype), device, trust)
@@ -209,3 +211,12 @@ def config_params(config) -> int | None:
         return None
     attention = h * heads * head_dim * 2 + h * kv * head_dim * 2  # q, o; k, v
     return layers * (attention + 3 * h * inter) + vocab * h
+
+
+def warn_remote_code(model_path: str) -> None:
+    """trust_remote_code runs Python that ships with the checkpoint: say which, every time."""
+    local = Path(resolve_model(model_path)) if model_path == EMBEDDED_MODEL or Path(model_path).expanduser().is_dir() \
+        else None
+    files = sorted(p.name for p in local.glob("*.py")) if local is not None else []
+    log.warning("trust_remote_code=true: loading %s runs the Python code it ships (%s) with this process's rights",
+                model_path, ", ".join(files) if files else "its auto_map modules, fetched from the Hub")

@@ -49,10 +49,12 @@ START_SERVER = (
     "A cluster needs an MLflow tracking server (or another server-backed store such as postgresql://) "
     "that every node reaches. Start one on a machine the nodes can reach, with its SQLite file on that "
     "machine's local disk (the server is then its only writer; tasks upload artifacts through it):\n"
-    "    mlflow server --backend-store-uri sqlite:////<local-dir>/mlflow.db --artifacts-destination "
-    "/<local-dir>/artifacts --host 0.0.0.0 --port 5000 --allowed-hosts \"$(hostname):5000\"\n"
-    "then, where you launch:\n"
-    "    export MLFLOW_TRACKING_URI=http://<that-hostname>:5000"
+    "    mlflow server --app-name basic-auth --backend-store-uri sqlite:////<local-dir>/mlflow.db "
+    "--artifacts-destination /<local-dir>/artifacts --host 0.0.0.0 --port 5000 --allowed-hosts \"$(hostname):5000\"\n"
+    "(basic-auth: it listens on the network; see the README's \"Securing the tracking server\"), then, where "
+    "you launch:\n"
+    "    export MLFLOW_TRACKING_URI=http://<that-hostname>:5000 MLFLOW_TRACKING_USERNAME=... "
+    "MLFLOW_TRACKING_PASSWORD=..."
 )
 
 

@@ -76,6 +76,21 @@ with warnings.catch_warnings():
             })
 
 
+def load_search(model_uri: str) -> "TTCSearchModel":
+    """A registered version as a search built from its recipe alone (data, never code): where others
+    can write to the tracking server, `mlflow.pyfunc.load_model` would run the version's loader file,
+    an artifact like any other; this reads only `recipe.yaml` and builds the search from this package.
+    `load_search(uri).predict(None, pd.DataFrame({"problem": [...]}))`."""
+    from ..config import load_recipe
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/artifacts/{N.RECIPE_ARTIFACT}", dst_path=tmp)
+        model = TTCSearchModel()
+        model.recipe = load_recipe(local)
+    model._policy = model._prm = None
+    return model
+
+
 MAX_TAG_CHARS = 5000  # MLflow's limit on a model version tag value
 MODEL_CODE = Path(__file__).with_name("registered_model.py")
 

@@ -29,7 +29,7 @@ import os
 import time
 
 from ..config import PolicySettings
-from ..models import config_params
+from ..models import config_params, warn_remote_code
 from . import Generation, Sampling, chat_prompt
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,9 @@ def engine(settings: PolicySettings):
         return _engine
     shutdown()
     from vllm import LLM
+
+    if settings.trust_remote_code:
+        warn_remote_code(settings.path)
 
     t0 = time.perf_counter()
     log.info("starting vLLM (%s, dtype=%s, %s)", settings.path, dtype,
