@@ -141,7 +141,7 @@ def test_file_stores_are_refused_with_how_to_start_a_server(tmp_path, monkeypatc
     with pytest.raises(LaunchError) as err:
         check_store("sqlite:////shared/home/me/mlflow.db")
     assert "network filesystem (nfs4 mounted at /shared/home)" in str(err.value)
-    assert "mlflow server --backend-store-uri" in str(err.value) and "export MLFLOW_TRACKING_URI=http://" in str(err.value)
+    assert "mlflow server --app-name basic-auth --backend-store-uri" in str(err.value) and "export MLFLOW_TRACKING_URI=http://" in str(err.value)
     for uri in (f"sqlite:///{tmp_path}/mlflow.db", "file:///scratch/mlruns", "./mlruns"):
         with pytest.raises(LaunchError, match="on this machine's disk .*tasks on other nodes cannot write to it"):
             check_store(uri)

@@ -321,7 +321,7 @@ def optimal_command(experiment: Optional[str] = typer.Option(None, help="Experim
         experiment = found[0]
     try:
         done = optimal(experiment, model, difficulty, budget, rule, bins, cross_validate, output)
-    except OptimalError as err:
+    except LookupError as err:  # OptimalError, or the store's: the experiment, a run, an artifact
         _fail(str(err), code=1)
     typer.echo(f"accuracy ({rule}) against budget ({budget}):")
     typer.echo(done.curve_text)
