@@ -45,7 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="strategies also run one problem at a time (comma-separated; '' for none)")
     ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm", "auto"])
     ap.add_argument("--model", default=EMBEDDED_MODEL, help="policy model (Hub id, local dir, embedded)")
-    ap.add_argument("--prm", default=EMBEDDED_MODEL, help="PRM (RLHFlow format)")
+    ap.add_argument("--prm", default=EMBEDDED_MODEL, help="PRM (Hub id, local dir, embedded)")
+    ap.add_argument("--prm-family", default=None, help="how --prm scores (rlhflow, math_shepherd, skywork, "
+                    "qwen_math_prm, trl, a plugin's); needed for a local directory")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="problems (.jsonl)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     ap.add_argument("--prm-batch-size", type=int, default=16)
@@ -58,7 +60,8 @@ def main(argv=None) -> None:
     setup_logging()
     strategies = [s for s in args.strategies.split(",") if s]
     sequential = {s for s in args.sequential.split(",") if s}
-    base = {"model_path": args.model, "prm_path": args.prm, "backend": args.backend, "dtype": args.dtype,
+    base = {"model_path": args.model, "prm_path": args.prm, "prm_family": args.prm_family, "backend": args.backend,
+            "dtype": args.dtype,
             "dataset_name": args.data, "num_samples": args.problems, "n": args.n, "beam_width": args.beam_width,
             "num_iterations": args.num_iterations, "max_tokens": args.max_tokens, "seed": args.seed,
             "prm_batch_size": args.prm_batch_size, "search_batch_size": args.problems}
