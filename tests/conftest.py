@@ -93,14 +93,22 @@ def mlflow_server(tmp_path, monkeypatch, _migrated_db):
     import shutil
 
     shutil.copy(_migrated_db, tmp_path / "server.db")  # migrating a fresh store takes the server long
+    with serving(tmp_path, monkeypatch) as uri:
+        yield uri
+
+
+@contextlib.contextmanager
+def serving(tmp_path, monkeypatch, args: tuple[str, ...] = (), env: dict | None = None, timeout: float = 180):
+    """A real `mlflow server` on 127.0.0.1 (a free port) over tmp_path/server.db, this process's
+    and its children's tracking store while it runs; stopped after."""
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    cmd = [sys.executable, "-m", "mlflow", "server", *args, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts")]
     log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + timeout
         while True:
             try:
                 if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:

@@ -10,12 +10,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
-from conftest import free_port, tracking_at
+from conftest import serving
 from fakes import FakePolicy, FakePRM
 
 from ttc_mlops import names as N
@@ -48,35 +47,10 @@ def auth_server(tmp_path, monkeypatch):
     config = tmp_path / "auth.ini"
     config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path}/auth.db\n"
                       f"admin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    port = free_port()
     env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
            "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-secret"}
-    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-           "--artifacts-destination", str(tmp_path / "artifacts")]
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                pytest.fail(f"mlflow server did not come up: {(tmp_path / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        with tracking_at(uri, monkeypatch, tmp_path):
-            yield uri
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+    with serving(tmp_path, monkeypatch, ("--app-name", "basic-auth"), env) as uri:
+        yield uri
 
 
 def test_writes_need_credentials_and_the_flow_works_with_them(auth_server, monkeypatch):

@@ -216,59 +216,56 @@ def require_output_head(prm_path: str, model) -> None:
 _WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 
 
+def _weight_file(prm_path: str) -> tuple[str, str, str]:
+    """(source, name, local path) of the first of _WEIGHT_FILES the checkpoint has."""
+    from transformers.utils import cached_file
+
+    from ..models import resolve_model
+
+    source = resolve_model(prm_path)
+    for name in _WEIGHT_FILES:
+        path = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+        if path is not None:
+            return source, name, path
+    raise RuntimeError(f"prm_path={prm_path!r}: none of {_WEIGHT_FILES} found in {source}")
+
+
 def load_head(prm_path: str, prefix: str) -> dict:
     """The checkpoint tensors whose names start with `prefix` (e.g. "v_head."), prefix removed."""
     import json
 
     from transformers.utils import cached_file
 
-    from ..models import resolve_model
-
-    source = resolve_model(prm_path)
-    for name in _WEIGHT_FILES:
-        path = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
-        if path is None:
-            continue
-        if name.endswith(".index.json"):
-            weight_map = json.loads(Path(path).read_text())["weight_map"]
-            files = sorted({f for key, f in weight_map.items() if key.startswith(prefix)})
-            paths = [cached_file(source, f) for f in files]
-        else:
-            paths = [path]
-        tensors = {}
-        for p in paths:
-            tensors.update(_read_tensors(p, prefix))
-        if not tensors:
-            raise RuntimeError(f"prm_path={prm_path!r}: the checkpoint ({name}) holds no {prefix}* weights; "
-                               f"is prm_family right for this model?")
-        return {key[len(prefix):]: value for key, value in tensors.items()}
-    raise RuntimeError(f"prm_path={prm_path!r}: none of {_WEIGHT_FILES} found in {source}")
+    source, name, path = _weight_file(prm_path)
+    if name.endswith(".index.json"):
+        weight_map = json.loads(Path(path).read_text())["weight_map"]
+        paths = [cached_file(source, f) for f in sorted({f for key, f in weight_map.items() if key.startswith(prefix)})]
+    else:
+        paths = [path]
+    tensors = {}
+    for p in paths:
+        tensors.update(_read_tensors(p, prefix))
+    if not tensors:
+        raise RuntimeError(f"prm_path={prm_path!r}: the checkpoint ({name}) holds no {prefix}* weights; "
+                           f"is prm_family right for this model?")
+    return {key[len(prefix):]: value for key, value in tensors.items()}
 
 
 def checkpoint_tensor_names(prm_path: str) -> set[str]:
     """The names of the tensors a checkpoint holds, from its index or its weight file's header."""
     import json
 
-    from transformers.utils import cached_file
+    _, name, path = _weight_file(prm_path)
+    if name.endswith(".index.json"):
+        return set(json.loads(Path(path).read_text())["weight_map"])
+    if name.endswith(".safetensors"):
+        from safetensors import safe_open
 
-    from ..models import resolve_model
+        with safe_open(path, framework="pt") as f:
+            return set(f.keys())
+    import torch
 
-    source = resolve_model(prm_path)
-    for name in _WEIGHT_FILES:
-        path = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
-        if path is None:
-            continue
-        if name.endswith(".index.json"):
-            return set(json.loads(Path(path).read_text())["weight_map"])
-        if name.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as f:
-                return set(f.keys())
-        import torch
-
-        return set(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-    raise RuntimeError(f"prm_path={prm_path!r}: none of {_WEIGHT_FILES} found in {source}")
+    return set(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
 
 
 def _read_tensors(path: str, prefix: str) -> dict:
