@@ -119,3 +119,11 @@ def test_merge_refuses_records_of_the_wrong_shape(mlflow_store, tmp_path):
     store.client().log_artifact(done.run_id, str(bad), N.RECORDS_DIR)
     with pytest.raises(MergeError, match=r"record 'builtin/001': completions=None is not a list of strings"):
         merge(done.parent_run_id, r)
+
+
+def test_a_compute_optimal_run_without_its_table_fails_before_any_model_loads(mlflow_store, tmp_path):
+    recipe = str(REPO / "recipes" / "SmolLM2-135M-Instruct" / "compute_optimal.yaml")
+    missing = tmp_path / "no-table.json"
+    out = ttc("run", recipe, "--set", f"optimal_table={missing}")
+    assert out.exit_code == 2 and f"optimal_table={str(missing)!r}" in out.output, out.output
+    assert nothing_written()

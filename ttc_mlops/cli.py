@@ -304,7 +304,7 @@ def optimal_command(experiment: Optional[str] = typer.Option(None, help="Experim
                                                       help="Only fetch the table of this `ttc optimal` run to where "
                                                            "`optimal_table: RUN_ID` reads it, then exit.")) -> None:
     """Compute-optimal scaling: per difficulty bin and budget the best strategy, against every fixed one; log the table to deploy."""
-    from .pipeline.optimal import OptimalError, optimal
+    from .pipeline.optimal import deploy_command, optimal
     from .pipeline.optimal import fetch_table as fetch
     from .pipeline.store import experiments_with_parents
 
@@ -330,7 +330,7 @@ def optimal_command(experiment: Optional[str] = typer.Option(None, help="Experim
     typer.echo(f"\nwrote {output}; logged to run {done.run_id} of experiment {experiment!r} (difficulty from "
                f"best-of-N parent {done.difficulty_run}); table kept at {done.table_file}")
     if difficulty == "model":
-        typer.echo(f"deploy: mlflow run . -e compute_optimal --env-manager local -P table={done.run_id} -P set=\"n=16\"")
+        typer.echo(f"deploy: {deploy_command(done.run_id, budget)}")
 
 
 if __name__ == "__main__":

@@ -144,7 +144,6 @@ ROLE_OPTIMAL = "optimal"  # a `ttc optimal` run: the compute-optimal curve and t
 TAG_DIFFICULTY = "ttc.difficulty"  # oracle | model
 TAG_BUDGET_AXIS = "ttc.budget_axis"  # n | flops
 TAG_RULE = "ttc.rule"  # the voting rule accuracy was measured with (acc_weighted, ...)
-TAG_OPTIMAL_TABLE = "ttc.optimal_table"  # a compute_optimal parent: the table it applied
 OPTIMAL_TABLE = "optimal/table.json"  # per budget, bin -> (strategy, settings): what compute_optimal applies
 OPTIMAL_CURVE = "optimal/curve.json"  # per budget: compute-optimal (cross-validated, in-sample), every fixed strategy
 OPTIMAL_ROUTES = "optimal/routes.json"  # per (budget, bin): the chosen configuration, flat, for the UI's table view

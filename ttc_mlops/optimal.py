@@ -284,25 +284,28 @@ def optimal_figure(results: list[BudgetResult], points: list[Point], names: dict
 
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(8.4, 4.2))
     problems = sorted(next(iter(points)).correct) if points else []
     for config in sorted(names, key=names.get):
         own = sorted((p for p in points if p.config == config), key=lambda p: p.cost)
-        ax.plot([p.cost for p in own], [p.accuracy(problems) for p in own], marker="o", alpha=0.8, label=names[config])
+        ax.plot([p.cost for p in own], [p.accuracy(problems) for p in own], marker="o", alpha=0.8, label=names[config],
+                zorder=3)  # above the compute-optimal line where they coincide
     xs = [r.budget for r in results]
-    ax.plot(xs, [r.accuracy for r in results], color="black", linewidth=2.4, marker="s",
+    ax.plot(xs, [r.accuracy for r in results], color="black", linewidth=3.2, marker="s", markersize=7, zorder=2,
             label="compute-optimal" + (" (2-fold CV)" if cross_validated else " (in-sample)"))
     if cross_validated:
         ax.plot(xs, [r.in_sample for r in results], color="grey", linestyle="--", linewidth=1.2,
                 label="compute-optimal, in-sample (optimistic)")
     ax.set_xscale("log", base=2 if axis == "n" else 10)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # unlabelled minor ticks: no overlap
     ax.set_xlabel("N (completions per problem)" if axis == "n" else "FLOPs per problem")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # beside the data
+    fig.suptitle(title, fontsize=10)  # over the whole figure: the legend narrows the axes
     fig.tight_layout()
     return fig
 

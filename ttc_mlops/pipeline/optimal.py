@@ -134,11 +134,14 @@ def optimal(experiment: str, model: str | None = None, difficulty: str = "model"
     fig = optimal_figure(results, points, names, axis, title, cross_validate)
     fig.savefig(output, dpi=120)
     store.log_figure(run_id, fig, N.OPTIMAL_PLOT)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)  # a long-lived process (a notebook, the tests) would keep every figure
     store.log_text(run_id, json.dumps(table, indent=1), N.OPTIMAL_TABLE)
     store.log_table(run_id, curve_rows(results, names, cross_validate), N.OPTIMAL_CURVE)
     store.log_table(run_id, route_rows(results, names), N.OPTIMAL_ROUTES)
     _log_curve(run_id, results, axis, rule)
-    store.set_tags(run_id, {N.TAG_NOTE: _description(title, curve_text, routes_text, run_id, difficulty, source)})
+    store.set_tags(run_id, {N.TAG_NOTE: _description(title, curve_text, routes_text, run_id, difficulty, source, axis)})
     store.set_status(run_id, "FINISHED")
     path = table_path(run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -297,7 +300,8 @@ def _log_curve(run_id: str, results: list[BudgetResult], axis: str, rule: str) -
     store.log_step_metrics(run_id, per_step)
 
 
-def _description(title: str, curve_text: str, routes_text: str, run_id: str, difficulty: str, source) -> str:
+def _description(title: str, curve_text: str, routes_text: str, run_id: str, difficulty: str, source,
+                 axis: str) -> str:
     return "\n".join([
         f"**{title}**", "",
         "Accuracy at each budget: the compute-optimal policy (a configuration per difficulty bin, chosen on one "
@@ -305,6 +309,12 @@ def _description(title: str, curve_text: str, routes_text: str, run_id: str, dif
         "```", curve_text, "```", "", "Chosen per bin (on all problems; `*`: the bin had no problems):", "",
         "```", routes_text, "```", "",
         f"Difficulty: {difficulty}, from the best-of-N parent {source.info.run_id} (`{N.EVAL_DIFFICULTY}` there). "
-        f"Deploy: `mlflow run . -e compute_optimal --env-manager local -P table={run_id} -P set=\"n=16\"`"
-        + ("" if difficulty == "model" else " (needs a table chosen with `--difficulty model`)") + ".",
+        + (f"Deploy: `{deploy_command(run_id, axis)}`." if difficulty == "model" else
+           "A deployment needs a table chosen with `--difficulty model` (no gold answer)."),
     ])
+
+
+def deploy_command(run_id: str, axis: str) -> str:
+    """How to apply the table of a `ttc optimal` run to new problems."""
+    budget = "n=16" if axis == "n" else "n=64 flops_budget=<FLOPs per problem>"
+    return f'mlflow run . -e compute_optimal --env-manager local -P table={run_id} -P set="{budget}"'

@@ -42,6 +42,10 @@ def preflight(recipe: Recipe) -> list[Problem]:
         raise RecipeError(f"approach={recipe.approach!r} is not implemented yet (available: {sorted(STRATEGIES)})")
 
     family_for(recipe.prm_path, recipe.prm_family)
+    if recipe.approach == "compute_optimal":  # its table, before any model loads
+        from ..search.compute_optimal import check_routes
+
+        check_routes(recipe)
     if recipe.backend == "vllm":
         from ..policy import vllm as vllm_backend
 

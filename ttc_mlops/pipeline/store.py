@@ -394,4 +394,8 @@ def log_table(run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> No
 
 
 def log_figure(run_id: str, figure, artifact_file: str) -> None:
+    """Log a matplotlib figure, then close it (pyplot keeps every open figure alive)."""
+    import matplotlib.pyplot as plt
+
     client().log_figure(run_id, figure, artifact_file)
+    plt.close(figure)

@@ -97,6 +97,11 @@ def route_of(record: Record) -> dict | None:
     return json.loads(note[len(NOTE):]) if note is not None else None
 
 
+def check_routes(recipe) -> None:
+    """Preflight: the table loads and every bin has a route within the budget (no model needed)."""
+    _routes(load_table(recipe.optimal_table), recipe)
+
+
 def _routes(table: dict, recipe) -> dict[int, tuple[float, dict]]:
     """Bin -> (the table's budget used, the route), within what the probe leaves of the budget."""
     probe_n = recipe.probe_n
