@@ -225,6 +225,18 @@ def evaluate_command(recipe: Optional[str] = typer.Argument(None, help="Recipe Y
     _evaluate_and_report(pid, r)
 
 
+def _experiment(name: Optional[str]) -> str:
+    """The experiment given, else the only one that has parent runs."""
+    if name is not None:
+        return name
+    from .pipeline.store import experiments_with_parents
+
+    found = experiments_with_parents()
+    if len(found) != 1:
+        _fail(f"--experiment is needed: {len(found)} experiments have parent runs ({found})")
+    return found[0]
+
+
 @app.command("compare")
 def compare_command(experiment: Optional[str] = typer.Option(None, help="Experiment (default: the only one with parent runs)."),
             model: Optional[str] = typer.Option(None, help="Only this policy model (path or label)."),
@@ -232,13 +244,8 @@ def compare_command(experiment: Optional[str] = typer.Option(None, help="Experim
             allow_mixed: bool = typer.Option(False, "--allow-mixed", help="Draw runs of different problem sets together.")) -> None:
     """Draw accuracy against N for every strategy and voting rule of an experiment; log it to MLflow."""
     from .pipeline.compare import compare
-    from .pipeline.store import experiments_with_parents
 
-    if experiment is None:
-        found = experiments_with_parents()
-        if len(found) != 1:
-            _fail(f"--experiment is needed: {len(found)} experiments have parent runs ({found})")
-        experiment = found[0]
+    experiment = _experiment(experiment)
     try:
         _, text, run_id = compare(experiment, model, output, allow_mixed)
     except LookupError as err:
@@ -306,7 +313,6 @@ def optimal_command(experiment: Optional[str] = typer.Option(None, help="Experim
     """Compute-optimal scaling: per difficulty bin and budget the best strategy, against every fixed one; log the table to deploy."""
     from .pipeline.optimal import deploy_command, optimal
     from .pipeline.optimal import fetch_table as fetch
-    from .pipeline.store import experiments_with_parents
 
     if fetch_table is not None:
         try:
@@ -314,11 +320,7 @@ def optimal_command(experiment: Optional[str] = typer.Option(None, help="Experim
         except LookupError as err:
             _fail(str(err), code=1)
         return
-    if experiment is None:
-        found = experiments_with_parents()
-        if len(found) != 1:
-            _fail(f"--experiment is needed: {len(found)} experiments have parent runs ({found})")
-        experiment = found[0]
+    experiment = _experiment(experiment)
     try:
         done = optimal(experiment, model, difficulty, budget, rule, bins, cross_validate, output)
     except LookupError as err:  # OptimalError, or the store's: the experiment, a run, an artifact
