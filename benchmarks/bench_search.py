@@ -96,19 +96,22 @@ def main(argv=None) -> None:
         for mode in modes:
             meter = Meter(policy, prm)
             meter.clear_cache()  # no run profits from another's caches
-            prm_before = getattr(prm, "tokens_processed", 0)
+            prm_before = prm.tokens_processed
+            attended_before = (getattr(prm, "attended", 0), getattr(prm, "attended_alone", 0))  # StepwisePRM's
             t = time.perf_counter()
             batches = [problems] if mode == "batched" else [[p] for p in problems]
             records = [r for batch in batches for r in STRATEGIES[name](batch, meter, meter, recipes[name])]
             wall = time.perf_counter() - t
-            prm_tokens = getattr(prm, "tokens_processed", 0) - prm_before
+            prm_tokens = prm.tokens_processed - prm_before
+            attended = getattr(prm, "attended", 0) - attended_before[0], getattr(prm, "attended_alone", 0) - attended_before[1]
             results[mode] = records
             rows.append({"strategy": name, "mode": mode, "problems/s": len(problems) / wall, "wall_s": wall,
                          "gen_s": meter.gen_s, "prm_s": meter.prm_s, "calls": meter.generate_calls,
                          "gen_tok": meter.completion_tokens,
                          "tok/s gen": meter.completion_tokens / meter.gen_s if meter.gen_s else 0.0,
                          "tok/s wall": meter.completion_tokens / wall,
-                         "prm_tok/gen_tok": prm_tokens / max(meter.completion_tokens, 1)})
+                         "prm_tok/gen_tok": prm_tokens / max(meter.completion_tokens, 1),
+                         "prm_attended/alone": attended[0] / attended[1] if attended[1] else 0.0})
             log.info("%s %s: %s", name, mode, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()})
         if len(results) == 2:
             same = sum(a.completions == b.completions for a, b in zip(results["batched"], results["one-at-a-time"]))
@@ -119,7 +122,7 @@ def main(argv=None) -> None:
           f"max_tokens={args.max_tokens}")
     print(f"peak batched sampling rate: {peak:.1f} tok/s ({len(prompts)} rows)\n")
     cols = ["strategy", "mode", "problems/s", "wall_s", "gen_s", "prm_s", "calls", "gen_tok", "tok/s gen",
-            "tok/s wall", "prm_tok/gen_tok", "same_records"]
+            "tok/s wall", "prm_tok/gen_tok", "prm_attended/alone", "same_records"]
     print("  ".join(f"{c:>15}" for c in cols))
     for r in rows:
         cells = [r.get(c, "") for c in cols]
@@ -130,7 +133,8 @@ def main(argv=None) -> None:
         b = mine[0]
         print(f"{name}: generated tok/s / peak = {b['tok/s gen'] / peak:.2f} over generation time, "
               f"{b['tok/s wall'] / peak:.2f} over wall time; PRM tokens per generated token "
-              f"{b['prm_tok/gen_tok']:.2f}")
+              f"{b['prm_tok/gen_tok']:.2f}; PRM positions attended / a padding-free pass "
+              f"{b['prm_attended/alone']:.2f}")
         if len(mine) == 2:
             print(f"{name}: batched / one-at-a-time throughput = {b['problems/s'] / mine[1]['problems/s']:.2f}x "
                   f"(problems with the same records: {b.get('same_records')})")

@@ -139,3 +139,28 @@ def test_prm_reuse_scores_only_the_new_step_and_changes_no_score(tiny_llama_dir)
     plain.clear_cache()
     plain.score(["Another problem, with a statement long enough to share?"], [siblings])
     assert fresh.tokens_processed < plain.tokens_processed  # the problem ran once for three candidates
+
+
+def test_prm_batches_attend_little_padding_and_change_no_score(tiny_llama_dir):
+    """Beams of very different depths in one PRM call: batches group similar histories and new
+    lengths, so a padded pass attends at most 1.5x what its rows attend alone, and every score is
+    the one a row scored alone gets."""
+    from ttc_mlops.prm.rlhflow import RLHFlowPRM
+    from ttc_mlops.prm.stepwise import PADDED_ATTENTION
+
+    make = lambda size: RLHFlowPRM(Recipe(prm_path=str(tiny_llama_dir), prm_family="rlhflow", dtype="float32",  # noqa: E731
+                                          device="cpu", prm_batch_size=size).prm_settings)
+    grouped, alone = make(8), make(1)
+    problems = ["What is 2+2?", "A long enough problem statement: what is the sum of the first ten positive integers, "
+                "and what is the sum of their squares?"]
+    step = lambda k, w: f"Step {k}: " + " ".join(["work"] * w) + ".\n\n"  # noqa: E731
+    beams = [["".join(step(k, 3 + 7 * (b % 3)) for k in range(depth)) for b, depth in enumerate((1, 2, 5, 6, 1, 3))]
+             for _ in problems]
+    for depth_grown in range(3):  # three iterations: the histories differ in length, so does the new step
+        comps = [[c + step(9 + depth_grown, 2 + 11 * (i % 2)) for i, c in enumerate(row)] for row in beams]
+        got, want = grouped.score(problems, comps), alone.score(problems, comps)
+        flat = lambda nested: [x for row in nested for scores in row for x in scores]  # noqa: E731
+        assert flat(got) == pytest.approx(flat(want), abs=1e-5)
+        beams = comps
+    assert grouped.attended <= PADDED_ATTENTION * grouped.attended_alone
+    assert alone.attended == alone.attended_alone  # one row a pass: nothing padded

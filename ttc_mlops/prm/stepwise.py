@@ -66,6 +66,8 @@ class StepwisePRM(ABC):
         self.store = store_for(base, settings.prefix_cache_gib, f"PRM {self.name}")
         self.tokens_processed = 0  # PRM input tokens run through the model
         self.tokens_full = 0  # every token of every sequence asked for, as if nothing were reused
+        self.attended = 0  # query x key positions the batched passes attended (padding included)
+        self.attended_alone = 0  # what the same rows attend run one by one (no padding)
         self._lengths: dict[tuple[str, tuple[str, ...]], int] = {}  # (problem, steps) -> its sequence's tokens
         self.params = compute_params(base)
 
@@ -127,13 +129,29 @@ class StepwisePRM(ABC):
                  if len(group) > 1]
         for start in range(0, len(heads), self.batch_size):
             self.tokens_processed += warm(self.base, self.store, heads[start : start + self.batch_size], self.pad_id)
-        # batches by the tokens each row still has to run (similar amounts together: less padding)
-        if self.store is not None:
-            rows = sorted(rows, key=lambda r: len(r.ids) - self.store.match(r.ids, r.reuse_limit)[1])
-        else:
-            rows = sorted(rows, key=lambda r: len(r.ids))
-        for start in range(0, len(rows), self.batch_size):
-            self._score_batch(rows[start : start + self.batch_size])
+        for batch in self._batches(rows):
+            self._score_batch(batch)
+
+    def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
+        """Batches of at most `batch_size` rows whose padded pass attends at most PADDED_ATTENTION
+        times what the rows attend alone. A row's history (the prefix the store serves) and its new
+        tokens are padded to the batch's longest of each, so rows of similar history and similar new
+        length go together: sorted by both, a batch closes when one more row would pad too much."""
+        sizes = []
+        for r in rows:
+            cached = self.store.match(r.ids, r.reuse_limit)[1] if self.store is not None else 0
+            sizes.append((cached, len(r.ids) - cached, r))
+        sizes.sort(key=lambda x: (x[0], x[1]))
+        batches, current = [], []
+        for size in sizes:
+            grown = current + [size]
+            if current and (len(grown) > self.batch_size or _padded(grown) > PADDED_ATTENTION * _alone(grown)):
+                batches.append([r for _, _, r in current])
+                grown = [size]
+            current = grown
+        if current:
+            batches.append([r for _, _, r in current])
+        return batches
 
     def _score_batch(self, batch: list[_Row]) -> None:
         import torch
@@ -143,6 +161,9 @@ class StepwisePRM(ABC):
         pre = prefill(self.base, [r.ids for r in batch], self.store, self.pad_id,
                       reuse_limits=[r.reuse_limit for r in batch])
         self.tokens_processed += pre.ran
+        news = [len(r.ids) - n for r, n in zip(batch, pre.reused)]
+        self.attended += len(batch) * max(news) * pre.attention.shape[1]  # every query x every key column
+        self.attended_alone += _alone([(n, s, None) for n, s in zip(pre.reused, news)])
         hidden = pre.out.last_hidden_state
         width = hidden.shape[1]  # rows are right-aligned: position t of row r is column width - len + t
         with torch.inference_mode():
@@ -152,6 +173,20 @@ class StepwisePRM(ABC):
                 for j, p in enumerate(self.step_scores(hidden[i, cols]).float().tolist(), start=j0):
                     self._scores[(problem, steps[: j + 1])] = p
         keep(self.store, pre, [r.ids for r in batch])
+
+
+PADDED_ATTENTION = 1.5  # a PRM batch's attention over padding, at most this times the rows' own
+
+
+def _padded(sizes: list[tuple[int, int, object]]) -> int:
+    """Query x key positions of one padded pass over rows of (cached, new) tokens."""
+    big_p, big_s = max(p for p, _, _ in sizes), max(s for _, s, _ in sizes)
+    return len(sizes) * big_s * (big_p + big_s)
+
+
+def _alone(sizes: list[tuple[int, int, object]]) -> int:
+    """The same rows run one by one, without padding."""
+    return sum(s * (p + s) for p, s, _ in sizes)
 
 
 def pair_probability(model, hidden, good_id: int, bad_id: int):
