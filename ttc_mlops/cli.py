@@ -25,7 +25,10 @@ def _fail(message: str, code: int = 2) -> None:
     if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run says why, not just FAILED
         from .pipeline.store import mark_launched_failed
 
-        mark_launched_failed(message)
+        try:
+            mark_launched_failed(message)
+        except Exception as err:  # the store itself may be what failed: the error below still shows
+            logging.getLogger(__name__).warning("could not name the mlflow run after the error: %s", err)
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
