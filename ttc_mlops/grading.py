@@ -38,7 +38,9 @@ def _boxes(text: str, strict: bool) -> list[tuple[int, int, str]]:
     `strict`, also the brace-less `\\boxed 5` form (its content: the rest of its formula)."""
     found = []
     for m in _BOXED.finditer(text):
-        body_at = m.end() + len(text[m.end():]) - len(text[m.end():].lstrip(" "))
+        body_at = m.end()
+        while text.startswith(" ", body_at):
+            body_at += 1
         if text.startswith("{", body_at):
             depth = 0
             for j in range(body_at, len(text)):
@@ -64,10 +66,15 @@ def boxed_answer(text: str, strict: bool = False) -> str | None:
     `strict`, also the brace-less form `\\boxed 5` / `$\\boxed \\frac{6}{2}$`: the rest of its
     formula. `strict` is what ends a search step: a step that merely mentions \\boxed does not."""
     boxes = _boxes(text, strict)
+    if strict:
+        return boxes[-1][2] if boxes else None
+    return _joined(text, boxes)
+
+
+def _joined(text: str, boxes: list[tuple[int, int, str]]) -> str | None:
+    """The last box's content, with the boxes right before it that only connectors separate."""
     if not boxes:
         return None
-    if strict:
-        return boxes[-1][2]
     run = [boxes[-1]]
     for box in reversed(boxes[:-1]):
         if not _BETWEEN_BOXES.fullmatch(text[box[1] : run[0][0]]):
@@ -80,14 +87,12 @@ def extract_answer(completion: str) -> str | None:
     """The answer a completion gives, or None: the last boxed answer, or "the final answer is ..."
     where that comes after it, else whatever math-verify extracts from the text (its answer
     patterns, else its last LaTeX or plain expression)."""
-    stated = None
-    for stated in _FINAL_ANSWER.finditer(completion):
-        pass
+    statements = list(_FINAL_ANSWER.finditer(completion))
     boxes = _boxes(completion, strict=False)
-    if stated is not None and (not boxes or stated.start() > boxes[-1][0]):  # stated after the last box
-        text = stated.group(1).replace('\\"', "").strip()  # "\\"$12$ and $13$\\"": the quotes are not the answer
+    if statements and (not boxes or statements[-1].start() > boxes[-1][0]):  # stated after the last box
+        text = statements[-1].group(1).replace('\\"', "").strip()  # "\\"$12$ and $13$\\"": the quotes are not the answer
         return boxed_answer(text) or text
-    return boxed_answer(completion) or _math_verify_extraction(completion)
+    return _joined(completion, boxes) or _math_verify_extraction(completion)
 
 
 @functools.lru_cache(maxsize=1 << 16)
