@@ -151,9 +151,6 @@ def canonical_text(answer: str) -> str:
     return re.sub(r"\s+", "", text).lower().rstrip(".")
 
 
-# Kept for callers that compare free text (e.g. a multiple-choice letter): the same conservative form.
-normalise_text = canonical_text
-
 
 @functools.lru_cache(maxsize=1 << 20)
 def is_equiv(pred: str | None, gold: str | None) -> bool | None:

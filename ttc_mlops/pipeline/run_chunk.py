@@ -143,7 +143,7 @@ class Meter:
     # --- totals across the processes that worked on this chunk
     @property
     def name(self) -> str:
-        return getattr(self.policy, "name", "policy")
+        return self.policy.name
 
     def counters(self, wall: float) -> dict[str, float]:
         """Totals over this chunk's work so far, earlier processes included."""
