@@ -149,9 +149,10 @@ def check_parent_run(recipe: Recipe) -> None:
                           f"or run the recipe that parent was made for")
 
 
-def _parents(experiment_id: str, key: str) -> list:
+def _parents(experiment_ids: list[str], key: str) -> list:
+    """Parent runs of search key `key` in these experiments, oldest first."""
     runs = client().search_runs(
-        [experiment_id],
+        experiment_ids,
         filter_string=f"tags.`{N.TAG_SEARCH_KEY}` = '{key}' and tags.`{N.TAG_ROLE}` = '{N.ROLE_PARENT}'",
         max_results=50,
     )
@@ -174,12 +175,9 @@ def find_or_create_parent(recipe: Recipe, experiment_id: str, adopt: bool = True
     is deleted, so they converge on one parent."""
     c = client()
     if recipe.parent_run_id:
-        run = c.get_run(recipe.parent_run_id)  # raises with the id named if it does not exist
-        key = run.data.tags.get(N.TAG_SEARCH_KEY)
-        if key is not None and key != recipe.search_key:
-            raise ValueError(f"parent_run_id={recipe.parent_run_id} belongs to another search configuration "
-                             f"(search key {key}, this recipe's is {recipe.search_key})")
-        if key is None:
+        check_parent_run(recipe)  # it exists, is a parent, and of this configuration
+        run = c.get_run(recipe.parent_run_id)
+        if N.TAG_SEARCH_KEY not in run.data.tags:  # a run made by hand becomes the parent
             _log_config(run.info.run_id, recipe, {N.TAG_ROLE: N.ROLE_PARENT})
         return run.info.run_id
     launched = _launched() if adopt else None
@@ -192,7 +190,7 @@ def find_or_create_parent(recipe: Recipe, experiment_id: str, adopt: bool = True
         parent = find_or_create_parent(recipe.model_copy(), experiment_id, adopt=False)
         _point_to(launched, parent, experiment_id, N.run_name(recipe))
         return parent
-    found = _parents(experiment_id, recipe.search_key)
+    found = _parents([experiment_id], recipe.search_key)
     if found:
         return found[0].info.run_id
     run = c.create_run(experiment_id, tags={N.TAG_ROLE: N.ROLE_PARENT, N.TAG_RUN_NAME: N.run_name(recipe),
@@ -200,7 +198,7 @@ def find_or_create_parent(recipe: Recipe, experiment_id: str, adopt: bool = True
     _log_config(run.info.run_id, recipe, {})
     c.set_terminated(run.info.run_id, "FINISHED")
     time.sleep(0.2)  # let a concurrent creator's run become visible before choosing
-    winner = _parents(experiment_id, recipe.search_key)[0].info.run_id
+    winner = _parents([experiment_id], recipe.search_key)[0].info.run_id
     if winner != run.info.run_id:
         c.delete_run(run.info.run_id)
     return winner
@@ -220,16 +218,13 @@ def find_parent(recipe: Recipe):
     recipe logs to, else the only experiment that has one."""
     name = experiment_for(recipe)
     exp = client().get_experiment_by_name(name)
-    found = _parents(exp.experiment_id, recipe.search_key) if exp is not None else []
+    found = _parents([exp.experiment_id], recipe.search_key) if exp is not None else []
     if not found:
-        found = client().search_runs([e.experiment_id for e in client().search_experiments()], max_results=50,
-                                     filter_string=f"tags.`{N.TAG_SEARCH_KEY}` = '{recipe.search_key}' and "
-                                                   f"tags.`{N.TAG_ROLE}` = '{N.ROLE_PARENT}'")
+        found = _parents([e.experiment_id for e in client().search_experiments()], recipe.search_key)
         where = sorted({client().get_experiment(r.info.experiment_id).name for r in found})
         if len(where) > 1:
             raise LookupError(f"no parent run with {N.TAG_SEARCH_KEY}={recipe.search_key} in experiment {name!r}, "
                               f"but one in each of {where}: say which with --set experiment_name=... or --parent-run-id")
-        found.sort(key=lambda r: (r.info.start_time, r.info.run_id))
     if not found:
         raise LookupError(f"no parent run with {N.TAG_SEARCH_KEY}={recipe.search_key} in experiment {name!r} "
                           f"({tracking_uri()}): run the recipe first (`ttc run`)")
