@@ -59,11 +59,12 @@ def evaluate_parent(parent_id: str, recipe, register: bool = True, workers: int 
         store.log_table(parent_id, evaluation.rows, N.EVAL_TABLE)
         store.log_table(parent_id, evaluation.problems_table, N.EVAL_PROBLEMS)
         rows = {row["problem_id"]: row for row in evaluation.problems_table}
-        for name, page in pages(records):
+        search_pages = pages(records)
+        for name, page in search_pages:
             store.log_text(parent_id, search_html(page, rows, f"{N.run_name(recipe)}: {name}"), f"{N.EVAL_DIR}/{name}")
         store.log_figure(parent_id, run_figure(evaluation.rows, title=N.run_name(recipe)), N.EVAL_PLOT)
         store.set_tags(parent_id, {N.TAG_EVALUATED: digest, N.TAG_GROUP: f"{recipe.model_label}/{recipe.approach}",
-                                   N.TAG_NOTE: description(recipe, evaluation, [name for name, _ in pages(records)])})
+                                   N.TAG_NOTE: description(recipe, evaluation, [name for name, _ in search_pages])})
     flops = flops_per_problem(parent_id, records, sorted(evaluation.metrics))
     if flops and (not already or N.M_FLOPS_PER_PROBLEM not in run.data.metrics):
         store.log_step_metrics(parent_id, {n: {N.M_FLOPS_PER_PROBLEM: v} for n, v in flops.items()})
