@@ -2,12 +2,13 @@
 
     python benchmarks/bench_search.py --problems 16 --n 4 --max-tokens 64 --strategies beam_search,dvts
 
-Prints, per strategy: problems/s of the batched search (all problems in one search batch: one
-generate call per iteration), and of the same function called on one problem at a time; their
-ratio; generated tokens/s as a fraction of the backend's peak batched sampling rate (measured
+Prints, per strategy: problems/s of the batched search (all problems in one search batch, fed to
+the backend continuously where it can take requests while it runs), of the same search in lockstep
+waves (one generate call per iteration for all problems: how batched search ran before, on such a
+backend) and of the same function called on one problem at a time; their ratios; generated tokens/s as a fraction of the backend's peak batched sampling rate (measured
 first, in the same process: one generate call of problems x n rows, --peak-tokens each, no stop,
 prompts already cached); PRM tokens processed per generated token; generate calls; and for how
-many problems both runs produced the same records (per-request seeds: a problem's result should
+many problems each other run gave the same records as the batched one (per-request seeds: a problem's result should
 not depend on its batch; float rounding of differently shaped batched matmuls can still flip a
 sample). The policy's and the PRM's caches (scores, prefix keys/values) are cleared before every
 run, so no run profits from another.
@@ -43,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--strategies", default="best_of_n,beam_search,dvts", help="comma-separated")
     ap.add_argument("--sequential", default="beam_search",
                     help="strategies also run one problem at a time (comma-separated; '' for none)")
+    ap.add_argument("--lockstep", type=int, default=1,
+                    help="also run beam search / DVTS in lockstep waves (today's batched search before continuous "
+                    "feeding), on a backend that streams; 0 to skip")
     ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm", "auto"])
     ap.add_argument("--model", default=EMBEDDED_MODEL, help="policy model (Hub id, local dir, embedded)")
     ap.add_argument("--prm", default=EMBEDDED_MODEL, help="PRM (Hub id, local dir, embedded)")
@@ -53,6 +57,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prm-batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=42)
     return ap.parse_args(argv)
+
+
+class Lockstep:
+    """The policy without its stream: a batched search then runs in waves (one generate call per
+    iteration for all problems), as it did before continuous feeding."""
+
+    def __init__(self, policy):
+        self.__dict__["_policy"] = policy
+
+    def __getattr__(self, name):
+        if name == "stream":
+            raise AttributeError(name)
+        return getattr(self._policy, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._policy, name, value)
+
+
+def same_record(a, b) -> bool:
+    return (a.completions, a.step_scores, a.finish_reasons, a.completion_tokens) == \
+        (b.completions, b.step_scores, b.finish_reasons, b.completion_tokens)
 
 
 def main(argv=None) -> None:
@@ -69,7 +94,7 @@ def main(argv=None) -> None:
 
     from ttc_mlops.data import load_dataset_problems
     from ttc_mlops.pipeline.run_chunk import Meter
-    from ttc_mlops.policy import Sampling, load_policy
+    from ttc_mlops.policy import Sampling, Streaming, load_policy
     from ttc_mlops.prm import load_prm
     from ttc_mlops.search import STRATEGIES
     from ttc_mlops.search.common import sample_seed
@@ -89,17 +114,20 @@ def main(argv=None) -> None:
     peak = sum(g.num_tokens for g in gens) / (time.perf_counter() - t)
     log.info("peak batched sampling: %.1f tok/s (%d rows x %d tokens)", peak, len(prompts), args.peak_tokens)
 
+    streams = isinstance(policy, Streaming)  # else batched search already runs in lockstep
     rows = []
     for name in strategies:
-        modes = ["batched"] + (["one-at-a-time"] if name in sequential else [])
+        step_level = name in ("beam_search", "dvts")
+        modes = (["batched"] + (["lockstep"] if streams and step_level and args.lockstep else [])
+                 + (["one-at-a-time"] if name in sequential else []))
         results = {}
         for mode in modes:
-            meter = Meter(policy, prm)
+            meter = Meter(Lockstep(policy) if mode == "lockstep" else policy, prm)
             meter.clear_cache()  # no run profits from another's caches
             prm_before = prm.tokens_processed
             attended_before = (getattr(prm, "attended", 0), getattr(prm, "attended_alone", 0))  # StepwisePRM's
             t = time.perf_counter()
-            batches = [problems] if mode == "batched" else [[p] for p in problems]
+            batches = [[p] for p in problems] if mode == "one-at-a-time" else [problems]
             records = [r for batch in batches for r in STRATEGIES[name](batch, meter, meter, recipes[name])]
             wall = time.perf_counter() - t
             prm_tokens = prm.tokens_processed - prm_before
@@ -113,9 +141,9 @@ def main(argv=None) -> None:
                          "prm_tok/gen_tok": prm_tokens / max(meter.completion_tokens, 1),
                          "prm_attended/alone": attended[0] / attended[1] if attended[1] else 0.0})
             log.info("%s %s: %s", name, mode, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()})
-        if len(results) == 2:
-            same = sum(a.completions == b.completions for a, b in zip(results["batched"], results["one-at-a-time"]))
-            rows[-2]["same_records"] = rows[-1]["same_records"] = f"{same}/{len(problems)}"
+        for mode in modes[1:]:  # per-request seeds: a problem's record should not depend on how it was fed
+            same = sum(same_record(a, b) for a, b in zip(results["batched"], results[mode]))
+            next(r for r in rows[-len(modes):] if r["mode"] == mode)["same_records"] = f"{same}/{len(problems)}"
 
     print(f"\nbackend {args.backend} ({type(policy).__name__}), model {args.model}, {len(problems)} problems, "
           f"n={args.n}, beam_width={args.beam_width}, num_iterations={args.num_iterations}, "
@@ -135,9 +163,9 @@ def main(argv=None) -> None:
               f"{b['tok/s wall'] / peak:.2f} over wall time; PRM tokens per generated token "
               f"{b['prm_tok/gen_tok']:.2f}; PRM positions attended / a padding-free pass "
               f"{b['prm_attended/alone']:.2f}")
-        if len(mine) == 2:
-            print(f"{name}: batched / one-at-a-time throughput = {b['problems/s'] / mine[1]['problems/s']:.2f}x "
-                  f"(problems with the same records: {b.get('same_records')})")
+        for other in mine[1:]:
+            print(f"{name}: batched / {other['mode']} throughput = {b['problems/s'] / other['problems/s']:.2f}x "
+                  f"(problems with the same records: {other.get('same_records')})")
 
 
 if __name__ == "__main__":

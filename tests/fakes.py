@@ -117,3 +117,44 @@ class StepPolicy:
             reason = "stop" if sampling.stop and text.endswith("\n\n") else "eos"
             out.append(Generation(text=text, num_tokens=len(text.split()), finish_reason=reason))
         return out
+
+
+class StreamingPolicy(FakePolicy):
+    """FakePolicy fed continuously: its stream finishes a few queued requests per `collect`, picked
+    in a fixed pseudo-random order, so problems move on at different paces (as on vLLM's engine)."""
+
+    def __init__(self, script: dict[str, list[str]], order: int = 1):
+        super().__init__(script)
+        self.order = order  # seeds the finishing order
+        self.streams: list[FakeStream] = []
+
+    def stream(self) -> FakeStream:
+        self.streams.append(FakeStream(self, self.order))
+        return self.streams[-1]
+
+
+class FakeStream:
+    continuous = True
+
+    def __init__(self, policy: FakePolicy, seed: int = 1):
+        self.policy = policy
+        self.rng = random.Random(seed)
+        self.queue: list[tuple[int, str, Sampling, int]] = []
+        self.tickets = 0
+        self.busy_at_add: list[int] = []  # requests in flight when each `add` came
+
+    def add(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[int]:
+        self.busy_at_add.append(len(self.queue))
+        start, self.tickets = self.tickets, self.tickets + len(prompts)
+        self.queue += [(start + i, p, sampling, s) for i, (p, s) in enumerate(zip(prompts, seeds))]
+        return list(range(start, self.tickets))
+
+    def busy(self) -> int:
+        return len(self.queue)
+
+    def collect(self) -> list[tuple[int, Generation]]:
+        if not self.queue:
+            return []
+        picked = self.rng.sample(self.queue, self.rng.randint(1, min(3, len(self.queue))))
+        self.queue = [q for q in self.queue if q not in picked]
+        return [(ticket, self.policy.generate([prompt], sampling, [seed])[0]) for ticket, prompt, sampling, seed in picked]

@@ -97,8 +97,10 @@ def test_the_bar_moves_within_a_search_batch(mlflow_store):
     meter = Meter(FakePolicy(SCRIPT), FakePRM(), advance=moves.append)
     meter.begin_batch(4, recipe(approach="beam_search", n=4, beam_width=2, num_iterations=10))
     for _ in range(3):
-        meter.score(["p"], [["a"]])
+        meter.score(["p1", "p2", "p3", "p4"], [["a"]] * 4)
     assert sum(moves) == pytest.approx(4 * 3 / 10)  # three of ten iterations
+    meter.score(["p1", "p1"], [["a"], ["b"]])  # two rows (DVTS subtrees) of one problem: one problem-iteration
+    assert sum(moves) == pytest.approx(4 * 3 / 10 + 1 / 10)
     meter.end_batch()
     assert sum(moves) == pytest.approx(4)
     moves.clear()

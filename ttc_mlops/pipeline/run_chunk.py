@@ -104,13 +104,19 @@ class Meter:
         self.completion_tokens += sum(g.num_tokens for g in gens)
         return gens
 
+    def stream(self):
+        """The policy's stream, metered: a backend that runs in waves goes through `generate` above."""
+        from ..policy import Streaming, Waves
+
+        return _MeteredStream(self, self.policy.stream()) if isinstance(self.policy, Streaming) else Waves(self)
+
     def score(self, problems, completions):
         t = time.perf_counter()
         scores = self.prm.score(problems, completions)
         self.prm_s += time.perf_counter() - t
         self.prm_calls += 1
-        if self._plan[0] == "scores":
-            self._seen += 1
+        if self._plan[0] == "scores":  # a step-level search scores each problem once per iteration
+            self._seen += len(set(problems))
             self._show(min(self._seen / self._plan[1], 0.95))
         return scores
 
@@ -123,8 +129,8 @@ class Meter:
         self._batch, self._shown, self._seen = size, 0.0, 0.0
         if recipe.approach == "best_of_n":  # one generate call: its tokens, at most n x max_tokens a problem
             self._plan = ("tokens", float(size * recipe.n * recipe.max_tokens))
-        else:  # one PRM call per iteration
-            self._plan = ("scores", float(recipe.num_iterations))
+        else:  # every problem scored once per iteration
+            self._plan = ("scores", float(size * recipe.num_iterations))
 
     def end_batch(self) -> None:
         self._show(1.0)
@@ -178,6 +184,28 @@ class Meter:
         if out[N.M_POLICY_FLOPS] is not None and out[N.M_PRM_FLOPS] is not None:
             out[N.M_FLOPS] = out[N.M_POLICY_FLOPS] + out[N.M_PRM_FLOPS]
         return out
+
+
+class _MeteredStream:
+    """A continuous stream whose generation time and tokens count as the Meter's: seconds spent in
+    `collect` (the engine running), one generate call per `add`."""
+
+    def __init__(self, meter: Meter, inner):
+        self.meter, self.inner, self.continuous = meter, inner, inner.continuous
+
+    def add(self, prompts, sampling, seeds):
+        self.meter.generate_calls += 1
+        return self.inner.add(prompts, sampling, seeds)
+
+    def busy(self) -> int:
+        return self.inner.busy()
+
+    def collect(self):
+        t = time.perf_counter()
+        done = self.inner.collect()
+        self.meter.gen_s += time.perf_counter() - t
+        self.meter.completion_tokens += sum(g.num_tokens for _, g in done)
+        return done
 
 
 @dataclass

@@ -150,25 +150,34 @@ class VLLMPolicy:
         self.llm.reset_prefix_cache()
 
     def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[Generation]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if not prompts:
             return []
-        ids = self.tokenizer(prompts, add_special_tokens=False).input_ids
-        params = [
-            SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
-                           stop=list(sampling.stop) or None, include_stop_str_in_output=True,
-                           seed=int(seed) % (2**63))
-            for seed in seeds
-        ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=False)
-        full = sum(map(len, ids))
-        self.prompt_tokens_full += full
-        self.prompt_tokens += full - sum(getattr(out, "num_cached_tokens", None) or 0 for out in outputs)
+        requests = self._requests(prompts, sampling, seeds)
+        outputs = self.llm.generate([r for r, _ in requests], [p for _, p in requests], use_tqdm=False)
+        self._count(outputs)
         return [self._generation(out.outputs[0]) for out in outputs]
+
+    def stream(self) -> EngineStream:
+        """Continuous feeding: requests join the engine's running batch as they are added."""
+        return EngineStream(self)
+
+    def _requests(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[tuple]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        ids = self.tokenizer(prompts, add_special_tokens=False).input_ids
+        self.prompt_tokens_full += sum(map(len, ids))
+        return [(TokensPrompt(prompt_token_ids=i),
+                 SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+                                stop=list(sampling.stop) or None, include_stop_str_in_output=True,
+                                seed=int(seed) % (2**63)))
+                for i, seed in zip(ids, seeds)]
+
+    def _count(self, outputs) -> None:
+        self.prompt_tokens += sum(len(out.prompt_token_ids or ()) - (getattr(out, "num_cached_tokens", None) or 0)
+                                  for out in outputs)
 
     @staticmethod
     def _generation(o) -> Generation:
@@ -179,3 +188,49 @@ class VLLMPolicy:
         else:
             reason = "eos"  # None: the EOS token; an int: another of the model's end tokens
         return Generation(text=o.text, num_tokens=len(o.token_ids), finish_reason=reason)
+
+
+class EngineStream:
+    """Requests go straight into the engine (`LLMEngine.add_request`) and join its running batch at
+    the next step; `collect` steps the engine until some finish. The same seeded `SamplingParams` as
+    `generate`, so a request's generation does not depend on how it was fed."""
+
+    continuous = True
+
+    def __init__(self, policy: VLLMPolicy):
+        from vllm.sampling_params import RequestOutputKind
+
+        self.policy, self.engine, self.final = policy, policy.llm.llm_engine, RequestOutputKind.FINAL_ONLY
+        self.ids: dict[str, int] = {}  # request id (ours and the engine's suffixed one) -> ticket
+        self.live: dict[int, tuple[str, ...]] = {}  # ticket -> its request ids
+        self.next = 0
+        self.prefix = f"ttc-{id(self):x}-"  # apart from the request ids of `LLM.generate`
+
+    def add(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[int]:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        out = []
+        for prompt, params in self.policy._requests(prompts, sampling, seeds):
+            params.output_kind = self.final  # only the finished output
+            ticket, self.next = self.next, self.next + 1
+            rid = self.prefix + str(ticket)
+            internal = self.engine.add_request(rid, prompt, params)  # vLLM suffixes the id; outputs carry either
+            self.live[ticket] = (rid, internal)
+            self.ids.update({rid: ticket, internal: ticket})
+            out.append(ticket)
+        return out
+
+    def busy(self) -> int:
+        return len(self.live)
+
+    def collect(self) -> list[tuple[int, Generation]]:
+        done: list[tuple[int, Generation]] = []
+        while self.live and not done:
+            finished = [out for out in self.engine.step() if out.finished and out.request_id in self.ids]
+            self.policy._count(finished)
+            for out in finished:
+                ticket = self.ids[out.request_id]
+                for rid in self.live.pop(ticket):
+                    self.ids.pop(rid, None)
+                done.append((ticket, VLLMPolicy._generation(out.outputs[0])))
+        return done

@@ -7,8 +7,10 @@ them, the best N / M are kept and each is expanded M times. A beam that ends (EO
 `\\boxed{}` answer) is finished; the last iteration writes every remaining beam to its end.
 
 What differs from search-and-learn's beam search, on purpose:
-- every problem of the batch is searched at once: one generate call per iteration (plus one per
-  lookahead step) for all beams of all problems, one PRM call per iteration;
+- every problem of the batch is searched at once (`run_steps`): all beams of all problems go to the
+  policy together, and a problem whose candidates are back is scored and expanded while the others
+  still generate (on a backend that takes requests while it runs), or, on one that runs in waves,
+  one generate call per iteration (plus one per lookahead step) and one PRM call for all problems;
 - beams are never padded with copies. With fewer than N / M live beams a problem gets fewer
   candidates that iteration, and with fewer than N finished beams fewer completions; its record's
   notes say so. `filter_duplicates` drops identical partial solutions before selection;
@@ -26,7 +28,7 @@ from ..data import Problem
 from ..policy import Generation, Policy
 from ..prm import PRM, aggregate
 from ..records import Record, TreeNode
-from .common import ended, expand, make_record, own_scores, sample_seed, step_node
+from .common import Candidate, ended, make_record, own_scores, run_steps, sample_seed, step_node
 
 
 @dataclass
@@ -48,35 +50,33 @@ class _Finished:
 class _Search:
     problem: Problem
     prompt: str
+    recipe: object
     frontier: list[tuple[_Beam, int]]  # beams to expand and how many times
     tree: list[TreeNode] = field(default_factory=list)
     finished: list[_Finished] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    parents: list[_Beam] = field(default_factory=list)  # the beam each candidate of this iteration extends
+
+    # generate: one step for every expansion of every beam
+    def expansions(self, it: int) -> list[tuple[str, int]]:
+        self.parents = [beam for beam, k in self.frontier for _ in range(k)]
+        return [(self.prompt + beam.text, sample_seed(self.recipe.seed, self.problem.problem_id, it, j))
+                for j, beam in enumerate(self.parents)]
+
+    # score: one row, the candidates with their lookahead
+    def rows(self, cands: list[Candidate]) -> list[list[str]]:
+        return [[beam.text + c.step.text + c.look for beam, c in zip(self.parents, cands)]]
+
+    # select: finished beams leave, the best N / M live ones are kept
+    def select(self, cands: list[Candidate], scores: list[list[list[float]]], it: int) -> None:
+        _select(self, [(beam, c.step, c.look, sc) for beam, c, sc in zip(self.parents, cands, scores[0])],
+                self.recipe, it)
 
 
 def beam_search(problems: list[Problem], policy: Policy, prm: PRM, recipe) -> list[Record]:
-    n = recipe.n
-    searches = [_Search(p, policy.chat_prompt(recipe.system_prompt, p.problem), [(_Beam(None), n)]) for p in problems]
-    for it in range(recipe.num_iterations):
-        last = it == recipe.num_iterations - 1
-        todo = [(s, beam, j) for s in searches for j, beam in enumerate(b for b, k in s.frontier for _ in range(k))]
-        if not todo:
-            break
-
-        # generate: one step for every expansion of every beam of every problem
-        steps, looks = expand(policy, [s.prompt + beam.text for s, beam, _ in todo],
-                              [sample_seed(recipe.seed, s.problem.problem_id, it, j) for s, _, j in todo], recipe, last)
-
-        # score: one row per problem, the candidates with their lookahead
-        rows = [(s, [k for k, (t, _, _) in enumerate(todo) if t is s]) for s in searches]
-        rows = [(s, ks) for s, ks in rows if ks]
-        scores = prm.score([s.problem.problem for s, _ in rows],
-                           [[todo[k][1].text + steps[k].text + looks[k] for k in ks] for _, ks in rows])
-
-        # select: finished beams leave, the best N / M live ones are kept
-        for (s, ks), row in zip(rows, scores):
-            _select(s, [(todo[k][1], steps[k], looks[k], sc) for k, sc in zip(ks, row)], recipe, it)
-
+    searches = [_Search(p, policy.chat_prompt(recipe.system_prompt, p.problem), recipe, [(_Beam(None), recipe.n)])
+                for p in problems]
+    run_steps(searches, policy, prm, recipe)
     return [_record(s, recipe) for s in searches]
 
 

@@ -1,4 +1,4 @@
-"""What every strategy shares: per-request seeds, a problem's candidates -> Record, step expansion.
+"""What every strategy shares: per-request seeds, a problem's candidates -> Record, the step-level driver.
 
     python -c "from ttc_mlops.search.common import sample_seed; print(sample_seed(42, 'test/1.json', 0, 3))"
 """
@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from typing import Protocol
 
 from ..config import STEP_DELIMITER
 from ..data import Problem
 from ..grading import boxed_answer, extract_answer
-from ..policy import Generation, Policy, Sampling
-from ..prm import aggregate, split_steps
+from ..policy import Generation, Policy, Sampling, open_stream
+from ..prm import PRM, aggregate, split_steps
 from ..records import Record, TreeNode
 
 
@@ -57,24 +59,98 @@ def ended(gen: Generation) -> bool:
     return gen.finish_reason != "stop" or not gen.text.strip() or boxed_answer(gen.text, strict=True) is not None
 
 
-def expand(policy: Policy, prompts: list[str], seeds: list[int], recipe,
-           last: bool) -> tuple[list[Generation], list[str]]:
-    """One sampled step per prompt (prompt = chat prompt + partial solution), and for each step that
-    did not end the solution, `recipe.lookahead` greedy steps rolled out after it. The lookahead text
-    is only scored, never kept (search-and-learn's `generate_k_steps`). One generate call, plus one
-    per lookahead step, for all prompts together."""
-    steps = policy.generate(prompts, step_sampling(recipe, last), seeds)
-    looks = [""] * len(prompts)
-    live = [] if last else [i for i, g in enumerate(steps) if not ended(g)]
+class StepSearch(Protocol):
+    """One problem's step-level search, as `run_steps` drives it: each iteration it asks for candidate
+    steps (generate), says what the PRM scores (score) and picks what goes on (select)."""
+    problem: Problem
+
+    def expansions(self, it: int) -> list[tuple[str, int]]:
+        """(prompt, seed) of every candidate step of iteration `it`; none when this search is over."""
+
+    def rows(self, cands: list[Candidate]) -> list[list[str]]:
+        """The completions the PRM scores, in rows (a row's completions are compared with each other)."""
+
+    def select(self, cands: list[Candidate], scores: list[list[list[float]]], it: int) -> None:
+        """Take the scores of `rows(cands)` and choose what iteration `it + 1` expands."""
+
+
+@dataclass
+class Candidate:
+    step: Generation  # the sampled step
+    look: str = ""  # greedy steps rolled out after it (`recipe.lookahead`): scored, never kept
+
+
+@dataclass
+class _Iteration:
+    """A problem's candidates of one iteration, as they come back from the stream."""
+    search: StepSearch
+    it: int
+    prompts: list[str]
+    seeds: list[int]
+    cands: list[Candidate | None]
+    looks_left: list[int]
+    waiting: int
+
+
+def run_steps(searches: list[StepSearch], policy: Policy, prm: PRM, recipe) -> None:
+    """Run every problem's step-level search to its end, feeding the policy continuously.
+
+    A problem's iteration is scored and selected as soon as all of its candidates are back (steps
+    and lookahead), and its next iteration's requests go in while other problems' steps are still
+    being generated, so the decode batch stays full (on a stream that can take requests while it
+    runs, vLLM's). On a stream that runs in waves every problem moves in lockstep: one generate call
+    per iteration (plus one per lookahead step) and one PRM call, for all problems together.
+    Records do not depend on which: seeds belong to requests, and a problem's PRM rows are its own."""
+    stream = open_stream(policy)
     greedy = Sampling(temperature=0.0, top_p=1.0, max_tokens=recipe.max_tokens, stop=(STEP_DELIMITER,))
-    for _ in range(recipe.lookahead):
-        if not live:
-            break
-        outs = policy.generate([prompts[i] + steps[i].text + looks[i] for i in live], greedy, [seeds[i] for i in live])
-        for i, out in zip(live, outs):
-            looks[i] += out.text
-        live = [i for i, out in zip(live, outs) if not ended(out)]
-    return steps, looks
+    order = {id(s): i for i, s in enumerate(searches)}
+    owner: dict[int, tuple[_Iteration, int]] = {}  # ticket -> its iteration, candidate
+    ready: list[_Iteration] = []
+
+    def launch(s: StepSearch, it: int) -> None:
+        todo = s.expansions(it) if it < recipe.num_iterations else []
+        if not todo:
+            return
+        last = it == recipe.num_iterations - 1
+        x = _Iteration(s, it, [p for p, _ in todo], [seed for _, seed in todo], [None] * len(todo),
+                       [0 if last else recipe.lookahead] * len(todo), len(todo))
+        for k, ticket in enumerate(stream.add(x.prompts, step_sampling(recipe, last), x.seeds)):
+            owner[ticket] = (x, k)
+
+    def deliver(x: _Iteration, k: int, gen: Generation) -> None:
+        if x.cands[k] is None:
+            x.cands[k] = Candidate(gen)
+            done = ended(gen)
+        else:  # a lookahead step
+            x.cands[k].look += gen.text
+            x.looks_left[k] -= 1
+            done = ended(gen)
+        if x.looks_left[k] and not done:
+            c = x.cands[k]
+            (ticket,) = stream.add([x.prompts[k] + c.step.text + c.look], greedy, [x.seeds[k]])
+            owner[ticket] = (x, k)
+            return
+        x.waiting -= 1
+        if not x.waiting:
+            ready.append(x)
+
+    for s in searches:
+        launch(s, 0)
+    while owner or ready:
+        if ready and (stream.continuous or not stream.busy()):
+            batch = sorted(ready, key=lambda x: order[id(x.search)])
+            ready.clear()
+            rows = [x.search.rows(x.cands) for x in batch]
+            scores = prm.score([x.search.problem.problem for x, r in zip(batch, rows) for _ in r],
+                               [row for r in rows for row in r])
+            at = 0
+            for x, r in zip(batch, rows):
+                x.search.select(x.cands, scores[at : at + len(r)], x.it)
+                at += len(r)
+                launch(x.search, x.it + 1)
+            continue
+        for ticket, gen in stream.collect():
+            deliver(*owner.pop(ticket), gen)
 
 
 def step_node(node: int, parent: int | None, it: int, step: Generation, lookahead: str, own: list[float],

@@ -2,8 +2,9 @@
 
     ttc run recipes/SmolLM2-135M-Instruct/dvts.yaml --set n=8 beam_width=2
 
-Every iteration, every live subtree of every problem samples M candidate steps (one generate call
-for the whole batch), the PRM scores them (one call), and the subtree continues with the best one.
+Every iteration, every live subtree of a problem samples M candidate steps, the PRM scores them,
+and the subtree continues with the best one. All problems of the batch are searched at once
+(`run_steps`): a problem whose candidates are back moves on while the others still generate.
 A subtree stops when its chosen step ends the solution (EOS, out of tokens, a `\\boxed{}` answer);
 the last iteration writes each live subtree to its end. The output keeps the M candidates of each
 subtree's last iteration, so a problem has N completions, grouped by subtree (voting at a smaller
@@ -24,7 +25,7 @@ from ..data import Problem
 from ..policy import Generation, Policy
 from ..prm import PRM, aggregate
 from ..records import Record, TreeNode
-from .common import ended, expand, make_record, own_scores, sample_seed, step_node
+from .common import Candidate, ended, make_record, own_scores, run_steps, sample_seed, step_node
 
 
 @dataclass
@@ -52,35 +53,36 @@ class _Subtree:
 class _Search:
     problem: Problem
     prompt: str
+    recipe: object
     subtrees: list[_Subtree]
     tree: list[TreeNode] = field(default_factory=list)
+    live: list[_Subtree] = field(default_factory=list)  # the subtrees expanded this iteration
+
+    # generate: M candidate steps for every live subtree
+    def expansions(self, it: int) -> list[tuple[str, int]]:
+        width = self.recipe.beam_width
+        self.live = [t for t in self.subtrees if t.live]
+        return [(self.prompt + t.text, sample_seed(self.recipe.seed, self.problem.problem_id, it, t.index, j))
+                for t in self.live for j in range(width)]
+
+    # score: one row per subtree (subtrees never see each other's candidates)
+    def rows(self, cands: list[Candidate]) -> list[list[str]]:
+        width = self.recipe.beam_width
+        return [[t.text + c.step.text + c.look for c in cands[i * width : (i + 1) * width]]
+                for i, t in enumerate(self.live)]
+
+    # select: each subtree follows its best candidate
+    def select(self, cands: list[Candidate], scores: list[list[list[float]]], it: int) -> None:
+        width = self.recipe.beam_width
+        for i, (t, row) in enumerate(zip(self.live, scores)):
+            mine = cands[i * width : (i + 1) * width]
+            _follow_best(self, t, [c.step for c in mine], [c.look for c in mine], row, self.recipe, it)
 
 
 def dvts(problems: list[Problem], policy: Policy, prm: PRM, recipe) -> list[Record]:
-    width = recipe.beam_width
-    searches = [_Search(p, policy.chat_prompt(recipe.system_prompt, p.problem),
-                        [_Subtree(i) for i in range(recipe.n // width)]) for p in problems]
-    for it in range(recipe.num_iterations):
-        last = it == recipe.num_iterations - 1
-        live = [(s, t) for s in searches for t in s.subtrees if t.live]
-        if not live:
-            break
-
-        # generate: M candidate steps for every live subtree of every problem
-        steps, looks = expand(policy, [s.prompt + t.text for s, t in live for _ in range(width)],
-                              [sample_seed(recipe.seed, s.problem.problem_id, it, t.index, j)
-                               for s, t in live for j in range(width)], recipe, last)
-
-        # score: one row per subtree (subtrees never see each other's candidates)
-        scores = prm.score([s.problem.problem for s, _ in live],
-                           [[t.text + steps[k].text + looks[k] for k in range(i * width, (i + 1) * width)]
-                            for i, (s, t) in enumerate(live)])
-
-        # select: each subtree follows its best candidate
-        for i, ((s, t), row) in enumerate(zip(live, scores)):
-            ks = range(i * width, (i + 1) * width)
-            _follow_best(s, t, [steps[k] for k in ks], [looks[k] for k in ks], row, recipe, it)
-
+    searches = [_Search(p, policy.chat_prompt(recipe.system_prompt, p.problem), recipe,
+                        [_Subtree(i) for i in range(recipe.n // recipe.beam_width)]) for p in problems]
+    run_steps(searches, policy, prm, recipe)
     return [_record(s, recipe) for s in searches]
 
 
