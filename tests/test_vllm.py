@@ -92,6 +92,53 @@ def test_a_seeded_batch_larger_than_one_scheduler_step(policy):
 
 
 @pytest.mark.vllm
+def test_the_engine_stream_takes_requests_while_it_runs(policy):
+    s = Sampling(temperature=1.0, max_tokens=24, stop=STOP)
+    prompts = [policy.chat_prompt("", f"Explain why {i} + {i} is even.") for i in range(6)]
+    ref = policy.generate(prompts, s, list(range(6)))
+    stream = policy.stream()
+    assert stream.continuous
+    tickets = stream.add(prompts[:3], s, [0, 1, 2])
+    first = stream.collect()  # returns as soon as one finishes, the others still running
+    assert first and stream.busy() == 3 - len(first)
+    tickets += stream.add(prompts[3:], s, [3, 4, 5])  # join the running batch
+    got = dict(first)
+    while stream.busy():
+        got.update(stream.collect())
+    assert sorted(got) == tickets and [got[t] for t in tickets] == ref
+    assert stream.collect() == []
+
+
+@pytest.mark.vllm
+def test_beam_search_fed_continuously_matches_lockstep_waves(policy):
+    from ttc_mlops.data import Problem
+    from ttc_mlops.policy import open_stream
+    from ttc_mlops.prm import load_prm
+    from ttc_mlops.search import STRATEGIES
+
+    class Lockstep:  # the policy without its stream: batched search in waves
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            if name == "stream":
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+    r = Recipe(model_path=EMBEDDED_MODEL, prm_path=EMBEDDED_MODEL, approach="beam_search", n=4, beam_width=2,
+               num_iterations=3, max_tokens=24, dtype="float32")
+    prm = load_prm(r.prm_settings)
+    problems = [Problem(str(i), q, "") for i, q in enumerate(["What is 12 * 13?", "Solve 2x + 3 = 11.",
+                                                             "How many primes are below 20?"])]
+    fed = STRATEGIES["beam_search"](problems, policy, prm, r)
+    prm.clear_cache()
+    policy.clear_cache()
+    assert not open_stream(Lockstep(policy)).continuous
+    waves = STRATEGIES["beam_search"](problems, Lockstep(policy), prm, r)
+    assert [x.to_dict() for x in fed] == [x.to_dict() for x in waves]
+
+
+@pytest.mark.vllm
 @pytest.mark.skipif(NO_VLLM, reason="vllm is not installed (CI runs it in .venv-vllm)")
 def test_dvts_end_to_end_with_vllm(mlflow_store, tmp_path):
     """`ttc run` in a fresh process: DVTS with vLLM as policy and the embedded PRM; the process ends
