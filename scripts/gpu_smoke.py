@@ -1,4 +1,5 @@
-"""GPU smoke test: each strategy on 10 MATH-500 problems, with accuracy, tokens/s and wall time.
+"""GPU smoke test: each strategy on 10 MATH-500 problems, with accuracy, tokens/s, wall time and
+generated tokens/s as a fraction of the backend's peak batched sampling rate.
 
     python scripts/gpu_smoke.py                                    # Llama-3.2-1B-Instruct + RLHFlow PRM (Hub or --model/--prm dirs)
     python scripts/gpu_smoke.py --random-weights                   # no network, no weights: throughput only
@@ -66,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tokens-per-step", type=int, default=64, help="random mode")
     ap.add_argument("--num-iterations", type=int, default=4, help="random mode: steps per search")
+    ap.add_argument("--peak-tokens", type=int, default=128,
+                    help="tokens per row of the peak-rate call (problems x n rows, no stop)")
     ap.add_argument("--workdir", default=None, help="random mode: where the random models are written "
                                                     "(default $TTC_CACHE/gpu_smoke)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override key=value")
@@ -142,22 +145,76 @@ def random_model_dir(name: str, arch: dict, tiny: bool, device: str, workdir: Pa
 
 class FixedSteps:
     """Random weights never write the step delimiter: every step request runs exactly `tokens`
-    tokens and is reported as a step that ended at the delimiter, so searches run their full depth."""
+    tokens and is reported as a step that ended at the delimiter, so searches run their full depth.
+    A policy that streams (vLLM) keeps its stream, so the search is fed as it would be."""
 
     def __init__(self, policy, tokens: int):
+        from ttc_mlops.policy import Streaming
+
         self.policy, self.tokens = policy, tokens
         self.name = getattr(policy, "name", "policy")
+        if isinstance(policy, Streaming):
+            self.stream = lambda: _FixedStream(self, policy.stream())
 
     def chat_prompt(self, system: str, user: str) -> str:
         return self.policy.chat_prompt(system, user)
 
-    def generate(self, prompts, sampling, seeds):
+    def clear_cache(self) -> None:
+        self.policy.clear_cache()
+
+    def request(self, sampling):
+        """What the backend runs for `sampling`, and whether its outputs are rewritten as steps."""
+        if not sampling.stop:  # a whole solution (best-of-N): the recipe's max_tokens
+            return sampling, False
+        return dataclasses.replace(sampling, max_tokens=self.tokens, stop=()), True
+
+    def as_step(self, gen, sampling):
         from ttc_mlops.policy import Generation
 
-        if not sampling.stop:  # a whole solution (best-of-N): the recipe's max_tokens
-            return self.policy.generate(prompts, sampling, seeds)
-        gens = self.policy.generate(prompts, dataclasses.replace(sampling, max_tokens=self.tokens, stop=()), seeds)
-        return [Generation(g.text + sampling.stop[0], g.num_tokens, "stop") for g in gens]
+        return Generation(gen.text + sampling.stop[0], gen.num_tokens, "stop")
+
+    def generate(self, prompts, sampling, seeds):
+        run, step = self.request(sampling)
+        gens = self.policy.generate(prompts, run, seeds)
+        return [self.as_step(g, sampling) for g in gens] if step else gens
+
+    def __getattr__(self, name):  # counters (prompt_tokens, params, ...) are the backend's
+        if name in ("policy", "stream"):
+            raise AttributeError(name)
+        return getattr(self.policy, name)
+
+
+class _FixedStream:
+    def __init__(self, fixed: FixedSteps, inner):
+        self.fixed, self.inner, self.continuous = fixed, inner, inner.continuous
+        self.steps: dict[int, object] = {}  # ticket -> the step sampling it stands for
+
+    def add(self, prompts, sampling, seeds):
+        run, step = self.fixed.request(sampling)
+        tickets = self.inner.add(prompts, run, seeds)
+        if step:
+            self.steps.update(dict.fromkeys(tickets, sampling))
+        return tickets
+
+    def busy(self) -> int:
+        return self.inner.busy()
+
+    def collect(self):
+        return [(t, self.fixed.as_step(g, self.steps.pop(t)) if t in self.steps else g) for t, g in self.inner.collect()]
+
+
+def peak_rate(policy, recipe, problems, tokens: int) -> float:
+    """Generated tok/s of one batched sampling call of problems x n rows, `tokens` each, no stop,
+    prompts already run once (a search's prompts mostly are): the backend's decoding peak."""
+    from ttc_mlops.policy import Sampling
+    from ttc_mlops.search.common import sample_seed
+
+    prompts = [policy.chat_prompt(recipe.system_prompt, p.problem) for p in problems for _ in range(recipe.n)]
+    seeds = [sample_seed(recipe.seed, "peak", i) for i in range(len(prompts))]
+    policy.generate(prompts, Sampling(recipe.temperature, recipe.top_p, 1), seeds)
+    t = time.perf_counter()
+    gens = policy.generate(prompts, Sampling(recipe.temperature, recipe.top_p, tokens), seeds)
+    return sum(g.num_tokens for g in gens) / (time.perf_counter() - t)
 
 
 # --- both modes
@@ -218,13 +275,15 @@ def main(argv=None) -> int:
     print(f"policy {first.model_path} ({type(getattr(policy, 'policy', policy)).__name__}), PRM {first.prm_path}, "
           f"{len(problems)} problems, device {device}, models loaded in {load_s:.0f} s", flush=True)
 
+    peak = peak_rate(policy, first, problems, args.peak_tokens)
+    print(f"peak batched sampling: {peak:.1f} tok/s ({len(problems) * first.n} rows x {args.peak_tokens} tokens)",
+          flush=True)
+
     rows = []
     for name in strategies:
         recipe = recipes[name]
-        prm_cache = getattr(prm, "_cache", None)
-        if prm_cache is not None:
-            prm_cache.clear()  # no strategy profits from another's scores
         meter = Meter(policy, prm)
+        meter.clear_cache()  # no strategy profits from another's scores or prefixes
         t = time.perf_counter()
         records = []
         for i in range(0, len(problems), recipe.search_batch_size):
@@ -233,14 +292,21 @@ def main(argv=None) -> int:
         acc = accuracy(records) if mode == "real" else None
         rows.append((name, f"n={recipe.n}" + (f" M={recipe.beam_width}" if name != "best_of_n" else ""),
                      "n/a" if acc is None else f"{acc:.2f}", meter.completion_tokens,
-                     meter.completion_tokens / wall, wall, meter.gen_s, meter.prm_s))
+                     meter.completion_tokens / wall, wall, meter.gen_s, meter.prm_s,
+                     meter.completion_tokens / meter.gen_s / peak if meter.gen_s else 0.0,
+                     meter.completion_tokens / wall / peak))
         print(f"{name}: {wall:.1f} s", flush=True)
 
-    header = ("strategy", "budget", "accuracy", "tokens", "tokens/s", "wall s", "generate s", "PRM s")
+    # fraction of peak: generated tokens/s over generation time (the backend's use of its batch) and
+    # over wall time (what the search gets, PRM included), against the peak measured above
+    header = ("strategy", "budget", "accuracy", "tokens", "tokens/s", "wall s", "generate s", "PRM s",
+              "gen/peak", "wall/peak")
     print(f"{header[0]:<12} {header[1]:<9} {header[2]:>8} {header[3]:>8} {header[4]:>9} {header[5]:>7} "
-          f"{header[6]:>10} {header[7]:>6}")
+          f"{header[6]:>10} {header[7]:>6} {header[8]:>8} {header[9]:>9}")
     for r in rows:
-        print(f"{r[0]:<12} {r[1]:<9} {r[2]:>8} {r[3]:>8} {r[4]:>9.1f} {r[5]:>7.1f} {r[6]:>10.1f} {r[7]:>6.1f}")
+        print(f"{r[0]:<12} {r[1]:<9} {r[2]:>8} {r[3]:>8} {r[4]:>9.1f} {r[5]:>7.1f} {r[6]:>10.1f} {r[7]:>6.1f} "
+              f"{r[8]:>8.2f} {r[9]:>9.2f}")
+    print(f"peak {peak:.1f} tok/s")
     print(f"total {sum(r[5] for r in rows) + load_s:.0f} s (models {load_s:.0f} s)"
           + ("; RANDOM WEIGHTS: accuracy not measured" if mode == "random" else ""))
     return 0
