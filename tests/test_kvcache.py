@@ -164,3 +164,24 @@ def test_prm_batches_attend_little_padding_and_change_no_score(tiny_llama_dir):
         beams = comps
     assert grouped.attended <= PADDED_ATTENTION * grouped.attended_alone
     assert alone.attended == alone.attended_alone  # one row a pass: nothing padded
+
+
+def test_prm_scores_of_problems_scored_one_call_each_are_kept(tiny_llama_dir, monkeypatch):
+    """A search fed continuously scores one problem per call: coming back for a new step, a problem
+    finds its earlier steps' scores, whatever was scored in between; beyond RECENT_PROBLEMS the
+    oldest problems leave."""
+    from ttc_mlops.prm import stepwise
+    from ttc_mlops.prm.rlhflow import RLHFlowPRM
+
+    prm = RLHFlowPRM(Recipe(prm_path=str(tiny_llama_dir), prm_family="rlhflow", dtype="float32",
+                            device="cpu").prm_settings)
+    problems = ["What is 2+2?", "What is the sum of the first ten positive integers?"]
+    first = ["Add the numbers.\n\n", "Pair them up.\n\n"]
+    scored = [prm.score([p], [[step]])[0][0][0] for p, step in zip(problems, first)]
+    ran = []
+    monkeypatch.setattr(prm, "_run", lambda rows: ran.extend(rows) or RLHFlowPRM._run(prm, rows))
+    (two,) = prm.score([problems[0]], [[first[0] + "So \\boxed{4}.\n\n"]])[0]
+    assert two[0] == scored[0] and [r.first_new for r in ran] == [1]  # only the new step was scored
+    monkeypatch.setattr(stepwise, "RECENT_PROBLEMS", 1)
+    prm.score([problems[1]], [[first[1]]])
+    assert {problem for problem, _ in prm._scores} == {problems[1]}

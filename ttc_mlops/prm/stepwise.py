@@ -69,6 +69,7 @@ class StepwisePRM(ABC):
         self.attended = 0  # query x key positions the batched passes attended (padding included)
         self.attended_alone = 0  # what the same rows attend run one by one (no padding)
         self._lengths: dict[tuple[str, tuple[str, ...]], int] = {}  # (problem, steps) -> its sequence's tokens
+        self._recent: dict[str, None] = {}  # problems by when they were last scored, oldest first
         self.params = compute_params(base)
 
     # --- what a family defines
@@ -84,19 +85,32 @@ class StepwisePRM(ABC):
     def clear_cache(self) -> None:
         self._scores.clear()
         self._lengths.clear()
+        self._recent.clear()
         if self.store is not None:
             self.store.clear()
 
     def score(self, problems: list[str], completions: list[list[str]]) -> list[list[list[float]]]:
-        current = set(problems)
-        self._scores = {k: v for k, v in self._scores.items() if k[0] in current}
-        self._lengths = {k: v for k, v in self._lengths.items() if k[0] in current}
+        self._forget_old(problems)
         keys = [[(problem, tuple(split_steps(c))) for c in comps] for problem, comps in zip(problems, completions)]
         todo = [self._row(key) for key in dict.fromkeys(key for row in keys for key in row) if key not in self._scores]
         if todo:
             self._run(todo)
         self.tokens_full += sum(self._length(key) for row in keys for key in row)
         return [[[self._scores[(p, steps[:j])] for j in range(1, len(steps) + 1)] for p, steps in row] for row in keys]
+
+    def _forget_old(self, problems: list[str]) -> None:
+        """Keep the scores of the RECENT_PROBLEMS problems scored last: a step-level search fed
+        continuously scores one problem at a time, and each comes back next iteration for its new
+        steps only; a problem not seen for that long is done."""
+        for problem in problems:
+            self._recent.pop(problem, None)
+            self._recent[problem] = None
+        if len(self._recent) > RECENT_PROBLEMS:
+            old = set(list(self._recent)[: len(self._recent) - RECENT_PROBLEMS])
+            for problem in old:
+                del self._recent[problem]
+            self._scores = {k: v for k, v in self._scores.items() if k[0] not in old}
+            self._lengths = {k: v for k, v in self._lengths.items() if k[0] not in old}
 
     def _check_positions(self, positions: list[int], steps: tuple[str, ...], marker: str) -> list[int]:
         if len(positions) != len(steps):
@@ -175,6 +189,7 @@ class StepwisePRM(ABC):
         keep(self.store, pre, [r.ids for r in batch])
 
 
+RECENT_PROBLEMS = 1024  # problems whose step scores are kept (a few KB each)
 PADDED_ATTENTION = 1.5  # a PRM batch's attention over padding, at most this times the rows' own
 
 
