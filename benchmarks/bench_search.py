@@ -4,14 +4,18 @@
 
 Prints, per strategy: problems/s of the batched search (all problems in one search batch, fed to
 the backend continuously where it can take requests while it runs), of the same search in lockstep
-waves (one generate call per iteration for all problems: how batched search ran before, on such a
-backend) and of the same function called on one problem at a time; their ratios; generated tokens/s as a fraction of the backend's peak batched sampling rate (measured
-first, in the same process: one generate call of problems x n rows, --peak-tokens each, no stop,
-prompts already cached); PRM tokens processed per generated token; generate calls; and for how
-many problems each other run gave the same records as the batched one (per-request seeds: a problem's result should
-not depend on its batch; float rounding of differently shaped batched matmuls can still flip a
-sample). The policy's and the PRM's caches (scores, prefix keys/values) are cleared before every
-run, so no run profits from another.
+waves (one generate call per iteration for all problems: how batched search ran before continuous
+feeding) and of the same function called on one problem at a time; their ratios; generated tokens/s
+as a fraction of the backend's peak batched sampling rate (measured first, in the same process: one
+generate call of problems x n rows, --peak-tokens each, no stop, prompts already cached); PRM tokens
+processed per generated token; generate calls; and for how many problems each other run gave the
+same records as the batched one (per-request seeds: a problem's result should not depend on its
+batch; float rounding of differently shaped batched matmuls can still flip a sample). The policy's
+and the PRM's caches (scores, prefix keys/values) are cleared before every run, so no run profits
+from another.
+
+    .venv-vllm/bin/python benchmarks/bench_search.py --backend vllm --problems 10 --n 4 --beam-width 4 \
+        --num-iterations 8 --max-tokens 512 --strategies beam_search --sequential ''
 """
 
 from __future__ import annotations
