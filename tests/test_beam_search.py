@@ -149,7 +149,8 @@ def test_bad_input_names_the_values(bad, words):
     assert all(w in str(err.value) for w in words)
 
 
-def test_prm_reuses_scores_within_a_search_and_forgets_finished_problems(tiny_llama_dir):
+def test_prm_reuses_scores_within_a_search_and_forgets_finished_problems(tiny_llama_dir, monkeypatch):
+    from ttc_mlops.prm import stepwise
     from ttc_mlops.prm.rlhflow import RLHFlowPRM
 
     prm = RLHFlowPRM(Recipe(prm_path=str(tiny_llama_dir), prm_family="rlhflow", dtype="float32", device="cpu").prm_settings)
@@ -160,7 +161,12 @@ def test_prm_reuses_scores_within_a_search_and_forgets_finished_problems(tiny_ll
     # a step's score depends on its prefix only: a partial solution scores as the longer one began
     [[prefix]] = prm.score(["P"], [["Add.\n\n"]])
     assert prefix == pytest.approx(first[0][0][:1], abs=1e-5)
-    prm.score(["Q"], [["Other."]])  # a call without P drops P's entries
+    prm.score(["Q"], [["Other."]])  # another problem scored between two of P's iterations: P's scores stay
+    spent = prm.tokens_processed
+    prm.score(["P"], [["Add.\n\nSo 2."]])
+    assert prm.tokens_processed == spent
+    monkeypatch.setattr(stepwise, "RECENT_PROBLEMS", 1)  # only the last problem's scores are kept
+    prm.score(["Q"], [["Other."]])
     spent = prm.tokens_processed
     prm.score(["P"], [["Add.\n\nSo 2."]])
     assert prm.tokens_processed > spent
