@@ -124,3 +124,16 @@ def test_trust_remote_code_says_what_will_run(tiny_llama_dir, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="ttc_mlops.models"):
         load_causal_lm(settings)
     assert f"trust_remote_code=true: loading {model} runs the Python code it ships (modeling_custom.py)" in caplog.text
+
+
+def test_shared_prompt_decoding_samples_what_copied_caches_sample(policy, monkeypatch):
+    """Samples of one prompt decode over its keys and values held once; with the cache copied per
+    row (where a model cannot share) every sample is the same, rows leaving at different steps."""
+    assert policy.shared_prompts
+    s = Sampling(temperature=1.2, max_tokens=30, stop=("x",))  # rows stop at different steps
+    a, b = policy.chat_prompt("", "A prompt three samples share"), policy.chat_prompt("", "Two share this")
+    prompts, seeds = [a, b, a, b, a, policy.chat_prompt("", "one")], [5, 6, 7, 8, 9, 10]
+    shared = policy.generate(prompts, s, seeds)
+    assert len({g.num_tokens for g in shared}) > 1  # the batch shrank mid-run
+    monkeypatch.setattr(policy, "shared_prompts", False)
+    assert policy.generate(prompts, s, seeds) == shared

@@ -7,11 +7,12 @@ print(p.generate([p.chat_prompt('', 'What is 2+3?')], Sampling(max_tokens=32), [
 `model.generate` samples a batch from one random stream, so a row's sample would depend on the
 rows beside it. This backend runs its own decoding loop instead: one KV-cached forward pass per
 token for the whole batch, then each row draws from its own `torch.Generator` seeded per request.
-Finished rows leave the batch (their cache rows are dropped, once a quarter of the batch has
-finished), which is what makes step-level search cheap: most beams stop at the step delimiter long
-before `max_tokens`. Prompts and the rows that stopped at a step are kept in a `PrefixStore`
-(`prefix_cache_gib`): the next iteration's prompt is one of them plus its step, so only the step's
-last tokens run again.
+Finished rows leave the batch at once (the last rows move into their cache slots), which is what
+makes step-level search cheap: most beams stop at the step delimiter long before `max_tokens`.
+Prompts and the rows that stopped at a step are kept in a `PrefixStore` (`prefix_cache_gib`): the
+next iteration's prompt is one of them plus its step, so only the step's last tokens run again.
+On a CPU, decoding steps attend over a cache that holds each distinct prompt once however many
+requests sample from it (`kvcache.share_prompts`), through batched matmuls instead of sdpa.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ MAX_BATCH = 64  # rows per decoding loop; bounds the KV cache on small machines
 class HFPolicy:
     def __init__(self, settings: PolicySettings, max_batch: int = MAX_BATCH):
         from ..models import compute_params, load_causal_lm
-        from .kvcache import store_for
+        from .kvcache import store_for, use_decode_attention
 
         self.name = settings.path
         self.model, self.tokenizer, self.device = load_causal_lm(settings)
@@ -46,6 +47,8 @@ class HFPolicy:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         # A prompt of the next iteration is a prompt of this one plus a sampled step: keep both.
         self.store = store_for(self.model, settings.prefix_cache_gib, f"policy {self.name}")
+        # decoding steps attend over caches that hold each prompt once (CPU, sdpa models)
+        self.shared_prompts = use_decode_attention(self.model)
 
     def clear_cache(self) -> None:
         if self.store is not None:
@@ -69,11 +72,13 @@ class HFPolicy:
     def _generate_batch(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[Generation]:
         import torch
 
-        from .kvcache import cache_kwarg, common_prefix, keep, prefill, row_kv, warm
+        from .kvcache import (cache_kwarg, common_prefix, decode_mask, keep, prefill, row_kv, share_prompts,
+                              warm)
 
         # Identical prompts (N samples of a problem, M expansions of a beam) are prefilled once and
-        # their KV cache rows copied: the prompt, not the sampled tokens, dominates the work on a CPU.
-        # Prefixes run by earlier calls come from the store.
+        # their keys and values shared by their rows (copied where the cache cannot share): the
+        # prompt, not the sampled tokens, dominates the work on a CPU. Prefixes run by earlier calls
+        # come from the store.
         unique = list(dict.fromkeys(prompts))
         row_of = {p: i for i, p in enumerate(unique)}
         enc = [self.tokenizer(p, add_special_tokens=False).input_ids for p in unique]
@@ -86,50 +91,51 @@ class HFPolicy:
         keep(self.store, pre, enc)
         cache, attention = pre.cache, pre.attention
         logits, step_pos = pre.out.logits[:, -1, :].float(), pre.positions[:, -1:]
+        rows = [row_of[p] for p in prompts]
+        if self.shared_prompts:  # decoding steps read each prompt's keys and values once, not once per request
+            share_prompts(cache, rows)
         if len(unique) < len(prompts):  # one row per request from here on
-            rows = torch.tensor([row_of[p] for p in prompts], device=self.device)
-            cache.batch_select_indices(rows)
-            attention, step_pos, logits = attention[rows], step_pos[rows], logits[rows]
+            index = torch.tensor(rows, device=self.device)
+            if not self.shared_prompts:
+                cache.batch_select_indices(index)
+            attention, step_pos, logits = attention[index], step_pos[index], logits[index]
 
-        batch: list[int | None] = list(range(len(prompts)))  # each batch row's request; None once finished
+        batch = list(range(len(prompts)))  # each batch row's request
         tokens: list[list[int]] = [[] for _ in prompts]
         finish: list[str | None] = [None] * len(prompts)
         kw = cache_kwarg(self.model)
-        computed = 0  # batch rows run by decoding steps, finished ones riding along included
+        computed = 0  # batch rows run by decoding steps
         with torch.inference_mode():
             for _ in range(sampling.max_tokens):
-                live = [b for b, row in enumerate(batch) if row is not None]
-                sampled = self._sample(logits if len(live) == len(batch) else logits[live], sampling,
-                                       [generators[batch[b]] for b in live])
-                next_ids = [self.pad_id] * len(batch)
-                for b, token in zip(live, sampled):
-                    row = batch[b]
+                sampled = self._sample(logits, sampling, [generators[row] for row in batch])
+                next_ids = []
+                for b, (row, token) in enumerate(zip(batch, sampled)):
                     tokens[row].append(token)
-                    next_ids[b] = token
+                    next_ids.append(token)
                     finish[row] = self._finished(tokens[row], sampling)
-                    if finish[row] is not None:
-                        batch[b] = None
                     if finish[row] == "stop" and self.store is not None:
                         # the next prompt of a search is this one plus the step: keep what was run
                         self.store.add(enc[row_of[prompts[row]]] + tokens[row][:-1],
                                        lambda b=b: row_kv(cache, b, attention[b]))
                 if self.progress is not None:
                     self.progress(len(sampled))
-                live = [b for b, row in enumerate(batch) if row is not None]
-                if not live:
+                done = [finish[row] is not None for row in batch]
+                if all(done):
                     break
-                # Finished rows ride along (fed padding, outputs unused) until a quarter of the batch
-                # has finished: dropping rows copies the whole cache.
-                if 4 * (len(batch) - len(live)) >= len(batch):
-                    sel = torch.tensor(live, device=self.device)
-                    cache.batch_select_indices(sel)
-                    attention, step_pos = attention[sel], step_pos[sel]
-                    next_ids, batch = [next_ids[b] for b in live], [batch[b] for b in live]
+                if any(done):  # finished rows leave at once; on a growing cache only the rows that fill holes move
+                    sel = _fill_holes(done)
+                    index = torch.tensor(sel, device=self.device)
+                    cache.batch_select_indices(index)
+                    attention, step_pos = attention[index], step_pos[index]
+                    next_ids, batch = [next_ids[b] for b in sel], [batch[b] for b in sel]
                 step_pos = step_pos + 1
                 attention = torch.cat([attention, attention.new_ones((len(batch), 1))], dim=-1)
                 computed += len(batch)
+                # A shared-prompt cache is attended over whole (its mask covers the rows' room); other
+                # caches get the 2D mask, from which transformers builds each layer type's own.
+                mask = decode_mask(cache, attention, self.model.dtype) if self.shared_prompts else attention
                 out = self.model(input_ids=torch.tensor(next_ids, device=self.device).unsqueeze(-1),
-                                 attention_mask=attention, position_ids=step_pos, use_cache=True, logits_to_keep=1,
+                                 attention_mask=mask, position_ids=step_pos, use_cache=True, logits_to_keep=1,
                                  **{kw: cache})
                 logits = out.logits[:, -1, :].float()
         log.debug("%d rows (%d prompts, %d prompt tokens run): %d tokens sampled, %d row-steps computed",
@@ -179,3 +185,16 @@ class HFPolicy:
             cut = min((text.find(s) + len(s) for s in sampling.stop if s in text), default=len(text))
             text = text[:cut]
         return Generation(text=text, num_tokens=len(ids), finish_reason=reason)
+
+
+def _fill_holes(done: list[bool]) -> list[int]:
+    """The rows to keep, as `batch_select_indices` takes them: the live rows beyond the new batch size
+    move into the slots of finished ones, the others stay where they are."""
+    size = done.count(False)
+    keep = list(range(size))
+    holes = [b for b in range(size) if done[b]]
+    movers = [b for b in range(size, len(done)) if not done[b]]
+    for hole, b in zip(holes, movers):
+        keep[hole] = b
+    return keep
+

@@ -18,7 +18,11 @@ newer one extends is dropped at once (the newer one serves every lookup the olde
 
 The batch's cache is a `DynamicCache` whose layers append into spare room (`GrowingLayer`) instead
 of concatenating the whole history for every decoded token, which costs O(rows x context) copies
-per token and dominates wide batches on a CPU.
+per token and dominates wide batches on a CPU. For decoding on a CPU, `share_prompts` turns it into
+one that holds each distinct prompt once and each row's own tokens apart (`SharedPromptLayer`):
+N samples of a prompt then read its keys and values once a step, not N times, and
+`_decode_attention` attends over it with batched matmuls (sdpa's CPU kernels work on blocks of
+queries, and a decoding step has one query a row).
 """
 
 from __future__ import annotations
@@ -172,7 +176,20 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _growing_layer_class():
+def _keep_rows(buffer, indices):
+    """`buffer[indices]` along the batch axis; in place where rows are only dropped, so that only the
+    rows that move into the holes are copied, not the whole buffer."""
+    import torch
+
+    if len(indices) > buffer.shape[0]:
+        return buffer[indices]
+    moved = (indices != torch.arange(len(indices), device=indices.device)).nonzero().squeeze(-1)
+    if len(moved):
+        buffer[moved] = buffer[indices[moved]]
+    return buffer[: len(indices)]
+
+
+def _layer_classes():
     from transformers.cache_utils import DynamicLayer
 
     class GrowingLayer(DynamicLayer):
@@ -200,25 +217,164 @@ def _growing_layer_class():
         def batch_select_indices(self, indices) -> None:
             if self.is_initialized and self.keys.numel():
                 n = self.keys.shape[-2]
-                self._k, self._v = self._k[indices], self._v[indices]
+                self._k, self._v = _keep_rows(self._k, indices), _keep_rows(self._v, indices)
                 self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
 
-    return GrowingLayer
+    class SharedPromptLayer(DynamicLayer):
+        """A decoding cache layer that holds each distinct prompt's keys and values once, however many
+        rows sample from it, and each row's own tokens in a zero-filled buffer with room. `update`
+        returns the layer itself, which only `_decode_attention` reads."""
+
+        def __init__(self, keys, values, rows: list[int]):
+            super().__init__()
+            self.prompt_k, self.prompt_v = keys.contiguous(), values.contiguous()  # [prompts, heads, P, dim]
+            self.own_k = keys.new_zeros((len(rows), keys.shape[1], ROOM, keys.shape[-1]))
+            self.own_v = values.new_zeros((len(rows), values.shape[1], ROOM, values.shape[-1]))
+            self.filled = 0  # own positions written
+            self.device, self.is_initialized = keys.device, True
+            self._set_rows(rows)
+
+        def _set_rows(self, rows: list[int]) -> None:
+            """Row r samples from prompt rows[r]; it sits at slot per * rows[r] + j when it is the
+            prompt's j-th row, so that a prompt's rows line up as one matrix of queries."""
+            import torch
+
+            taken: dict[int, int] = {}
+            slots = []
+            for prompt in rows:
+                slots.append(taken.get(prompt, 0))
+                taken[prompt] = slots[-1] + 1
+            self.rows, self.per = rows, max(taken.values())
+            self.slots = torch.tensor([self.per * p + j for p, j in zip(rows, slots)], device=self.device)
+
+        def reserve(self, add: int) -> int:
+            """Room for `add` more own positions; the keys a decoding step then attends over."""
+            import torch
+
+            if self.filled + add > self.own_k.shape[-2]:
+                room = lambda x: x.new_zeros(x.shape[:2] + (ROOM, x.shape[-1]))
+                self.own_k = torch.cat([self.own_k, room(self.own_k)], dim=-2)
+                self.own_v = torch.cat([self.own_v, room(self.own_v)], dim=-2)
+            return self.prompt_k.shape[-2] + self.own_k.shape[-2]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.reserve(key_states.shape[-2])
+            n, self.filled = self.filled, self.filled + key_states.shape[-2]
+            self.own_k[:, :, n : self.filled] = key_states
+            self.own_v[:, :, n : self.filled] = value_states
+            return self, self
+
+        def get_seq_length(self) -> int:
+            return self.prompt_k.shape[-2] + self.filled
+
+        def batch_select_indices(self, indices) -> None:
+            self.own_k, self.own_v = _keep_rows(self.own_k, indices), _keep_rows(self.own_v, indices)
+            self._set_rows([self.rows[i] for i in indices.tolist()])
+
+        def row(self, r: int):
+            """Row r's keys and values, prompt then own tokens: [2, heads, P + filled, dim]."""
+            import torch
+
+            p = self.rows[r]
+            return torch.stack([torch.cat([self.prompt_k[p], self.own_k[r, :, : self.filled]], dim=-2),
+                                torch.cat([self.prompt_v[p], self.own_v[r, :, : self.filled]], dim=-2)])
+
+    return GrowingLayer, SharedPromptLayer
 
 
-_GROWING = None
+_GROWING = _SHARED = None
 
 
 def new_cache(model, growing: bool):
     """An empty cache for `model`; with `growing` (full-attention models only) its layers append in place."""
-    global _GROWING
+    global _GROWING, _SHARED
     from transformers.cache_utils import DynamicCache
 
     cache = DynamicCache(config=model.config)
     if growing:
-        _GROWING = _GROWING or _growing_layer_class()
+        if _GROWING is None:
+            _GROWING, _SHARED = _layer_classes()
         cache.layers = [_GROWING() for _ in cache.layers]
     return cache
+
+
+def share_prompts(cache, rows: list[int]) -> None:
+    """Turn a prefilled growing cache into one for decoding `rows` (row r samples from prefilled row
+    rows[r]) whose steps read each prefilled row once: N samples of a prompt would otherwise copy
+    its keys and values N times and read them N times a step. Only `_decode_attention` reads it."""
+    cache.layers = [_SHARED(layer.keys, layer.values, rows) for layer in cache.layers]
+
+
+def decode_mask(cache, attention, dtype):
+    """The additive mask of a decoding step over a `share_prompts` cache, [rows, 1, 1, keys]: 0 where
+    `attention` (the rows' 2D mask, this step's token included) is 1, -inf over padding and over
+    each row's zero-filled room. The room is attended over because a bf16 batched matmul over a view
+    of the filled part takes a slow path (9x slower at 700 keys, here); given as 4D, the mask is
+    taken as it is by transformers instead of built anew for every step."""
+    import torch
+
+    (width,) = {layer.reserve(1) for layer in cache.layers}
+    mask = torch.full((attention.shape[0], width), float("-inf"), dtype=dtype, device=attention.device)
+    mask[:, : attention.shape[1]].masked_fill_(attention.bool(), 0.0)
+    return mask[:, None, None, :]
+
+
+DECODE_ATTENTION = "sdpa_shared_prompts"  # sdpa, except for decoding steps over a shared-prompt cache
+
+
+def use_decode_attention(model) -> bool:
+    """Let `model` decode over `share_prompts` caches (every other pass stays with sdpa): on a CPU,
+    for full-attention models that use sdpa. Returns whether it can."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    implementation = model.config._attn_implementation
+    if next(model.parameters()).device.type != "cpu" or not reusable(model):
+        return False
+    if implementation == DECODE_ATTENTION:
+        return True
+    if implementation != "sdpa":
+        return False
+    AttentionInterface.register(DECODE_ATTENTION, _decode_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(DECODE_ATTENTION)
+    return True
+
+
+def _decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """One query per row against a shared-prompt cache layer (`key` is the layer): batched matmuls
+    over the key/value heads, with a group's query heads as the rows of one matrix (no `repeat_kv`
+    copies) and, against a prompt, the heads of all its rows. On a CPU sdpa's flash kernel works on
+    blocks of queries, so one query a row pays for a whole block (half of a 40-row step's time); and
+    the prompts are read once a step, not once per row. Scores are softmaxed in float32, as
+    transformers' eager attention does; `attention_mask` is additive, over prompt then own keys."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not isinstance(key, _SHARED):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    layer = key
+    rows, heads, _, dim = query.shape
+    prompts, kv_heads, width, _ = layer.prompt_k.shape
+    group, per = heads // kv_heads, layer.per
+    q = query.reshape(rows, kv_heads, group, dim) * (dim**-0.5 if scaling is None else scaling)
+
+    def by_prompt(x):  # [rows, kv_heads, group, n] -> [prompts, kv_heads, per * group, n]
+        out = x.new_zeros((prompts * per,) + x.shape[1:])
+        out[layer.slots] = x
+        return out.view(prompts, per, kv_heads, group, -1).transpose(1, 2).reshape(prompts, kv_heads, per * group, -1)
+
+    def by_row(x):  # the inverse
+        x = x.view(prompts, kv_heads, per, group, -1).transpose(1, 2).reshape(prompts * per, kv_heads, group, -1)
+        return x[layer.slots]
+
+    scores = torch.cat([by_row(torch.matmul(by_prompt(q), layer.prompt_k.transpose(-1, -2))),
+                        torch.matmul(q, layer.own_k.transpose(-1, -2))], dim=-1)
+    probs = torch.softmax(scores + attention_mask, dim=-1, dtype=torch.float32).to(query.dtype)
+    shared, own = probs.split([width, layer.own_k.shape[-2]], dim=-1)
+    out = by_row(torch.matmul(by_prompt(shared), layer.prompt_v)) + torch.matmul(own, layer.own_v)
+    return out.reshape(rows, 1, heads, dim), None
 
 
 @dataclass
@@ -345,5 +501,7 @@ def row_kv(cache, row: int, attention_row):
     import torch
 
     idx = attention_row.nonzero().squeeze(-1)
+    if _SHARED is not None and isinstance(cache.layers[0], _SHARED):
+        return torch.stack([layer.row(row).index_select(2, idx) for layer in cache.layers])
     return torch.stack([torch.stack([layer.keys[row].index_select(1, idx), layer.values[row].index_select(1, idx)])
                         for layer in cache.layers])
