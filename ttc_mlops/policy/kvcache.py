@@ -346,8 +346,8 @@ def _decode_attention(module, query, key, value, attention_mask, dropout: float 
     over the key/value heads, with a group's query heads as the rows of one matrix (no `repeat_kv`
     copies) and, against a prompt, the heads of all its rows. On a CPU sdpa's flash kernel works on
     blocks of queries, so one query a row pays for a whole block (half of a 40-row step's time); and
-    the prompts are read once a step, not once per row. Scores are softmaxed in float32, as
-    transformers' eager attention does; `attention_mask` is additive, over prompt then own keys."""
+    the prompts are read once a step, not once per row. `attention_mask` is additive, over prompt
+    then own keys."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -371,7 +371,7 @@ def _decode_attention(module, query, key, value, attention_mask, dropout: float 
 
     scores = torch.cat([by_row(torch.matmul(by_prompt(q), layer.prompt_k.transpose(-1, -2))),
                         torch.matmul(q, layer.own_k.transpose(-1, -2))], dim=-1)
-    probs = torch.softmax(scores + attention_mask, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.softmax(scores + attention_mask, dim=-1)  # computed in float32 whatever the dtype
     shared, own = probs.split([width, layer.own_k.shape[-2]], dim=-1)
     out = by_row(torch.matmul(by_prompt(shared), layer.prompt_v)) + torch.matmul(own, layer.own_v)
     return out.reshape(rows, 1, heads, dim), None
