@@ -8,13 +8,15 @@ the machine weighs on both alike; the tables give medians. A cell is one `genera
 `--max-tokens` new tokens per row, temperature 0.8, no stop strings, after a one-token call on the
 same prompts (the prefix store then holds them, so the figure is mostly decoding). Prompts: short
 questions, one per row, or MATH-500 chat prompts (the first rows/4 problems x 4 samples, the
-system prompt of the search recipes). Rows that reach the end-of-text token stop early; their
-tokens are not counted.
+system prompt of the search recipes). Rows that reach the end-of-text token stop early; a cell
+counts the tokens generated.
 
-Printed: generated tokens/s per cell for both and their ratio, the prompts' padding (longest over
-mean prompt length: a left-padded cache attends over the longest), how many generations of the
-40-row MATH cell are identical (use `--dtype float32` for the exactness check; in bf16 a rounding
-difference can flip a sampled token), and with `--profile` where a 40-row MATH call spends its time.
+Printed: generated tokens/s per cell for both and their ratio; the rows a step runs on average
+(rows that end early leave the batch, and a step on few rows is bound by reading the weights); the
+prompts' padding (longest over mean prompt length: attention covers the longest); how many
+generations of the 40-row MATH cell are identical (use `--dtype float32` for the exactness check:
+in bf16 a rounding difference can flip a sampled token); with `--profile`, where a 40-row MATH
+call spends its time.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def worker(args) -> None:
         seconds = time.perf_counter() - start
         lengths = [len(policy.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
         out = {"tokens": sum(g.num_tokens for g in gens), "seconds": seconds, "texts": [g.text for g in gens],
-               "padding": max(lengths) / statistics.mean(lengths)}
+               "padding": max(lengths) / statistics.mean(lengths),
+               "live": sum(g.num_tokens for g in gens) / max(g.num_tokens for g in gens)}
         if prof is not None:
             out["profile"] = _categorise(prof, seconds)
         print(json.dumps(out), flush=True)
@@ -168,10 +171,13 @@ def main(argv=None) -> None:
         return statistics.median(r["tokens"] / r["seconds"] for r in results[(name, kind, n)])
 
     print(f"\ngenerated tok/s, median of {args.repeats} ({args.max_tokens} new tokens a row, dtype {args.dtype})")
-    print(f"{'prompts':>7} {'rows':>4} {'padding':>7} {'new':>8}" + (f" {'ref':>8} {'new/ref':>7}" if args.ref else ""))
+    print("(live: rows a decoding step runs on average, as rows end at the end-of-text token)")
+    print(f"{'prompts':>7} {'rows':>4} {'live':>5} {'padding':>7} {'new':>8}"
+          + (f" {'ref':>8} {'new/ref':>7}" if args.ref else ""))
     for kind in kinds:
         for n in rows:
-            line = f"{kind:>7} {n:>4} {results[('new', kind, n)][0]['padding']:>7.2f} {rate('new', kind, n):>8.1f}"
+            first = results[("new", kind, n)][0]
+            line = f"{kind:>7} {n:>4} {first['live']:>5.1f} {first['padding']:>7.2f} {rate('new', kind, n):>8.1f}"
             if args.ref:
                 line += f" {rate('ref', kind, n):>8.1f} {rate('new', kind, n) / rate('ref', kind, n):>6.2f}x"
             print(line)
