@@ -187,40 +187,49 @@ def test_prm_scores_of_problems_scored_one_call_each_are_kept(tiny_llama_dir, mo
     assert {problem for problem, _ in prm._scores} == {problems[1]}
 
 
-def test_decoding_over_shared_prompts_gives_the_plain_forward_logits_and_keys(tiny):
-    """Rows sampling from two prompts decode over a cache that holds each prompt once; rows leave
-    mid-run (the last one moves into a hole). Every step's logits, and every row's keys and values,
-    are those of a plain forward pass over the row's whole sequence."""
+PROMPTS = ("A prompt that several rows sample from, long enough to pad the others.", "A short one.",
+           "A third prompt, of middling length.")
+
+
+@pytest.mark.parametrize(("rows", "kept"), [([0, 1, 0, 0], [0, 3]), ([0, 1, 2], [0, 2])])
+def test_decoding_over_shared_prompts_gives_the_plain_forward_logits_and_keys(tiny, rows, kept, monkeypatch):
+    """Rows sampling from prompts (several from one, or one each) decode over a cache that holds each
+    prompt once; rows leave mid-run (the last one moves into a hole). Every step's logits, and every
+    row's keys and values, are those of a plain forward pass over the row's whole sequence."""
     from ttc_mlops.policy import kvcache
 
     model, tok, _ = tiny
     assert kvcache.use_decode_attention(model)
-    prompts = [tok(t, add_special_tokens=False).input_ids for t in
-               ("A prompt that several rows sample from, long enough to pad the other.", "A short one.")]
-    rows = [0, 1, 0, 0]
-    pre = prefill(model, prompts, PrefixStore(0), tok.pad_token_id, logits_to_keep=1)
-    kvcache.share_prompts(pre.cache, rows)
-    index = torch.tensor(rows)
-    attention, positions = pre.attention[index], pre.positions[index, -1:]
-    seqs = [list(prompts[r]) for r in rows]
+    monkeypatch.setattr(kvcache, "ROOM", 8)  # the rows' own buffers grow twice
+    prompts = [tok(t, add_special_tokens=False).input_ids for t in PROMPTS]
+
+    def prefilled(rows):
+        pre = prefill(model, [prompts[r] for r in sorted(set(rows))], PrefixStore(0), tok.pad_token_id,
+                      logits_to_keep=1)
+        index = torch.tensor([sorted(set(rows)).index(r) for r in rows])
+        return pre, index.tolist(), pre.attention[index], pre.positions[index, -1:]
+
+    pre, local, attention, positions = prefilled(rows)
+    kvcache.share_prompts(pre.cache, local)
+    cache, seqs = pre.cache, [list(prompts[r]) for r in rows]
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        for step in range(2 * kvcache.ROOM // 3):  # past the rows' first room
-            if step == 5:  # rows 1 and 2 finish: row 3 moves into slot 1
-                keep_rows = torch.tensor([0, 3])
-                pre.cache.batch_select_indices(keep_rows)
-                attention, positions, seqs = attention[keep_rows], positions[keep_rows], [seqs[0], seqs[3]]
+        for step in range(20):
+            if step == 5:  # the other rows finish: the last one moves into slot 1
+                keep_rows = torch.tensor(kept)
+                cache.batch_select_indices(keep_rows)
+                attention, positions, seqs = attention[keep_rows], positions[keep_rows], [seqs[r] for r in kept]
             ids = torch.randint(0, 1000, (len(seqs), 1), generator=gen)
             for seq, i in zip(seqs, ids.tolist()):
                 seq += i
             attention = torch.cat([attention, attention.new_ones((len(seqs), 1))], dim=-1)
             positions = positions + 1
-            out = model(input_ids=ids, attention_mask=kvcache.decode_mask(pre.cache, attention, model.dtype),
-                        position_ids=positions, use_cache=True, **{kvcache.cache_kwarg(model): pre.cache})
+            out = model(input_ids=ids, attention_mask=kvcache.decode_mask(cache, attention, model.dtype),
+                        position_ids=positions, use_cache=True, **{kvcache.cache_kwarg(model): cache})
             plain = [model(torch.tensor([seq]), use_cache=True) for seq in seqs]
             for r, p in enumerate(plain):
                 assert torch.allclose(out.logits[r, -1], p.logits[0, -1], atol=1e-4)
     for r, p in enumerate(plain):
-        kv = row_kv(pre.cache, r, attention[r])
+        kv = row_kv(cache, r, attention[r])
         want = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in p.past_key_values.layers])
         assert torch.allclose(kv, want, atol=1e-5)

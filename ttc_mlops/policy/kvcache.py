@@ -236,7 +236,8 @@ def _layer_classes():
 
         def _set_rows(self, rows: list[int]) -> None:
             """Row r samples from prompt rows[r]; it sits at slot per * rows[r] + j when it is the
-            prompt's j-th row, so that a prompt's rows line up as one matrix of queries."""
+            prompt's j-th row, so that a prompt's rows line up as one matrix of queries. With one row
+            per prompt, in order, the slots are the rows (`slots` None: nothing to rearrange)."""
             import torch
 
             taken: dict[int, int] = {}
@@ -245,7 +246,8 @@ def _layer_classes():
                 slots.append(taken.get(prompt, 0))
                 taken[prompt] = slots[-1] + 1
             self.rows, self.per = rows, max(taken.values())
-            self.slots = torch.tensor([self.per * p + j for p, j in zip(rows, slots)], device=self.device)
+            self.slots = None if rows == list(range(self.prompt_k.shape[0])) else \
+                torch.tensor([self.per * p + j for p, j in zip(rows, slots)], device=self.device)
 
         def reserve(self, add: int) -> int:
             """Room for `add` more own positions; the keys a decoding step then attends over."""
@@ -268,8 +270,21 @@ def _layer_classes():
             return self.prompt_k.shape[-2] + self.filled
 
         def batch_select_indices(self, indices) -> None:
+            import torch
+
             self.own_k, self.own_v = _keep_rows(self.own_k, indices), _keep_rows(self.own_v, indices)
-            self._set_rows([self.rows[i] for i in indices.tolist()])
+            rows = [self.rows[i] for i in indices.tolist()]
+            if self.slots is None and len(indices) <= len(self.rows):  # prompts move with their rows
+                self.prompt_k, self.prompt_v = _keep_rows(self.prompt_k, indices), _keep_rows(self.prompt_v, indices)
+                rows = list(range(len(rows)))
+            used = sorted(set(rows))
+            if 4 * (self.prompt_k.shape[0] - len(used)) > self.prompt_k.shape[0]:
+                # a quarter of the prompts lost every row: attending to them costs more than a copy
+                keep = torch.tensor(used, device=self.device)
+                self.prompt_k, self.prompt_v = self.prompt_k[keep], self.prompt_v[keep]
+                renumbered = {p: i for i, p in enumerate(used)}
+                rows = [renumbered[p] for p in rows]
+            self._set_rows(rows)
 
         def row(self, r: int):
             """Row r's keys and values, prompt then own tokens: [2, heads, P + filled, dim]."""
@@ -361,11 +376,15 @@ def _decode_attention(module, query, key, value, attention_mask, dropout: float 
     q = query.reshape(rows, kv_heads, group, dim) * (dim**-0.5 if scaling is None else scaling)
 
     def by_prompt(x):  # [rows, kv_heads, group, n] -> [prompts, kv_heads, per * group, n]
+        if layer.slots is None:
+            return x
         out = x.new_zeros((prompts * per,) + x.shape[1:])
         out[layer.slots] = x
         return out.view(prompts, per, kv_heads, group, -1).transpose(1, 2).reshape(prompts, kv_heads, per * group, -1)
 
     def by_row(x):  # the inverse
+        if layer.slots is None:
+            return x
         x = x.view(prompts, kv_heads, per, group, -1).transpose(1, 2).reshape(prompts * per, kv_heads, group, -1)
         return x[layer.slots]
 
