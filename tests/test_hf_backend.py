@@ -137,3 +137,28 @@ def test_shared_prompt_decoding_samples_what_copied_caches_sample(policy, monkey
     assert len({g.num_tokens for g in shared}) > 1  # the batch shrank mid-run
     monkeypatch.setattr(policy, "shared_prompts", False)
     assert policy.generate(prompts, s, seeds) == shared
+
+
+def test_stream_admits_requests_mid_run_and_samples_what_generate_and_alone_sample(policy, monkeypatch):
+    """Requests added while others decode join the running batch (other settings, other prompts,
+    more than `max_batch` of them queueing); each samples what it samples in `generate` and alone."""
+    s, other = Sampling(temperature=1.2, max_tokens=30, stop=("x",)), Sampling(temperature=0.9, max_tokens=12)
+    a, b, c = (policy.chat_prompt("", q) for q in ("A prompt two samples share", "Another", "A third, late one"))
+    from ttc_mlops.policy import kvcache
+
+    joins = []
+    monkeypatch.setattr(kvcache, "join_prompts", lambda *args, join=kvcache.join_prompts: joins.append(1) or join(*args))
+    stream = policy.stream()
+    assert stream.continuous
+    first = stream.add([a, a, b], s, [1, 2, 3])
+    got = dict(stream.collect())
+    assert got and stream.busy()  # some finished, the others still decode
+    monkeypatch.setattr(policy, "max_batch", 3)  # of the late requests, some wait for rows to leave
+    later = stream.add([c, a, c], other, [4, 5, 6])
+    while stream.busy():
+        got.update(stream.collect())
+    assert joins  # late requests joined a running batch
+    assert [got[t] for t in first] == policy.generate([a, a, b], s, [1, 2, 3])
+    assert [got[t] for t in later] == policy.generate([c, a, c], other, [4, 5, 6])
+    assert [got[t] for t in later[:2]] == [policy.generate([c], other, [4])[0], policy.generate([a], other, [5])[0]]
+    assert not stream.collect()

@@ -191,11 +191,13 @@ PROMPTS = ("A prompt that several rows sample from, long enough to pad the other
            "A third prompt, of middling length.")
 
 
-@pytest.mark.parametrize(("rows", "kept"), [([0, 1, 0, 0], [0, 3]), ([0, 1, 2], [0, 2])])
-def test_decoding_over_shared_prompts_gives_the_plain_forward_logits_and_keys(tiny, rows, kept, monkeypatch):
+@pytest.mark.parametrize(("rows", "kept", "joined"), [([0, 1, 0, 0], [0, 3], None), ([0, 1, 2], [0, 2], None),
+                                                      ([1, 1], [1], [0, 2, 0])])
+def test_decoding_over_shared_prompts_gives_the_plain_forward_logits_and_keys(tiny, rows, kept, joined, monkeypatch):
     """Rows sampling from prompts (several from one, or one each) decode over a cache that holds each
-    prompt once; rows leave mid-run (the last one moves into a hole). Every step's logits, and every
-    row's keys and values, are those of a plain forward pass over the row's whole sequence."""
+    prompt once; rows leave mid-run (the last one moves into a hole), rows of other prompts join it
+    (a longer prompt pads the running ones). Every step's logits, and every row's keys and values,
+    are those of a plain forward pass over the row's whole sequence."""
     from ttc_mlops.policy import kvcache
 
     model, tok, _ = tiny
@@ -219,6 +221,10 @@ def test_decoding_over_shared_prompts_gives_the_plain_forward_logits_and_keys(ti
                 keep_rows = torch.tensor(kept)
                 cache.batch_select_indices(keep_rows)
                 attention, positions, seqs = attention[keep_rows], positions[keep_rows], [seqs[r] for r in kept]
+            if step == 7 and joined:
+                new, local, new_attention, new_positions = prefilled(joined)
+                attention = kvcache.join_prompts(cache, new.cache, local, attention, new_attention)
+                positions, seqs = torch.cat([positions, new_positions]), seqs + [list(prompts[r]) for r in joined]
             ids = torch.randint(0, 1000, (len(seqs), 1), generator=gen)
             for seq, i in zip(seqs, ids.tolist()):
                 seq += i

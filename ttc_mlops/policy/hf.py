@@ -12,15 +12,18 @@ makes step-level search cheap: most beams stop at the step delimiter long before
 Prompts and the rows that stopped at a step are kept in a `PrefixStore` (`prefix_cache_gib`): the
 next iteration's prompt is one of them plus its step, so only the step's last tokens run again.
 On a CPU, decoding steps attend over a cache that holds each distinct prompt once however many
-requests sample from it (`kvcache.share_prompts`), through batched matmuls instead of sdpa.
+requests sample from it (`kvcache.share_prompts`), through batched matmuls instead of sdpa; and
+`stream()` feeds that loop continuously: requests join the running batch as rows leave it, and
+come back as soon as they finish, each sampling what it would alone.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 from ..config import PolicySettings
-from . import Generation, Sampling, chat_prompt
+from . import Generation, Sampling, Waves, chat_prompt
 
 log = logging.getLogger(__name__)
 
@@ -60,87 +63,25 @@ class HFPolicy:
     def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[Generation]:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        requests = [_Request(i, p, sampling, self._generator(s)) for i, (p, s) in enumerate(zip(prompts, seeds))]
         # Similar lengths together: less padding. Results go back in the caller's order.
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        results: dict[int, Generation] = {}
+        order = sorted(requests, key=lambda r: len(r.prompt))
         for start in range(0, len(order), self.max_batch):
-            idx = order[start : start + self.max_batch]
-            for i, gen in zip(idx, self._generate_batch([prompts[i] for i in idx], sampling, [seeds[i] for i in idx])):
-                results[i] = gen
-        return [results[i] for i in range(len(prompts))]
+            batch = _Batch(self)
+            batch.admit(order[start : start + self.max_batch])
+            while batch.rows:
+                batch.step()
+        return [self._finish(r.tokens, r.finish, sampling) for r in requests]
 
-    def _generate_batch(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[Generation]:
+    def stream(self):
+        """Requests join the running decoding batch as rows leave it (a `Stream`, `continuous`);
+        where the cache cannot take rows mid-run, waves of `generate` calls."""
+        return HFStream(self) if self.shared_prompts else Waves(self)
+
+    def _generator(self, seed: int):
         import torch
 
-        from .kvcache import (cache_kwarg, common_prefix, decode_mask, keep, prefill, row_kv, share_prompts,
-                              warm)
-
-        # Identical prompts (N samples of a problem, M expansions of a beam) are prefilled once and
-        # their keys and values shared by their rows (copied where the cache cannot share): the
-        # prompt, not the sampled tokens, dominates the work on a CPU. Prefixes run by earlier calls
-        # come from the store.
-        unique = list(dict.fromkeys(prompts))
-        row_of = {p: i for i, p in enumerate(unique)}
-        enc = [self.tokenizer(p, add_special_tokens=False).input_ids for p in unique]
-        generators = [torch.Generator(device=self.device).manual_seed(int(s) % (2**63)) for s in seeds]
-        self.prompt_tokens_full += sum(len(enc[row_of[p]]) for p in prompts)
-        if len(enc) > 1:  # e.g. the system prompt of every problem: run it once
-            self.prompt_tokens += warm(self.model.base_model, self.store, [common_prefix(enc)], self.pad_id)
-        pre = prefill(self.model, enc, self.store, self.pad_id, logits_to_keep=1)
-        self.prompt_tokens += pre.ran
-        keep(self.store, pre, enc)
-        cache, attention = pre.cache, pre.attention
-        logits, step_pos = pre.out.logits[:, -1, :].float(), pre.positions[:, -1:]
-        rows = [row_of[p] for p in prompts]
-        if self.shared_prompts:  # decoding steps read each prompt's keys and values once, not once per request
-            share_prompts(cache, rows)
-        if len(unique) < len(prompts):  # one row per request from here on
-            index = torch.tensor(rows, device=self.device)
-            if not self.shared_prompts:
-                cache.batch_select_indices(index)
-            attention, step_pos, logits = attention[index], step_pos[index], logits[index]
-
-        batch = list(range(len(prompts)))  # each batch row's request
-        tokens: list[list[int]] = [[] for _ in prompts]
-        finish: list[str | None] = [None] * len(prompts)
-        kw = cache_kwarg(self.model)
-        computed = 0  # batch rows run by decoding steps
-        with torch.inference_mode():
-            for _ in range(sampling.max_tokens):
-                sampled = self._sample(logits, sampling, [generators[row] for row in batch])
-                next_ids = []
-                for b, (row, token) in enumerate(zip(batch, sampled)):
-                    tokens[row].append(token)
-                    next_ids.append(token)
-                    finish[row] = self._finished(tokens[row], sampling)
-                    if finish[row] == "stop" and self.store is not None:
-                        # the next prompt of a search is this one plus the step: keep what was run
-                        self.store.add(enc[row_of[prompts[row]]] + tokens[row][:-1],
-                                       lambda b=b: row_kv(cache, b, attention[b]))
-                if self.progress is not None:
-                    self.progress(len(sampled))
-                done = [finish[row] is not None for row in batch]
-                if all(done):
-                    break
-                if any(done):  # finished rows leave at once; on a growing cache only the rows that fill holes move
-                    sel = _fill_holes(done)
-                    index = torch.tensor(sel, device=self.device)
-                    cache.batch_select_indices(index)
-                    attention, step_pos = attention[index], step_pos[index]
-                    next_ids, batch = [next_ids[b] for b in sel], [batch[b] for b in sel]
-                step_pos = step_pos + 1
-                attention = torch.cat([attention, attention.new_ones((len(batch), 1))], dim=-1)
-                computed += len(batch)
-                # A shared-prompt cache is attended over whole (its mask covers the rows' room); other
-                # caches get the 2D mask, from which transformers builds each layer type's own.
-                mask = decode_mask(cache, attention, self.model.dtype) if self.shared_prompts else attention
-                out = self.model(input_ids=torch.tensor(next_ids, device=self.device).unsqueeze(-1),
-                                 attention_mask=mask, position_ids=step_pos, use_cache=True, logits_to_keep=1,
-                                 **{kw: cache})
-                logits = out.logits[:, -1, :].float()
-        log.debug("%d rows (%d prompts, %d prompt tokens run): %d tokens sampled, %d row-steps computed",
-                  len(prompts), len(unique), pre.ran, sum(map(len, tokens)), computed)
-        return [self._finish(tokens[r], finish[r] or "length", sampling) for r in range(len(prompts))]
+        return torch.Generator(device=self.device).manual_seed(int(seed) % (2**63))
 
     def _finished(self, ids: list[int], sampling: Sampling) -> str | None:
         if ids[-1] in self.eos_ids:
@@ -198,3 +139,160 @@ def _fill_holes(done: list[bool]) -> list[int]:
         keep[hole] = b
     return keep
 
+
+@dataclass
+class _Request:
+    """A request in a decoding batch: its prompt and settings, its own random stream (seeded with
+    the request's seed) and what it has sampled."""
+
+    ticket: int
+    prompt: str
+    sampling: Sampling
+    generator: object  # torch.Generator
+    ids: list[int] = field(default_factory=list)  # the prompt's tokens
+    tokens: list[int] = field(default_factory=list)
+    finish: str | None = None
+
+
+class _Batch:
+    """The rows decoding together. `admit` prefills requests and joins their cache rows to the
+    running ones; every `step` samples one token for each row, from the row's own stream, and runs
+    the model once; rows that finish leave at once (the last rows move into their slots)."""
+
+    def __init__(self, policy: HFPolicy):
+        self.policy = policy
+        self.rows: list[_Request] = []
+        self.cache = self.attention = self.positions = self.logits = None  # of the rows, in their order
+        self.computed = 0  # row-steps run by the model
+
+    def admit(self, requests: list[_Request]) -> None:
+        import torch
+
+        from .kvcache import common_prefix, join_prompts, keep, prefill, share_prompts, warm
+
+        p = self.policy
+        # Identical prompts (N samples of a problem, M expansions of a beam) are prefilled once and
+        # their keys and values shared by their rows (copied where the cache cannot share): the
+        # prompt, not the sampled tokens, dominates the work on a CPU. Prefixes run by earlier calls
+        # come from the store.
+        unique = list(dict.fromkeys(r.prompt for r in requests))
+        row_of = {text: i for i, text in enumerate(unique)}
+        enc = [p.tokenizer(text, add_special_tokens=False).input_ids for text in unique]
+        for r in requests:
+            r.ids = enc[row_of[r.prompt]]
+        p.prompt_tokens_full += sum(len(r.ids) for r in requests)
+        if len(enc) > 1:  # e.g. the system prompt of every problem: run it once
+            p.prompt_tokens += warm(p.model.base_model, p.store, [common_prefix(enc)], p.pad_id)
+        pre = prefill(p.model, enc, p.store, p.pad_id, logits_to_keep=1)
+        p.prompt_tokens += pre.ran
+        keep(p.store, pre, enc)
+        rows = [row_of[r.prompt] for r in requests]
+        index = torch.tensor(rows, device=p.device)  # one row per request from here on
+        attention, positions = pre.attention[index], pre.positions[index, -1:]
+        logits = pre.out.logits[index, -1, :].float()
+        with torch.inference_mode():
+            if self.cache is None:
+                if p.shared_prompts:  # decoding steps read each prompt once, not once per request
+                    share_prompts(pre.cache, rows)
+                elif len(unique) < len(requests):
+                    pre.cache.batch_select_indices(index)
+                self.cache, self.attention, self.positions, self.logits = pre.cache, attention, positions, logits
+            elif p.shared_prompts:
+                self.attention = join_prompts(self.cache, pre.cache, rows, self.attention, attention)
+                self.positions = torch.cat([self.positions, positions])
+                self.logits = torch.cat([self.logits, logits])
+            else:
+                raise RuntimeError(f"policy {p.name}: rows join a running batch only over a shared-prompt cache")
+        self.rows += requests
+        log.debug("%d rows joined (%d prompts, %d prompt tokens run); %d decoding", len(requests), len(unique),
+                  pre.ran, len(self.rows))
+
+    def step(self) -> list[_Request]:
+        """Sample a token for every row and run the model on the rows still going; the finished rows."""
+        import torch
+
+        from .kvcache import cache_kwarg, decode_mask, row_kv
+
+        p = self.policy
+        with torch.inference_mode():
+            sampled = self._sample()
+            for b, (r, token) in enumerate(zip(self.rows, sampled)):
+                r.tokens.append(token)
+                r.finish = p._finished(r.tokens, r.sampling)
+                if r.finish == "stop" and p.store is not None:
+                    # the next prompt of a search is this one plus the step: keep what was run
+                    p.store.add(r.ids + r.tokens[:-1], lambda b=b: row_kv(self.cache, b, self.attention[b]))
+            if p.progress is not None:
+                p.progress(len(sampled))
+            done = [r.finish is not None for r in self.rows]
+            finished = [r for r in self.rows if r.finish is not None]
+            if all(done):  # the next rows start a new cache
+                log.debug("batch done: %d row-steps run", self.computed)
+                self.rows, self.cache, self.attention, self.positions, self.logits = [], None, None, None, None
+                return finished
+            if finished:  # on a growing or shared-prompt cache only the rows that fill holes move
+                keep = _fill_holes(done)
+                index = torch.tensor(keep, device=p.device)
+                self.cache.batch_select_indices(index)
+                self.attention, self.positions = self.attention[index], self.positions[index]
+                self.rows, sampled = [self.rows[b] for b in keep], [sampled[b] for b in keep]
+            self.positions = self.positions + 1
+            self.attention = torch.cat([self.attention, self.attention.new_ones((len(self.rows), 1))], dim=-1)
+            self.computed += len(self.rows)
+            # A shared-prompt cache is attended over whole (its mask covers the rows' room); other
+            # caches get the 2D mask, from which transformers builds each layer type's own.
+            mask = decode_mask(self.cache, self.attention, p.model.dtype) if p.shared_prompts else self.attention
+            out = p.model(input_ids=torch.tensor(sampled, device=p.device).unsqueeze(-1), attention_mask=mask,
+                          position_ids=self.positions, use_cache=True, logits_to_keep=1,
+                          **{cache_kwarg(p.model): self.cache})
+            self.logits = out.logits[:, -1, :].float()
+        return finished
+
+    def _sample(self) -> list[int]:
+        """Each row's next token; rows of one temperature and top_p are drawn together."""
+        settings: dict[tuple[float, float], list[int]] = {}
+        for b, r in enumerate(self.rows):
+            settings.setdefault((r.sampling.temperature, r.sampling.top_p), []).append(b)
+        tokens = [0] * len(self.rows)
+        for members in settings.values():
+            logits = self.logits if len(members) == len(self.rows) else self.logits[members]
+            drawn = HFPolicy._sample(logits, self.rows[members[0]].sampling, [self.rows[b].generator for b in members])
+            for b, token in zip(members, drawn):
+                tokens[b] = token
+        return tokens
+
+
+class HFStream:
+    """A continuous `Stream` over an `HFPolicy`: queued requests join the running decoding batch
+    whenever it has room (`max_batch` rows), and `collect` returns as soon as any request finishes.
+    A request samples what it would alone or in `generate`: its own random stream, and a cache
+    whose padding and other rows it does not attend to."""
+
+    continuous = True
+
+    def __init__(self, policy: HFPolicy):
+        self.policy = policy
+        self.batch = _Batch(policy)
+        self.queue: list[_Request] = []
+        self.tickets = 0
+
+    def add(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[int]:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        start, self.tickets = self.tickets, self.tickets + len(prompts)
+        self.queue += [_Request(start + i, p, sampling, self.policy._generator(s))
+                       for i, (p, s) in enumerate(zip(prompts, seeds))]
+        return list(range(start, self.tickets))
+
+    def busy(self) -> int:
+        return len(self.queue) + len(self.batch.rows)
+
+    def collect(self) -> list[tuple[int, Generation]]:
+        finished: list[_Request] = []
+        while not finished and self.busy():
+            room = self.policy.max_batch - len(self.batch.rows)
+            if self.queue and room > 0:
+                self.batch.admit(self.queue[:room])
+                self.queue = self.queue[room:]
+            finished = self.batch.step()
+        return [(r.ticket, self.policy._finish(r.tokens, r.finish, r.sampling)) for r in finished]

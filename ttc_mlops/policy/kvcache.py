@@ -286,6 +286,21 @@ def _layer_classes():
                 rows = [renumbered[p] for p in rows]
             self._set_rows(rows)
 
+        def join(self, keys, values, rows: list[int], width: int) -> None:
+            """Add prompts (keys/values [prompts, heads, P', dim], right-aligned) and rows sampling from
+            them (rows[i] indexes the new prompts); every prompt is left-padded to `width` positions.
+            The new rows' own positions written so far stay zero (their mask covers them)."""
+            import torch
+            import torch.nn.functional as F
+
+            pad = lambda x: F.pad(x, (0, 0, width - x.shape[-2], 0))
+            first = self.prompt_k.shape[0]
+            self.prompt_k = torch.cat([pad(self.prompt_k), pad(keys)])
+            self.prompt_v = torch.cat([pad(self.prompt_v), pad(values)])
+            self.own_k = torch.cat([self.own_k, self.own_k.new_zeros((len(rows),) + self.own_k.shape[1:])])
+            self.own_v = torch.cat([self.own_v, self.own_v.new_zeros((len(rows),) + self.own_v.shape[1:])])
+            self._set_rows(self.rows + [first + p for p in rows])
+
         def row(self, r: int):
             """Row r's keys and values, prompt then own tokens: [2, heads, P + filled, dim]."""
             import torch
@@ -318,6 +333,23 @@ def share_prompts(cache, rows: list[int]) -> None:
     rows[r]) whose steps read each prefilled row once: N samples of a prompt would otherwise copy
     its keys and values N times and read them N times a step. Only `_decode_attention` reads it."""
     cache.layers = [_SHARED(layer.keys, layer.values, rows) for layer in cache.layers]
+
+
+def join_prompts(cache, new, rows: list[int], attention, new_attention):
+    """Add the prefilled prompts of cache `new`, and rows sampling from them (rows[i] indexes its
+    prompts), to a running `share_prompts` cache. Returns the rows' joined 2D attention: `attention`
+    the running rows' and `new_attention` the new rows' prompt part, each left-padded to the wider
+    prompts, the new rows' own positions so far masked."""
+    import torch
+    import torch.nn.functional as F
+
+    old_width = cache.layers[0].prompt_k.shape[-2]
+    width = max(old_width, new_attention.shape[1])
+    filled = cache.layers[0].filled
+    for layer, add in zip(cache.layers, new.layers):
+        layer.join(add.keys, add.values, rows, width)
+    return torch.cat([F.pad(attention, (width - old_width, 0)),
+                      F.pad(new_attention, (width - new_attention.shape[1], filled))])
 
 
 def decode_mask(cache, attention, dtype):
