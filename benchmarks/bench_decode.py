@@ -14,9 +14,9 @@ counts the tokens generated.
 Printed: generated tokens/s per cell for both and their ratio; the rows a step runs on average
 (rows that end early leave the batch, and a step on few rows is bound by reading the weights); the
 prompts' padding (longest over mean prompt length: attention covers the longest); how many
-generations of the 40-row MATH cell are identical (use `--dtype float32` for the exactness check:
-in bf16 a rounding difference can flip a sampled token); with `--profile`, where a 40-row MATH
-call spends its time.
+generations of a cell are identical to the reference's (same seeds; use `--dtype float32` for the
+exactness check: in bf16 a rounding difference can flip a sampled token); with `--profile`, where
+a 40-row MATH call spends its time.
 """
 
 from __future__ import annotations
@@ -173,21 +173,21 @@ def main(argv=None) -> None:
     print(f"\ngenerated tok/s, median of {args.repeats} ({args.max_tokens} new tokens a row, dtype {args.dtype})")
     print("(live: rows a decoding step runs on average, as rows end at the end-of-text token)")
     print(f"{'prompts':>7} {'rows':>4} {'live':>5} {'padding':>7} {'new':>8}"
-          + (f" {'ref':>8} {'new/ref':>7}" if args.ref else ""))
+          + (f" {'ref':>8} {'new/ref':>7} {'same':>5}" if args.ref else ""))
     for kind in kinds:
         for n in rows:
             first = results[("new", kind, n)][0]
             line = f"{kind:>7} {n:>4} {first['live']:>5.1f} {first['padding']:>7.2f} {rate('new', kind, n):>8.1f}"
             if args.ref:
-                line += f" {rate('ref', kind, n):>8.1f} {rate('new', kind, n) / rate('ref', kind, n):>6.2f}x"
+                same = sum(a == b for a, b in zip(first["texts"], results[("ref", kind, n)][0]["texts"]))
+                line += (f" {rate('ref', kind, n):>8.1f} {rate('new', kind, n) / rate('ref', kind, n):>6.2f}x"
+                         f" {same:>2}/{n:<2}")
             print(line)
     if args.ref and "math" in kinds and 40 in rows:
-        new, ref = results[("new", "math", 40)][0]["texts"], results[("ref", "math", 40)][0]["texts"]
         ratios = [a["tokens"] / a["seconds"] / (b["tokens"] / b["seconds"])
                   for a, b in zip(results[("new", "math", 40)], results[("ref", "math", 40)])]
         print(f"\n40-row MATH peak: {rate('new', 'math', 40):.1f} tok/s against {rate('ref', 'math', 40):.1f}, "
               f"{statistics.median(ratios):.2f}x (median of per-turn ratios {', '.join(f'{x:.2f}' for x in ratios)})")
-        print(f"identical generations: {sum(a == b for a, b in zip(new, ref))}/{len(new)}")
     if profiles:
         names = list(profiles)
         print("\nwhere a 40-row MATH call spends its time (s, under the profiler)")
