@@ -33,7 +33,7 @@ MAX_BATCH = 64  # rows per decoding loop; bounds the KV cache on small machines
 class HFPolicy:
     def __init__(self, settings: PolicySettings, max_batch: int = MAX_BATCH):
         from ..models import compute_params, load_causal_lm
-        from .kvcache import store_for, use_decode_attention
+        from .kvcache import cache_kwarg, store_for, use_decode_attention
 
         self.name = settings.path
         self.model, self.tokenizer, self.device = load_causal_lm(settings)
@@ -52,6 +52,7 @@ class HFPolicy:
         self.store = store_for(self.model, settings.prefix_cache_gib, f"policy {self.name}")
         # decoding steps attend over caches that hold each prompt once (CPU, sdpa models)
         self.shared_prompts = use_decode_attention(self.model)
+        self.cache_kw = cache_kwarg(self.model)  # the name the model's forward takes its cache by
 
     def clear_cache(self) -> None:
         if self.store is not None:
@@ -211,7 +212,7 @@ class _Batch:
         """Sample a token for every row and run the model on the rows still going; the finished rows."""
         import torch
 
-        from .kvcache import cache_kwarg, decode_mask, row_kv
+        from .kvcache import decode_mask, row_kv
 
         p = self.policy
         with torch.inference_mode():
@@ -244,7 +245,7 @@ class _Batch:
             mask = decode_mask(self.cache, self.attention, p.model.dtype) if p.shared_prompts else self.attention
             out = p.model(input_ids=torch.tensor(sampled, device=p.device).unsqueeze(-1), attention_mask=mask,
                           position_ids=self.positions, use_cache=True, logits_to_keep=1,
-                          **{cache_kwarg(p.model): self.cache})
+                          **{p.cache_kw: self.cache})
             self.logits = out.logits[:, -1, :].float()
         return finished
 
