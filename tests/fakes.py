@@ -142,9 +142,11 @@ class FakeStream:
         self.queue: list[tuple[int, str, Sampling, int]] = []
         self.tickets = 0
         self.busy_at_add: list[int] = []  # requests in flight when each `add` came
+        self.adds: list[tuple[list[str], list[str]]] = []  # each add's prompts, and the prompts in flight then
 
     def add(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[int]:
         self.busy_at_add.append(len(self.queue))
+        self.adds.append((list(prompts), [q[1] for q in self.queue]))
         start, self.tickets = self.tickets, self.tickets + len(prompts)
         self.queue += [(start + i, p, sampling, s) for i, (p, s) in enumerate(zip(prompts, seeds))]
         return list(range(start, self.tickets))

@@ -99,10 +99,15 @@ def test_the_bar_moves_within_a_search_batch(mlflow_store):
     for _ in range(3):
         meter.score(["p1", "p2", "p3", "p4"], [["a"]] * 4)
     assert sum(moves) == pytest.approx(4 * 3 / 10)  # three of ten iterations
-    meter.score(["p1", "p1"], [["a"], ["b"]])  # two rows (DVTS subtrees) of one problem: one problem-iteration
+    meter.score(["p1"], [["a"]])  # one problem moved on alone
     assert sum(moves) == pytest.approx(4 * 3 / 10 + 1 / 10)
     meter.end_batch()
     assert sum(moves) == pytest.approx(4)
+    moves.clear()
+    # DVTS: one row per subtree, and subtrees move on apart (n=4, M=2: two per problem)
+    meter.begin_batch(4, recipe(approach="dvts", n=4, beam_width=2, num_iterations=10))
+    meter.score(["p1", "p1", "p2"], [["a"], ["b"], ["c"]])
+    assert sum(moves) == pytest.approx(4 * 3 / 80)
     moves.clear()
     meter.begin_batch(2, recipe(n=4, max_tokens=100))  # best-of-N: by tokens, reported per decoding step
     meter.policy.progress(200)

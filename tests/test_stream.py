@@ -63,6 +63,18 @@ def test_a_problem_moves_on_while_others_still_generate():
     assert max(stream.busy_at_add[len(PROBLEMS):]) > 0
 
 
+def test_a_dvts_subtree_moves_on_while_its_sibling_still_generates():
+    policy = StreamingPolicy(SCRIPT, order=2)
+    beside = []  # for every add after the first iteration: requests of the same problem in flight
+    STRATEGIES["dvts"](PROBLEMS, policy, FakePRM(), recipe("dvts"))
+    [stream] = policy.streams
+    for prompts, queued in stream.adds[2 * len(PROBLEMS):]:  # two subtrees per problem (n=4, M=2)
+        question = next(q for q in SCRIPT if q in prompts[0])
+        beside.append(sum(question in p for p in queued))
+    # a problem-wide barrier would never add a problem's requests while any of its own run
+    assert max(beside) > 0
+
+
 def test_waves_run_one_generate_call_per_iteration_for_all_problems():
     policy = FakePolicy(SCRIPT)
     prm = CountingPRM()

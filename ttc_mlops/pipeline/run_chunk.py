@@ -115,8 +115,8 @@ class Meter:
         scores = self.prm.score(problems, completions)
         self.prm_s += time.perf_counter() - t
         self.prm_calls += 1
-        if self._plan[0] == "scores":  # a step-level search scores each problem once per iteration
-            self._seen += len(set(problems))
+        if self._plan[0] == "scores":  # a step-level search scores one PRM row per unit and iteration
+            self._seen += len(problems)
             self._show(min(self._seen / self._plan[1], 0.95))
         return scores
 
@@ -129,8 +129,9 @@ class Meter:
         self._batch, self._shown, self._seen = size, 0.0, 0.0
         if recipe.approach == "best_of_n":  # one generate call: its tokens, at most n x max_tokens a problem
             self._plan = ("tokens", float(size * recipe.n * recipe.max_tokens))
-        else:  # every problem scored once per iteration
-            self._plan = ("scores", float(size * recipe.num_iterations))
+        else:  # one row per iteration of each problem (beam search) or subtree (DVTS), while it lives
+            units = recipe.n // recipe.beam_width if recipe.approach == "dvts" else 1
+            self._plan = ("scores", float(size * units * recipe.num_iterations))
 
     def end_batch(self) -> None:
         self._show(1.0)

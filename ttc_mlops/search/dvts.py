@@ -4,7 +4,8 @@
 
 Every iteration, every live subtree of a problem samples M candidate steps, the PRM scores them,
 and the subtree continues with the best one. All problems of the batch are searched at once
-(`run_steps`): a problem whose candidates are back moves on while the others still generate.
+(`run_steps`), and subtrees apart: a subtree whose candidates are back is scored and moves on while
+the others, of its problem too, still generate.
 A subtree stops when its chosen step ends the solution (EOS, out of tokens, a `\\boxed{}` answer);
 the last iteration writes each live subtree to its end. The output keeps the M candidates of each
 subtree's last iteration, so a problem has N completions, grouped by subtree (voting at a smaller
@@ -50,43 +51,52 @@ class _Subtree:
 
 
 @dataclass
-class _Search:
+class _Problem:
     problem: Problem
+    subtrees: list[_Subtree]
+    tree: list[TreeNode] = field(default_factory=list)  # in the order subtrees chose; renumbered at the end
+
+
+@dataclass
+class _Search:
+    """One subtree's search: subtrees never see each other's candidates, so each moves on as soon as
+    its own candidates are back (`run_steps`), not when its problem's slowest subtree is."""
+    owner: _Problem
+    subtree: _Subtree
     prompt: str
     recipe: object
-    subtrees: list[_Subtree]
-    tree: list[TreeNode] = field(default_factory=list)
-    live: list[_Subtree] = field(default_factory=list)  # the subtrees expanded this iteration
 
-    # generate: M candidate steps for every live subtree
+    @property
+    def problem(self) -> Problem:
+        return self.owner.problem
+
+    # generate: M candidate steps while the subtree is live
     def expansions(self, it: int) -> list[tuple[str, int]]:
-        width = self.recipe.beam_width
-        self.live = [t for t in self.subtrees if t.live]
+        t = self.subtree
+        if not t.live:
+            return []
         return [(self.prompt + t.text, sample_seed(self.recipe.seed, self.problem.problem_id, it, t.index, j))
-                for t in self.live for j in range(width)]
+                for j in range(self.recipe.beam_width)]
 
-    # score: one row per subtree (subtrees never see each other's candidates)
+    # score: the subtree's candidates in one row
     def rows(self, cands: list[Candidate]) -> list[list[str]]:
-        width = self.recipe.beam_width
-        return [[t.text + c.step.text + c.look for c in cands[i * width : (i + 1) * width]]
-                for i, t in enumerate(self.live)]
+        return [[self.subtree.text + c.step.text + c.look for c in cands]]
 
-    # select: each subtree follows its best candidate
+    # select: the subtree follows its best candidate
     def select(self, cands: list[Candidate], scores: list[list[list[float]]], it: int) -> None:
-        width = self.recipe.beam_width
-        for i, (t, row) in enumerate(zip(self.live, scores)):
-            mine = cands[i * width : (i + 1) * width]
-            _follow_best(self, t, [c.step for c in mine], [c.look for c in mine], row, self.recipe, it)
+        _follow_best(self.owner, self.subtree, [c.step for c in cands], [c.look for c in cands], scores[0],
+                     self.recipe, it)
 
 
 def dvts(problems: list[Problem], policy: Policy, prm: PRM, recipe) -> list[Record]:
-    searches = [_Search(p, policy.chat_prompt(recipe.system_prompt, p.problem), recipe,
-                        [_Subtree(i) for i in range(recipe.n // recipe.beam_width)]) for p in problems]
+    owners = [_Problem(p, [_Subtree(i) for i in range(recipe.n // recipe.beam_width)]) for p in problems]
+    prompts = [policy.chat_prompt(recipe.system_prompt, o.problem.problem) for o in owners]
+    searches = [_Search(o, t, prompt, recipe) for o, prompt in zip(owners, prompts) for t in o.subtrees]
     run_steps(searches, policy, prm, recipe)
-    return [_record(s, recipe) for s in searches]
+    return [_record(o, recipe) for o in owners]
 
 
-def _follow_best(s: _Search, t: _Subtree, steps: list[Generation], looks: list[str], scores: list[list[float]],
+def _follow_best(s: _Problem, t: _Subtree, steps: list[Generation], looks: list[str], scores: list[list[float]],
                  recipe, it: int) -> None:
     aggs = [aggregate(sc, recipe.agg_strategy) for sc in scores]
     best = max(range(len(steps)), key=aggs.__getitem__)  # ties: the first candidate
@@ -104,7 +114,22 @@ def _follow_best(s: _Search, t: _Subtree, steps: list[Generation], looks: list[s
     t.live = not t.last[best].finished
 
 
-def _record(s: _Search, recipe) -> Record:
+def _renumber(s: _Problem) -> None:
+    """Number the tree as a lockstep search appends it (iteration, then subtree, then candidate),
+    whatever order the subtrees moved on in."""
+    nodes = sorted(s.tree, key=lambda n: (n.iteration, n.subtree))  # stable: candidates stay in order
+    new = {n.id: i for i, n in enumerate(nodes)}
+    for n in nodes:
+        n.id, n.parent = new[n.id], None if n.parent is None else new[n.parent]
+    for t in s.subtrees:
+        t.node = new[t.node] if t.node is not None else None
+        for c in t.last:
+            c.node = new[c.node]
+    s.tree = nodes
+
+
+def _record(s: _Problem, recipe) -> Record:
+    _renumber(s)
     outputs = [(t.index, c) for t in s.subtrees for c in t.last]
     for i, (_, c) in enumerate(outputs):
         s.tree[c.node].completion = i
