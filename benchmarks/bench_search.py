@@ -80,8 +80,20 @@ class Lockstep:
 
 
 def same_record(a, b) -> bool:
-    return (a.completions, a.step_scores, a.finish_reasons, a.completion_tokens) == \
-        (b.completions, b.step_scores, b.finish_reasons, b.completion_tokens)
+    return same_samples(a, b) and a.step_scores == b.step_scores
+
+
+def same_samples(a, b) -> bool:
+    """The same completions, token counts and finish reasons (the PRM's scores may still differ in
+    their last bits: its batches, and so its padding and matmul shapes, follow the schedule)."""
+    return (a.completions, a.finish_reasons, a.completion_tokens) == (b.completions, b.finish_reasons, b.completion_tokens)
+
+
+def score_gap(a, b) -> float:
+    """The largest difference between two records' step scores, where they have the same shape."""
+    gaps = [abs(x - y) for sa, sb in zip(a.step_scores, b.step_scores) if len(sa) == len(sb)
+            for x, y in zip(sa, sb)]
+    return max(gaps, default=0.0)
 
 
 def main(argv=None) -> None:
@@ -146,15 +158,18 @@ def main(argv=None) -> None:
                          "prm_attended/alone": attended[0] / attended[1] if attended[1] else 0.0})
             log.info("%s %s: %s", name, mode, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()})
         for mode in modes[1:]:  # per-request seeds: a problem's record should not depend on how it was fed
-            same = sum(same_record(a, b) for a, b in zip(results["batched"], results[mode]))
-            next(r for r in rows[-len(modes):] if r["mode"] == mode)["same_records"] = f"{same}/{len(problems)}"
+            pairs = list(zip(results["batched"], results[mode]))
+            row = next(r for r in rows[-len(modes):] if r["mode"] == mode)
+            row["same_records"] = f"{sum(same_record(a, b) for a, b in pairs)}/{len(problems)}"
+            row["same_samples"] = f"{sum(same_samples(a, b) for a, b in pairs)}/{len(problems)}"
+            row["score_gap"] = f"{max((score_gap(a, b) for a, b in pairs if same_samples(a, b)), default=0.0):.1e}"
 
     print(f"\nbackend {args.backend} ({type(policy).__name__}), model {args.model}, {len(problems)} problems, "
           f"n={args.n}, beam_width={args.beam_width}, num_iterations={args.num_iterations}, "
           f"max_tokens={args.max_tokens}")
     print(f"peak batched sampling rate: {peak:.1f} tok/s ({len(prompts)} rows)\n")
     cols = ["strategy", "mode", "problems/s", "wall_s", "gen_s", "prm_s", "calls", "gen_tok", "tok/s gen",
-            "tok/s wall", "prm_tok/gen_tok", "prm_attended/alone", "same_records"]
+            "tok/s wall", "prm_tok/gen_tok", "prm_attended/alone", "same_records", "same_samples", "score_gap"]
     print("  ".join(f"{c:>15}" for c in cols))
     for r in rows:
         cells = [r.get(c, "") for c in cols]
@@ -169,7 +184,9 @@ def main(argv=None) -> None:
               f"{b['prm_attended/alone']:.2f}")
         for other in mine[1:]:
             print(f"{name}: batched / {other['mode']} throughput = {b['problems/s'] / other['problems/s']:.2f}x "
-                  f"(problems with the same records: {other.get('same_records')})")
+                  f"(problems with the same records: {other.get('same_records')}, "
+                  f"the same samples: {other.get('same_samples')}, largest step-score difference among those: "
+                  f"{other.get('score_gap')})")
 
 
 if __name__ == "__main__":
