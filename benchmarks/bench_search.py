@@ -79,6 +79,44 @@ class Lockstep:
         setattr(self._policy, name, value)
 
 
+class Recording:
+    """The policy, keeping the prompt of every request (generate calls and stream requests alike)."""
+
+    def __init__(self, policy):
+        self.__dict__.update(_policy=policy, prompts=[])
+
+    def __getattr__(self, name):
+        if name == "stream":  # only where the policy has one
+            opened = self._policy.stream
+
+            def stream():
+                s = opened()
+                add = s.add
+                s.add = lambda prompts, sampling, seeds: (self.prompts.extend(prompts), add(prompts, sampling, seeds))[1]
+                return s
+            return stream
+        return getattr(self._policy, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._policy, name, value)
+
+    def generate(self, prompts, sampling, seeds):
+        self.prompts.extend(prompts)
+        return self._policy.generate(prompts, sampling, seeds)
+
+
+def peak_rate(policy, prompts: list[str], sampling, seed: int) -> float:
+    """Generated tokens/s of one batched call on `prompts`, no stop, after a one-token call on them
+    (their prefixes are then cached, as a search's mostly are)."""
+    from ttc_mlops.search.common import sample_seed
+
+    seeds = [sample_seed(seed, "peak", i) for i in range(len(prompts))]
+    policy.generate(prompts, sampling.__class__(sampling.temperature, sampling.top_p, 1), seeds)
+    t = time.perf_counter()
+    gens = policy.generate(prompts, sampling, seeds)
+    return sum(g.num_tokens for g in gens) / (time.perf_counter() - t)
+
+
 def same_record(a, b) -> bool:
     return same_samples(a, b) and a.step_scores == b.step_scores
 
@@ -113,7 +151,6 @@ def main(argv=None) -> None:
     from ttc_mlops.policy import Sampling, Streaming, load_policy
     from ttc_mlops.prm import load_prm
     from ttc_mlops.search import STRATEGIES
-    from ttc_mlops.search.common import sample_seed
 
     first = next(iter(recipes.values()))
     problems = load_dataset_problems(first)[: args.problems]
@@ -123,22 +160,21 @@ def main(argv=None) -> None:
     # the backend's peak: one batched sampling call of problems x n rows, no stop, prompts already
     # run (a search's prompts mostly are), so mostly the batched decoding rate
     prompts = [policy.chat_prompt(first.system_prompt, p.problem) for p in problems for _ in range(args.n)]
-    seeds = [sample_seed(args.seed, "peak", i) for i in range(len(prompts))]
-    policy.generate(prompts, Sampling(first.temperature, first.top_p, 1), seeds)
-    t = time.perf_counter()
-    gens = policy.generate(prompts, Sampling(first.temperature, first.top_p, args.peak_tokens), seeds)
-    peak = sum(g.num_tokens for g in gens) / (time.perf_counter() - t)
+    peak_sampling = Sampling(first.temperature, first.top_p, args.peak_tokens)
+    peak = peak_rate(policy, prompts, peak_sampling, args.seed)
     log.info("peak batched sampling: %.1f tok/s (%d rows x %d tokens)", peak, len(prompts), args.peak_tokens)
 
     streams = isinstance(policy, Streaming)  # else batched search already runs in lockstep
     rows = []
+    context_peak: dict[str, float] = {}
     for name in strategies:
         step_level = name in ("beam_search", "dvts")
         modes = (["batched"] + (["lockstep"] if streams and step_level and args.lockstep else [])
                  + (["one-at-a-time"] if name in sequential else []))
         results = {}
         for mode in modes:
-            meter = Meter(Lockstep(policy) if mode == "lockstep" else policy, prm)
+            recording = Recording(policy)
+            meter = Meter(Lockstep(recording) if mode == "lockstep" else recording, prm)
             meter.clear_cache()  # no run profits from another's caches
             prm_before = prm.tokens_processed
             attended_before = (getattr(prm, "attended", 0), getattr(prm, "attended_alone", 0))  # StepwisePRM's
@@ -149,6 +185,12 @@ def main(argv=None) -> None:
             prm_tokens = prm.tokens_processed - prm_before
             attended = getattr(prm, "attended", 0) - attended_before[0], getattr(prm, "attended_alone", 0) - attended_before[1]
             results[mode] = records
+            if mode == "batched":  # the rate the backend reaches on the contexts this search fed it
+                sent = recording.prompts
+                at = [round(i * (len(sent) - 1) / max(len(prompts) - 1, 1)) for i in range(len(prompts))]
+                meter.clear_cache()
+                context_peak[name] = peak_rate(policy, [sent[i] for i in at], peak_sampling, args.seed)
+                log.info("%s: peak at its own contexts %.1f tok/s", name, context_peak[name])
             rows.append({"strategy": name, "mode": mode, "problems/s": len(problems) / wall, "wall_s": wall,
                          "gen_s": meter.gen_s, "prm_s": meter.prm_s, "calls": meter.generate_calls,
                          "gen_tok": meter.completion_tokens,
@@ -182,6 +224,11 @@ def main(argv=None) -> None:
               f"{b['tok/s wall'] / peak:.2f} over wall time; PRM tokens per generated token "
               f"{b['prm_tok/gen_tok']:.2f}; PRM positions attended / a padding-free pass "
               f"{b['prm_attended/alone']:.2f}")
+        if name in context_peak:
+            cp = context_peak[name]
+            print(f"{name}: peak at its own contexts (as many of its requests, evenly spread, in one call) "
+                  f"{cp:.1f} tok/s; generated tok/s / that = {b['tok/s gen'] / cp:.2f} over generation time, "
+                  f"{b['tok/s wall'] / cp:.2f} over wall time")
         for other in mine[1:]:
             print(f"{name}: batched / {other['mode']} throughput = {b['problems/s'] / other['problems/s']:.2f}x "
                   f"(problems with the same records: {other.get('same_records')}, "
