@@ -162,3 +162,33 @@ def test_stream_admits_requests_mid_run_and_samples_what_generate_and_alone_samp
     assert [got[t] for t in later] == policy.generate([c, a, c], other, [4, 5, 6])
     assert [got[t] for t in later[:2]] == [policy.generate([c], other, [4])[0], policy.generate([a], other, [5])[0]]
     assert not stream.collect()
+
+
+def test_a_batch_fed_continuously_drops_positions_no_row_attends_to(policy, monkeypatch):
+    """Rows that leave a running batch leave prompt padding and own positions (written before the
+    rows now decoding joined) that nobody attends to: they are dropped, and every row still samples
+    what it samples alone."""
+    from ttc_mlops.policy import kvcache
+
+    trims = []
+
+    def spy(cache, attention, trim=kvcache.trim_unattended):
+        out = trim(cache, attention)
+        trims.append((attention.shape[1], out.shape[1]))
+        return out
+
+    monkeypatch.setattr(kvcache, "trim_unattended", spy)
+    long, short, late = (policy.chat_prompt("", q) for q in ("A much longer question " * 12, "Short", "Late"))
+    quick, slow = Sampling(temperature=1.0, max_tokens=20), Sampling(temperature=1.0, max_tokens=48)
+    stream = policy.stream()
+    (t_long,) = stream.add([long], quick, [1])
+    (t_short,) = stream.add([short], slow, [2])
+    got = dict(stream.collect())
+    assert t_long in got and stream.busy()  # the long prompt's row left; the short one decodes on
+    (t_late,) = stream.add([late], slow, [3])
+    while stream.busy():
+        got.update(stream.collect())
+    assert sum(after < before for before, after in trims) == 2  # the long prompt's padding, then the own positions
+    assert got[t_long] == policy.generate([long], quick, [1])[0]
+    assert got[t_short] == policy.generate([short], slow, [2])[0]
+    assert got[t_late] == policy.generate([late], slow, [3])[0]

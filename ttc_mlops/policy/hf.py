@@ -212,7 +212,7 @@ class _Batch:
         """Sample a token for every row and run the model on the rows still going; the finished rows."""
         import torch
 
-        from .kvcache import decode_mask, row_kv
+        from .kvcache import decode_mask, row_kv, trim_unattended
 
         p = self.policy
         with torch.inference_mode():
@@ -237,6 +237,8 @@ class _Batch:
                 self.cache.batch_select_indices(index)
                 self.attention, self.positions = self.attention[index], self.positions[index]
                 self.rows, sampled = [self.rows[b] for b in keep], [sampled[b] for b in keep]
+                if p.shared_prompts:  # the rows that left may leave positions nobody attends to
+                    self.attention = trim_unattended(self.cache, self.attention)
             self.positions = self.positions + 1
             self.attention = torch.cat([self.attention, self.attention.new_ones((len(self.rows), 1))], dim=-1)
             self.computed += len(self.rows)

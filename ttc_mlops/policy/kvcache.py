@@ -301,6 +301,21 @@ def _layer_classes():
             self.own_v = torch.cat([self.own_v, self.own_v.new_zeros((len(rows),) + self.own_v.shape[1:])])
             self._set_rows(self.rows + [first + p for p in rows])
 
+        def trim(self, prompt_cols: int, own_cols: int) -> None:
+            """Drop the first `prompt_cols` prompt positions and the first `own_cols` own positions (no
+            row attends to them any longer: the rows that did have left)."""
+            if prompt_cols:
+                self.prompt_k = self.prompt_k[:, :, prompt_cols:].contiguous()
+                self.prompt_v = self.prompt_v[:, :, prompt_cols:].contiguous()
+            if own_cols:
+                kept = self.filled - own_cols
+                for name in ("own_k", "own_v"):
+                    x = getattr(self, name)
+                    moved = x.new_zeros(x.shape)
+                    moved[:, :, :kept] = x[:, :, own_cols : self.filled]
+                    setattr(self, name, moved)
+                self.filled = kept
+
         def row(self, r: int):
             """Row r's keys and values, prompt then own tokens: [2, heads, P + filled, dim]."""
             import torch
@@ -350,6 +365,27 @@ def join_prompts(cache, new, rows: list[int], attention, new_attention):
         layer.join(add.keys, add.values, rows, width)
     return torch.cat([F.pad(attention, (width - old_width, 0)),
                       F.pad(new_attention, (width - new_attention.shape[1], filled))])
+
+
+def trim_unattended(cache, attention):
+    """Drop from a running `share_prompts` cache the leading positions no row attends to any longer,
+    once they are an eighth of what a step attends over: prompt padding kept for prompts whose rows
+    have left, and own positions written before the rows now decoding joined (a batch fed
+    continuously never empties, so they would otherwise grow for as long as it runs). Returns the
+    rows' 2D attention without those columns."""
+    import torch
+
+    layer = cache.layers[0]
+    width, filled = layer.prompt_k.shape[-2], layer.filled
+    used = attention.any(0)
+    prompt_cols = int(used[:width].int().argmax())  # every row attends to its prompt's last token
+    own = used[width:]
+    own_cols = int(own.int().argmax()) if bool(own.any()) else filled
+    if 8 * (prompt_cols + own_cols) < width + filled or prompt_cols + own_cols < 16:
+        return attention
+    for layer in cache.layers:
+        layer.trim(prompt_cols, own_cols)
+    return torch.cat([attention[:, prompt_cols:width], attention[:, width + own_cols :]], dim=-1)
 
 
 def decode_mask(cache, attention, dtype):
