@@ -31,6 +31,12 @@ class Sampling:
     stop: tuple[str, ...] = ()
 
 
+def check_seeds(prompts: list[str], seeds: list[int]) -> None:
+    """A request's seed is its own: one seed per prompt."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+
+
 @dataclass(frozen=True)
 class Generation:
     text: str
@@ -90,8 +96,7 @@ class Waves:
         self.tickets = 0
 
     def add(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[int]:
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        check_seeds(prompts, seeds)
         start, self.tickets = self.tickets, self.tickets + len(prompts)
         self.queue += [(start + i, p, sampling, s) for i, (p, s) in enumerate(zip(prompts, seeds))]
         return list(range(start, self.tickets))

@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass, field
 
 from ..config import PolicySettings
-from . import Generation, Sampling, Waves, chat_prompt
+from . import Generation, Sampling, Waves, chat_prompt, check_seeds
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,7 @@ class HFPolicy:
         return chat_prompt(self.tokenizer, system, user)
 
     def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[Generation]:
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        requests = [_Request(i, p, sampling, self._generator(s)) for i, (p, s) in enumerate(zip(prompts, seeds))]
+        requests = self._requests(prompts, sampling, seeds)
         # Similar lengths together: less padding. Results go back in the caller's order.
         order = sorted(requests, key=lambda r: len(r.prompt))
         for start in range(0, len(order), self.max_batch):
@@ -79,10 +77,13 @@ class HFPolicy:
         where the cache cannot take rows mid-run, waves of `generate` calls."""
         return HFStream(self) if self.shared_prompts else Waves(self)
 
-    def _generator(self, seed: int):
+    def _requests(self, prompts: list[str], sampling: Sampling, seeds: list[int], first: int = 0) -> list[_Request]:
+        """Requests with tickets from `first` on, each drawing from its own stream seeded with its seed."""
         import torch
 
-        return torch.Generator(device=self.device).manual_seed(int(seed) % (2**63))
+        check_seeds(prompts, seeds)
+        return [_Request(first + i, p, sampling, torch.Generator(device=self.device).manual_seed(int(s) % (2**63)))
+                for i, (p, s) in enumerate(zip(prompts, seeds))]
 
     def _finished(self, ids: list[int], sampling: Sampling) -> str | None:
         if ids[-1] in self.eos_ids:
@@ -280,11 +281,9 @@ class HFStream:
         self.tickets = 0
 
     def add(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[int]:
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        start, self.tickets = self.tickets, self.tickets + len(prompts)
-        self.queue += [_Request(start + i, p, sampling, self.policy._generator(s))
-                       for i, (p, s) in enumerate(zip(prompts, seeds))]
+        start = self.tickets
+        self.queue += self.policy._requests(prompts, sampling, seeds, start)
+        self.tickets += len(prompts)
         return list(range(start, self.tickets))
 
     def busy(self) -> int:

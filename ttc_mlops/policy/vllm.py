@@ -30,7 +30,7 @@ import time
 
 from ..config import PolicySettings
 from ..models import config_params, warn_remote_code
-from . import Generation, Sampling, chat_prompt
+from . import Generation, Sampling, chat_prompt, check_seeds
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +150,7 @@ class VLLMPolicy:
         self.llm.reset_prefix_cache()
 
     def generate(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[Generation]:
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        check_seeds(prompts, seeds)
         if not prompts:
             return []
         requests = self._requests(prompts, sampling, seeds)
@@ -207,8 +206,7 @@ class EngineStream:
         self.prefix = f"ttc-{id(self):x}-"  # apart from the request ids of `LLM.generate`
 
     def add(self, prompts: list[str], sampling: Sampling, seeds: list[int]) -> list[int]:
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        check_seeds(prompts, seeds)
         out = []
         for prompt, params in self.policy._requests(prompts, sampling, seeds):
             params.output_kind = self.final  # only the finished output
