@@ -21,6 +21,7 @@ from another.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -91,8 +92,11 @@ class Recording:
 
             def stream():
                 s = opened()
-                add = s.add
-                s.add = lambda prompts, sampling, seeds: (self.prompts.extend(prompts), add(prompts, sampling, seeds))[1]
+
+                def add(prompts, sampling, seeds, add=s.add):
+                    self.prompts.extend(prompts)
+                    return add(prompts, sampling, seeds)
+                s.add = add
                 return s
             return stream
         return getattr(self._policy, name)
@@ -111,7 +115,7 @@ def peak_rate(policy, prompts: list[str], sampling, seed: int) -> float:
     from ttc_mlops.search.common import sample_seed
 
     seeds = [sample_seed(seed, "peak", i) for i in range(len(prompts))]
-    policy.generate(prompts, sampling.__class__(sampling.temperature, sampling.top_p, 1), seeds)
+    policy.generate(prompts, dataclasses.replace(sampling, max_tokens=1), seeds)
     t = time.perf_counter()
     gens = policy.generate(prompts, sampling, seeds)
     return sum(g.num_tokens for g in gens) / (time.perf_counter() - t)
