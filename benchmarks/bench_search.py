@@ -7,8 +7,10 @@ the backend continuously where it can take requests while it runs), of the same 
 waves (one generate call per iteration for all problems: how batched search ran before continuous
 feeding) and of the same function called on one problem at a time; their ratios; generated tokens/s
 as a fraction of the backend's peak batched sampling rate (measured first, in the same process: one
-generate call of problems x n rows, --peak-tokens each, no stop, prompts already cached); PRM tokens
-processed per generated token; generate calls; and for how many problems each other run gave the
+generate call of problems x n rows, --peak-tokens each, no stop, prompts already cached), of the
+peak at the search's own contexts, and of the ceiling over wall time that leaves while the PRM runs
+in between decoding (what no schedule in one process can pass); PRM tokens processed per generated
+token; generate calls; and for how many problems each other run gave the
 same records as the batched one (per-request seeds: a problem's result should not depend on its
 batch; float rounding of differently shaped batched matmuls can still flip a sample). The policy's
 and the PRM's caches (scores, prefix keys/values) are cleared before every run, so no run profits
@@ -233,6 +235,14 @@ def main(argv=None) -> None:
             print(f"{name}: peak at its own contexts (as many of its requests, evenly spread, in one call) "
                   f"{cp:.1f} tok/s; generated tok/s / that = {b['tok/s gen'] / cp:.2f} over generation time, "
                   f"{b['tok/s wall'] / cp:.2f} over wall time")
+            # the PRM shares the machine with decoding (one process, or one accelerator): a schedule
+            # at best decodes at its own-context peak whenever the PRM is not running
+            prm_s_per_tok = b["prm_s"] / max(b["gen_tok"], 1)
+            ceiling = 1 / (1 / cp + prm_s_per_tok)
+            print(f"{name}: ceiling over wall time with the PRM run in between (decoding at that peak whenever the "
+                  f"PRM is not running, the PRM at this run's {b['prm_tok/gen_tok'] / prm_s_per_tok:.0f} tok/s) "
+                  f"{ceiling:.1f} tok/s = {ceiling / peak:.2f} of the peak; this run reached "
+                  f"{b['tok/s wall'] / ceiling:.2f} of that ceiling")
         for other in mine[1:]:
             print(f"{name}: batched / {other['mode']} throughput = {b['problems/s'] / other['problems/s']:.2f}x "
                   f"(problems with the same records: {other.get('same_records')}, "
