@@ -192,3 +192,67 @@ def test_a_batch_fed_continuously_drops_positions_no_row_attends_to(policy, monk
     assert got[t_long] == policy.generate([long], quick, [1])[0]
     assert got[t_short] == policy.generate([short], slow, [2])[0]
     assert got[t_late] == policy.generate([late], slow, [3])[0]
+
+
+def _bf16_llama(tiny_llama_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
+
+
+def test_bf16_linear_layers_multiply_by_a_prepacked_copy_and_compute_what_they_did(tiny_llama_dir):
+    """`pack_linears`: every bf16 linear layer multiplies by its weight prepacked for oneDNN, and the
+    logits stay bit for bit what `F.linear` gave (so no sample changes)."""
+    import torch
+
+    from ttc_mlops.models import pack_linears
+
+    model = _bf16_llama(tiny_llama_dir)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    ids = torch.randint(0, model.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        packed = pack_linears(model)
+        if packed == 0:
+            pytest.skip("this CPU's oneDNN has no bf16 kernels")
+        assert packed == len(linears) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the output layer
+        assert torch.equal(model(input_ids=ids).logits, before)
+        for layer in linears:  # the weights no longer take part: the packed copies do
+            layer.weight.zero_()
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_packed_layers_multiply_by_their_weights_where_gradients_are_tracked(tiny_llama_dir):
+    import torch
+
+    from ttc_mlops.models import pack_linears
+
+    model = _bf16_llama(tiny_llama_dir)
+    if pack_linears(model) == 0:
+        pytest.skip("this CPU's oneDNN has no bf16 kernels")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        inferred = model(input_ids=ids).logits
+    tracked = model(input_ids=ids).logits
+    assert torch.equal(tracked.detach(), inferred)
+    tracked.float().sum().backward()
+    assert model.model.layers[0].mlp.down_proj.weight.grad is not None
+
+
+def test_float32_and_loaded_models(tiny_llama_dir):
+    """Only bf16 layers are packed (float32 products differ between MKL and oneDNN); the policy's
+    loader packs the model it loads."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ttc_mlops.config import Recipe
+    from ttc_mlops.models import load_causal_lm, pack_linears
+
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    assert pack_linears(fp32) == 0
+    assert all(type(m) is torch.nn.Linear for m in fp32.modules() if isinstance(m, torch.nn.Linear))
+    if pack_linears(_bf16_llama(tiny_llama_dir)) == 0:
+        pytest.skip("this CPU's oneDNN has no bf16 kernels")
+    model, _, _ = load_causal_lm(Recipe(model_path=str(tiny_llama_dir), dtype="bfloat16", device="cpu").policy_settings)
+    assert all(hasattr(m, "packed") for m in model.modules() if isinstance(m, torch.nn.Linear))

@@ -231,7 +231,7 @@ def load_checked(settings: PRMSettings, auto_class: str):
     checkpoint lacks is an error naming it: transformers only warns and initialises it at random."""
     import transformers
 
-    from ..models import pick_device, pick_dtype, resolve_model
+    from ..models import pack_linears, pick_device, pick_dtype, resolve_model
 
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
@@ -246,6 +246,7 @@ def load_checked(settings: PRMSettings, auto_class: str):
         raise RuntimeError(f"prm_path={settings.path!r}: the checkpoint holds no {', '.join(missing[:3])}{more} of the "
                            f"{type(model).__name__} it is loaded as; is prm_family right for this model?")
     model.to(device).eval()
+    pack_linears(model)
     return model, tokenizer, device
 
 
