@@ -208,7 +208,7 @@ def pack_linears(model) -> int:
         for layer in linears:
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight)
-            except RuntimeError:  # this CPU's oneDNN has no bf16 kernels
+            except (RuntimeError, AttributeError):  # no bf16 kernels on this CPU, or a torch without the op
                 return done
             x = torch.randn((3, layer.in_features), generator=probe).to(layer.weight.dtype)
             if torch.equal(packed_class.multiply(x, packed, layer.bias), torch.nn.functional.linear(x, layer.weight,
