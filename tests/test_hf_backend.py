@@ -256,3 +256,21 @@ def test_float32_and_loaded_models(tiny_llama_dir):
         pytest.skip("this CPU's oneDNN has no bf16 kernels")
     model, _, _ = load_causal_lm(Recipe(model_path=str(tiny_llama_dir), dtype="bfloat16", device="cpu").policy_settings)
     assert all(hasattr(m, "packed") for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_a_model_whose_packed_copies_would_crowd_memory_is_left_as_it_is(tiny_llama_dir, monkeypatch, caplog):
+    import torch
+
+    from ttc_mlops import models
+
+    model = _bf16_llama(tiny_llama_dir)
+    weights = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(models, "available_memory", lambda: int(weights / models.PACK_MEMORY_SHARE) - 1)
+    with caplog.at_level("INFO", logger="ttc_mlops.models"):
+        assert models.pack_linears(model) == 0
+    assert "not prepacked" in caplog.text
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(models, "available_memory", lambda: int(weights / models.PACK_MEMORY_SHARE) + 1)
+    if models.pack_linears(model) == 0:
+        pytest.skip("this CPU's oneDNN has no bf16 kernels")
+    assert all(hasattr(m, "packed") for m in model.modules() if isinstance(m, torch.nn.Linear))

@@ -193,13 +193,19 @@ def pack_linears(model) -> int:
     1.03-1.09x. Each layer's output is checked against `F.linear` on a probe and must be equal bit
     for bit (bf16 products go through oneDNN either way; a layer that differs stays as it was), so
     no sample changes. The weights stay as they are (whatever reads them still can), so the packed
-    layers take twice their memory. Passes that track gradients multiply by the weights as before.
-    Returns the layers packed (0 off a CPU, without oneDNN, or in another dtype)."""
+    layers take twice their memory: a model whose copies would take more than PACK_MEMORY_SHARE of
+    the memory available is left as it is. Passes that track gradients multiply by the weights as
+    before. Returns the layers packed (0 off a CPU, without oneDNN, or in another dtype)."""
     import torch
 
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16
                and m.weight.device.type == "cpu"]
     if not linears or not torch.backends.mkldnn.is_available():
+        return 0
+    extra, available = sum(m.weight.numel() * m.weight.element_size() for m in linears), available_memory()
+    if available is not None and extra > PACK_MEMORY_SHARE * available:
+        log.info("linear layers not prepacked for oneDNN: their copies (%.1f GiB) would take more than %.0f%% of the "
+                 "%.1f GiB of memory available", extra / 2**30, 100 * PACK_MEMORY_SHARE, available / 2**30)
         return 0
     packed_class = _packed_linear_class()
     probe = torch.Generator().manual_seed(0)
@@ -218,6 +224,24 @@ def pack_linears(model) -> int:
                 done += 1
     log.info("%d of %d linear layers prepacked for oneDNN (their weights are kept too)", done, len(linears))
     return done
+
+
+PACK_MEMORY_SHARE = 0.25  # of the memory available, at most, for prepacked copies of the weights
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 _PACKED = None
