@@ -224,6 +224,11 @@ class Recipe(BaseModel):
         return {k: v for k, v in self.model_dump().items() if self.approach in STRATEGY_FIELDS.get(k, (self.approach,))}
 
     @property
+    def subtrees(self) -> int:
+        """N / M: DVTS's independent subtrees per problem."""
+        return self.n // self.beam_width
+
+    @property
     def dataset_label(self) -> str:
         name = self.dataset_name.rstrip("/").split("/")[-1].split(":")[-1]
         return re.sub(r"\.(jsonl|json|parquet)$", "", name)

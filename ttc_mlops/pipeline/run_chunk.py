@@ -130,7 +130,7 @@ class Meter:
         if recipe.approach == "best_of_n":  # one generate call: its tokens, at most n x max_tokens a problem
             self._plan = ("tokens", float(size * recipe.n * recipe.max_tokens))
         else:  # one row per iteration of each problem (beam search) or subtree (DVTS), while it lives
-            units = recipe.n // recipe.beam_width if recipe.approach == "dvts" else 1
+            units = recipe.subtrees if recipe.approach == "dvts" else 1
             self._plan = ("scores", float(size * units * recipe.num_iterations))
 
     def end_batch(self) -> None:

@@ -89,7 +89,7 @@ class _Search:
 
 
 def dvts(problems: list[Problem], policy: Policy, prm: PRM, recipe) -> list[Record]:
-    owners = [_Problem(p, [_Subtree(i) for i in range(recipe.n // recipe.beam_width)]) for p in problems]
+    owners = [_Problem(p, [_Subtree(i) for i in range(recipe.subtrees)]) for p in problems]
     prompts = [policy.chat_prompt(recipe.system_prompt, o.problem.problem) for o in owners]
     searches = [_Search(o, t, prompt, recipe) for o, prompt in zip(owners, prompts) for t in o.subtrees]
     run_steps(searches, policy, prm, recipe)
