@@ -215,7 +215,7 @@ def pack_linears(model) -> int:
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight)
             except (RuntimeError, AttributeError):  # no bf16 kernels on this CPU, or a torch without the op
-                return done
+                break
             x = torch.randn((3, layer.in_features), generator=probe).to(layer.weight.dtype)
             if torch.equal(packed_class.multiply(x, packed, layer.bias), torch.nn.functional.linear(x, layer.weight,
                                                                                                      layer.bias)):
@@ -237,7 +237,7 @@ def available_memory() -> int | None:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except OSError:
-        pass
+        pass  # not Linux: ask sysconf
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
