@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's compute-optimal demo on the embedded default (no GPU, no Hub; about 10 minutes on 2
+# The README's compute-optimal demo on the embedded default (no GPU, no Hub; about 3 minutes on 2
 # CPU cores): a sweep of best-of-N and DVTS at n=8 and beam search at n=4 and 8 on 8 problems, then
 # `ttc optimal` over it, then a compute_optimal run of the table it chose at n=8. Everything goes to
 # a fresh tracking store in a temporary directory (printed), so it never mixes with other runs.
