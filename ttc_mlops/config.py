@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import json
 import re
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -257,10 +258,50 @@ def looks_like_model_ref(value: str) -> bool:
     return bool(_HUB_ID.match(value))
 
 
+MAX_RECIPE_BYTES = 128 << 10  # a recipe is a few dozen fields (a chat template is a few KB); a larger file is not one
+MAX_ERRORS = 20  # problems listed in one error; the rest are counted
+_SHORT = reprlib.Repr()  # bounded in depth and length (Python 3.12 takes these as arguments; 3.11 does not)
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxtuple = 2, 4, 4, 4
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlong = 40
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without anchors / aliases: a recipe is flat, and nested aliases (a "billion laughs"
+    file of a few hundred bytes) expand into gigabytes wherever the value is walked or printed."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, f"YAML alias *{event.anchor} is not accepted in a recipe: write the value out",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def read_yaml(text: str):
+    """The value of a YAML text, refusing aliases (see `_NoAliasLoader`). Raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one bounded line: where, and what."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(err).split())[:300]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {' '.join(str(problem).split())[:300]}"
+
+
+def _short(value: Any) -> str:
+    """A value for an error message: its repr, bounded in depth and length whatever it holds."""
+    return _SHORT.repr(value)
+
+
 def _format_error(err: ValidationError, source: str, overridden: set[str] = frozenset()) -> str:
     """One line per problem, naming the field, the value, where it came from and what is expected."""
     lines = []
-    for e in err.errors():
+    errors = err.errors(include_url=False, include_input=True)
+    for e in errors[:MAX_ERRORS]:
         loc = ".".join(str(p) for p in e["loc"]) or "recipe"
         where = "--set" if e["loc"] and e["loc"][0] in overridden else source
         if e["type"] == "extra_forbidden":
@@ -270,7 +311,9 @@ def _format_error(err: ValidationError, source: str, overridden: set[str] = froz
         elif e["type"] == "value_error" and not e["loc"]:
             lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"{loc}={e.get('input')!r} in {where}: {e['msg']}")
+            lines.append(f"{loc}={_short(e.get('input'))} in {where}: {e['msg'][:200]}")
+    if len(errors) > MAX_ERRORS:
+        lines.append(f"... and {len(errors) - MAX_ERRORS} more problem(s) in {source}")
     return "\n".join(lines)
 
 
@@ -281,7 +324,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, raw = item.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = read_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     # Text fields keep the text as typed ("system_prompt=1" is the string "1").
@@ -305,13 +348,17 @@ def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] = ()) ->
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe={str(path)!r}: no such file")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe={str(path)!r} is {size} bytes: expected a YAML mapping of Recipe fields "
+                          f"(at most {MAX_RECIPE_BYTES} bytes)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path.read_text()) or {}
     except UnicodeDecodeError as err:
         raise RecipeError(f"recipe={str(path)!r} is not a text file (byte {err.start} is not UTF-8): expected a YAML "
                           f"mapping of Recipe fields") from None
     except yaml.YAMLError as err:
-        raise RecipeError(f"recipe={str(path)!r} is not valid YAML: {err}") from None
+        raise RecipeError(f"recipe={str(path)!r} is not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe={str(path)!r} must be a mapping of Recipe fields, got {type(data).__name__}")
     return build_recipe(data, overrides, source=str(path))
