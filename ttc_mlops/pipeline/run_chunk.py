@@ -279,7 +279,7 @@ def _checkpoint(run_id: str, artifact: str) -> list[Record]:
 
 
 class Stopped(BaseException):
-    """SIGTERM or SIGHUP (Slurm's time limit, preemption, a closed terminal) stopped the chunk."""
+    """SIGTERM, SIGHUP or SIGINT (Slurm's time limit, preemption, a closed terminal, Ctrl-C) stopped the chunk."""
 
     def __init__(self, signal_name: str):
         super().__init__(f"stopped by {signal_name}")
@@ -288,7 +288,7 @@ class Stopped(BaseException):
 
 @contextmanager
 def stop_on_signals():
-    """Turn SIGTERM / SIGHUP into `Stopped`, so the chunk run is marked FAILED (its checkpoint kept)
+    """Turn SIGTERM / SIGHUP / SIGINT (Ctrl-C) into `Stopped`, so the chunk run is marked FAILED (its checkpoint kept)
     instead of staying RUNNING; only where signals can be handled (the main thread)."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -297,7 +297,7 @@ def stop_on_signals():
     def stop(signum, frame):
         raise Stopped(signal.Signals(signum).name)
 
-    before = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    before = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
         yield
     finally:
