@@ -150,7 +150,8 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
         numbered = list(enumerate(rows, 1))
     else:
         numbered = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        # JSON Lines ends a row at "\n" only: str.splitlines would also cut at U+2028, U+0085, ... inside a string
+        for lineno, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     numbered.append((lineno, json.loads(line)))
