@@ -13,6 +13,7 @@ the holder was this same Slurm array task before a requeue.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -32,8 +33,22 @@ class ChunkBusy(Exception):
     """Another live process holds the chunk's lease; nothing was run."""
 
 
+MIN_LEASE_S = 2.0  # renewed every quarter: shorter would write a tag several times a second
+
+
 def lease_s() -> float:
-    return float(os.environ.get("TTC_LEASE_S", "120"))
+    """TTC_LEASE_S (default 120), checked: a word would kill the heartbeat thread and 0 would renew in a loop."""
+    from ..config import RecipeError
+
+    raw = os.environ.get("TTC_LEASE_S", "120")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < MIN_LEASE_S:
+        raise RecipeError(f"TTC_LEASE_S={raw!r}: expected the chunk lease in seconds, a number >= {MIN_LEASE_S:g} "
+                          f"(default 120); unset it or set e.g. TTC_LEASE_S=120")
+    return value
 
 
 def slurm_task() -> str:
@@ -114,12 +129,13 @@ class Heartbeat:
 
     def __init__(self, run_id: str):
         self.run_id = run_id
+        self.every_s = lease_s() / 4  # read once, here: a bad value fails the caller, not the thread
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"lease-{run_id[:8]}", daemon=True)
         self._thread.start()
 
     def _beat(self) -> None:
-        while not self._stop.wait(lease_s() / 4):
+        while not self._stop.wait(self.every_s):
             try:
                 store.set_tags(self.run_id, {TAG_RENEWED: f"{time.time():.3f}"})
             except Exception as err:  # a tracking server blip: the next beat tries again
