@@ -8,6 +8,7 @@ Commands are thin; heavy imports (torch, transformers, mlflow) happen inside the
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -21,8 +22,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 SET_HELP = "Override a recipe field: --set key=value (repeatable; values read as YAML)."
 
 
-def _fail(message: str, code: int = 2) -> None:
-    if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run says why, not just FAILED
+def _fail(message: str, code: int = 2, name_run: bool = True) -> None:
+    """One line on stderr, then exit `code` (2: bad input or setup, nothing was run; 1: a run failed).
+    `name_run=False` where the store itself cannot take a write (each try would retry for minutes)."""
+    if name_run and os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: its run says why, not just FAILED
         from .pipeline.store import mark_launched_failed
 
         try:
@@ -40,6 +43,42 @@ def _recipe(path: str, overrides: list[str]):
         return load_recipe(path, overrides)
     except RecipeError as err:
         _fail(str(err))
+
+
+def _plain_errors(command):
+    """A failure of the tracking store or of the disk ends in one line that says what failed and what to
+    do, not a traceback: exit 2 where the store was found unusable before any work, else 1. Ctrl-C
+    outside a chunk's search (which marks its run FAILED itself) ends in one line too."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        import click
+
+        try:
+            return command(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            typer.secho("interrupted (Ctrl-C): nothing past this point was done; run the same command again to "
+                        "go on", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(128 + signal.SIGINT) from None
+        except Exception as err:
+            from .pipeline.store import StoreError, describe_failure
+
+            found = describe_failure(err)
+            if found is None:
+                raise
+            message, writable = found
+            _fail(message, code=2 if isinstance(err, StoreError) else 1, name_run=writable)
+
+    return wrapper
+
+
+def _store_ready() -> None:
+    """The tracking store answers and takes this process's credentials, within seconds (StoreError)."""
+    from .pipeline.store import check_tracking
+
+    check_tracking()
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -80,6 +119,7 @@ def validate(recipe: str = typer.Argument(..., help="Recipe YAML."),
 
 
 @app.command()
+@_plain_errors
 def run(recipe: str = typer.Argument(..., help="Recipe YAML."),
         set_: list[str] = typer.Option([], "--set", help=SET_HELP),
         chunk: Optional[int] = typer.Option(None, help="This process's chunk (0-based)."),
@@ -93,12 +133,19 @@ def run(recipe: str = typer.Argument(..., help="Recipe YAML."),
     from .config import RecipeError
 
     extra = [f"{k}={v}" for k, v in (("chunk", chunk), ("num_chunks", num_chunks), ("parent_run_id", parent_run_id)) if v is not None]
-    r = _recipe(recipe, [*shlex.split(overrides), *set_, *extra])
-    from .pipeline.lease import ChunkBusy
+    try:
+        split = shlex.split(overrides)
+    except ValueError as err:  # an unbalanced quote
+        _fail(f"--overrides={overrides!r}: {err}: expected key=value items separated by spaces, a value with "
+              f"spaces quoted whole (system_prompt='Solve it.')")
+    r = _recipe(recipe, [*split, *set_, *extra])
+    from .pipeline.lease import ChunkBusy, lease_s
     from .pipeline.merge import strip_chunk_fields
     from .pipeline.run_chunk import Stopped, run_chunk
 
     try:
+        lease_s()  # TTC_LEASE_S, checked before any run exists
+        _store_ready()
         result = run_chunk(r, progress=progress)
     except RecipeError as err:
         _fail(str(err))
@@ -148,6 +195,7 @@ def _parent(recipe: Optional[str], set_: list[str], parent_run_id: Optional[str]
     if (recipe is None) == (parent_run_id is None):
         _fail("give exactly one of RECIPE or --parent-run-id to say which parent run")
     r = _recipe(recipe, set_) if recipe is not None else None
+    _store_ready()
     try:
         return resolve_parent(r, parent_run_id, set_ if recipe is None else [])
     except (RecipeError, MergeError) as err:
@@ -202,6 +250,7 @@ def _evaluate_and_report(parent_id: str, recipe) -> None:
 
 
 @app.command("merge")
+@_plain_errors
 def merge_command(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML (or give --parent-run-id)."),
           set_: list[str] = typer.Option([], "--set", help=SET_HELP),
           parent_run_id: Optional[str] = typer.Option(None, help="The parent run to merge."),
@@ -217,6 +266,7 @@ def merge_command(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML
 
 
 @app.command("evaluate")
+@_plain_errors
 def evaluate_command(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML (or give --parent-run-id)."),
              set_: list[str] = typer.Option([], "--set", help=SET_HELP),
              parent_run_id: Optional[str] = typer.Option(None, help="The merged parent run to evaluate.")) -> None:
@@ -230,6 +280,7 @@ def evaluate_command(recipe: Optional[str] = typer.Argument(None, help="Recipe Y
 
 def _experiment(name: Optional[str]) -> str:
     """The experiment given, else the only one that has parent runs."""
+    _store_ready()
     if name is not None:
         return name
     from .pipeline.store import experiments_with_parents
@@ -241,6 +292,7 @@ def _experiment(name: Optional[str]) -> str:
 
 
 @app.command("compare")
+@_plain_errors
 def compare_command(experiment: Optional[str] = typer.Option(None, help="Experiment (default: the only one with parent runs)."),
             model: Optional[str] = typer.Option(None, help="Only this policy model (path or label)."),
             output: str = typer.Option("accuracy_vs_n.png", help="Where to write the PNG."),
@@ -258,6 +310,7 @@ def compare_command(experiment: Optional[str] = typer.Option(None, help="Experim
 
 
 @app.command("launch")
+@_plain_errors
 def launch_command(recipe: str = typer.Argument(..., help="Recipe YAML."),
            set_: list[str] = typer.Option([], "--set", help=SET_HELP),
            chunks: int = typer.Option(..., help="Chunks = Slurm array tasks the problems are split into."),
@@ -275,6 +328,7 @@ def launch_command(recipe: str = typer.Argument(..., help="Recipe YAML."),
     from .pipeline.launch import LaunchError, launch
 
     try:
+        _store_ready()
         done = launch(recipe, set_, chunks, only_missing=only_missing, sbatch_args=sbatch_arg,
                       merge_sbatch_args=merge_sbatch_arg, max_parallel=max_parallel, log_dir=log_dir,
                       parent_run_id=parent_run_id, cluster_file=cluster_file)
@@ -299,6 +353,7 @@ def launch_command(recipe: str = typer.Argument(..., help="Recipe YAML."),
 
 
 @app.command("optimal")
+@_plain_errors
 def optimal_command(experiment: Optional[str] = typer.Option(None, help="Experiment (default: the only one with parent runs)."),
             model: Optional[str] = typer.Option(None, help="Only this policy model (path or label)."),
             difficulty: str = typer.Option("model", help="Bins of: oracle (pass@1 against the gold answers) or "
@@ -318,6 +373,7 @@ def optimal_command(experiment: Optional[str] = typer.Option(None, help="Experim
     from .pipeline.optimal import fetch_table as fetch
 
     if fetch_table is not None:
+        _store_ready()
         try:
             typer.echo(f"table of {fetch_table}: {fetch(fetch_table)}")
         except LookupError as err:

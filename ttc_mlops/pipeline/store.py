@@ -62,6 +62,118 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+REACH_TRIES, REACH_TIMEOUT_S = 3, 3  # a server that answers none of 3 tries of 3 s is reported, not waited for
+
+
+class StoreError(RuntimeError):
+    """The tracking store cannot be used: the message says what failed and what to do."""
+
+    def __init__(self, message: str, reachable: bool = True):
+        super().__init__(message)
+        self.reachable = reachable  # False: nothing more should be sent there (each call would retry for minutes)
+
+
+def check_tracking(uri: str | None = None) -> None:
+    """Raise StoreError within seconds where the tracking store cannot be used: a server that does not
+    answer (REACH_TRIES tries of REACH_TIMEOUT_S s, where MLflow's own client retries for minutes) or
+    refuses this process's credentials, a SQLite database whose file or folder cannot be written."""
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    elif uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if str(path) in ("", ":memory:"):
+            return
+        target = path if path.exists() else next(p for p in (path.parent, *path.parent.parents) if p.exists())
+        if not os.access(target, os.W_OK):
+            raise StoreError(f"tracking store {uri}: {target} cannot be written (as uid {os.getuid()}): make it "
+                             f"writable, or point MLFLOW_TRACKING_URI at a store that is")
+
+
+def _check_server(uri: str) -> None:
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(uri)
+    reply, last = None, None
+    for attempt in range(REACH_TRIES):
+        try:
+            reply = http_request(creds, "/api/2.0/mlflow/experiments/search", "POST", max_retries=0,
+                                 timeout=REACH_TIMEOUT_S, raise_on_status=False, json={"max_results": 1})
+            break
+        except Exception as err:  # requests' ConnectionError / Timeout, as MLflow wraps them
+            last = err
+            if attempt + 1 < REACH_TRIES:
+                time.sleep(1)
+    if reply is None:
+        raise StoreError(f"tracking server {uri} did not answer ({REACH_TRIES} tries of {REACH_TIMEOUT_S} s; "
+                         f"{_reason(last)}): start it, or point MLFLOW_TRACKING_URI at one that runs", reachable=False)
+    if reply.status_code in (401, 403):
+        raise StoreError(_auth_message(uri, reply.status_code))
+    if reply.status_code >= 400:
+        raise StoreError(f"tracking server {uri} answered HTTP {reply.status_code} to a search "
+                         f"({' '.join(reply.text.split())[:200]}): is MLFLOW_TRACKING_URI an MLflow tracking server?")
+
+
+def _auth_message(uri: str, status: int) -> str:
+    given = [k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_TOKEN") if os.environ.get(k)]
+    if status == 403:
+        return (f"tracking server {uri} refused the request (HTTP 403: user {os.environ.get('MLFLOW_TRACKING_USERNAME')!r} "
+                f"may not do this): ask its admin for the permission, or use another user")
+    what = f"refused the credentials in {' / '.join(given)}" if given else "needs credentials and none were given"
+    return (f"tracking server {uri} {what} (HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            f"(or MLFLOW_TRACKING_TOKEN) to an account of that server")
+
+
+def _reason(err: BaseException | None) -> str:
+    """The innermost cause of a connection failure, on one short line."""
+    text = " ".join(str(err).split())
+    for marker in ("Connection refused", "Name or service not known", "timed out", "No route to host",
+                   "Temporary failure in name resolution", "Network is unreachable"):
+        if marker in text:
+            return marker
+    return text[:200]
+
+
+def describe_failure(err: BaseException) -> tuple[str, bool] | None:
+    """(one line saying what failed in the store or on the disk and what to do, whether the store can
+    still be written) for a failure that is not the recipe's; None for anything else."""
+    import errno
+
+    uri = tracking_uri()
+    seen, chain = set(), []
+    while err is not None and id(err) not in seen:  # the OSError is often the cause of MLflow's error
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for e in chain:
+        if isinstance(e, StoreError):
+            return str(e), e.reachable
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {e.filename}" if e.filename else ""
+            return (f"no space left on the device{where} ({e.strerror}): free space there, or point "
+                    f"MLFLOW_TRACKING_URI / output_dir at another disk, then run the same command again"), False
+        if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return (f"cannot write {e.filename or 'a file'} ({e.strerror}): make it writable, or point "
+                    f"MLFLOW_TRACKING_URI / output_dir elsewhere"), True
+    text = " ".join(" ".join(str(e) for e in chain).split())
+    if "database or disk is full" in text:
+        return (f"tracking store {uri}: its disk is full (sqlite: database or disk is full): free space there, or "
+                f"point MLFLOW_TRACKING_URI at another disk, then run the same command again"), False
+    if "attempt to write a readonly database" in text:
+        return (f"tracking store {uri} is read-only (sqlite: attempt to write a readonly database): make the "
+                f"file and its folder writable, or point MLFLOW_TRACKING_URI elsewhere"), False
+    if uri.startswith(("http://", "https://")):
+        status = next((e.get_http_status_code() for e in chain if hasattr(e, "get_http_status_code")), None)
+        if status in (401, 403) or " 401 " in f" {text} " and "nauthorized" in text:
+            return _auth_message(uri, 403 if status == 403 else 401), True
+        if "Max retries exceeded" in text or "ConnectionError" in text or "Connection refused" in text:
+            return (f"tracking server {uri} stopped answering ({_reason(chain[0])}, after MLflow's retries: "
+                    f"MLFLOW_HTTP_REQUEST_MAX_RETRIES, default 7): start it again, then run the same command "
+                    f"(what was checkpointed is kept)"), False
+    return None
+
+
 def ensure_experiment(name: str) -> str:
     c = client()
     exp = c.get_experiment_by_name(name)
