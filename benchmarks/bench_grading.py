@@ -3,12 +3,16 @@
     python benchmarks/bench_grading.py            # suites only (seconds)
     python benchmarks/bench_grading.py --speed    # and 500 problems x N=256 through evaluate
 
-Three suites, each graded two ways: the path `ttc evaluate` takes (extract the answer, then
+Four suites, each graded two ways: the path `ttc evaluate` takes (extract the answer, then
 `voting.classify`: vote classes formed without the gold answer, each graded) and raw math-verify
 (`parse` of the whole text, `verify` against the parsed gold), the floor the grader must not fall
 below:
 - peer cases: tests/data/grading/peer_cases.jsonl, the expected verdicts of huggingface/Math-Verify's,
   hendrycks/math's and NVIDIA/NeMo-Skills' grading tests (see tests/data/grading/README.md);
+- answer-format cases: tests/data/grading/format_cases.jsonl, completions as today's models write
+  them (markdown bold, "Answer:" lines, math delimiters, `<think> ... </think>`, units) with the
+  expected verdicts of huggingface/lighteval's extraction tests and rllm-org/rllm's math reward
+  tests; a pred here is always a completion, its answer extracted as `ttc evaluate` does;
 - MATH-500 reference solutions (../shared/data/math500.jsonl) against their own answers: all right;
 - perturbed MATH-500 answers (a digit changed, the decimal point moved, a sign flipped, one matrix
   entry changed, an equation's side changed, the base of a numeral changed): all wrong.
@@ -32,6 +36,7 @@ from ttc_mlops.grading import extract_answer  # noqa: E402
 from ttc_mlops.voting import classify  # noqa: E402
 
 PEER_CASES = REPO / "tests" / "data" / "grading" / "peer_cases.jsonl"
+FORMAT_CASES = REPO / "tests" / "data" / "grading" / "format_cases.jsonl"
 MATH500 = REPO.parent / "shared" / "data" / "math500.jsonl"
 _DELIMITED = re.compile(r"(?<!\\)\$|\\boxed|\\\(|\\\[")  # a text, not a bare answer (\\$ is a currency sign)
 
@@ -41,9 +46,10 @@ def answer_of(text: str) -> str | None:
     return extract_answer(text) if _DELIMITED.search(text) or "answer" in text.lower() else text
 
 
-def ours(pred_text: str, gold_text: str, extracted: bool = True) -> bool | None:
-    """The evaluate path's verdict on one completion (True / False / None undecided)."""
-    pred = answer_of(pred_text) if extracted else pred_text
+def ours(pred_text: str, gold_text: str, extracted: bool = True, completion: bool = False) -> bool | None:
+    """The evaluate path's verdict on one completion (True / False / None undecided); `completion`:
+    the pred is a model's completion whatever it holds (its answer is always extracted)."""
+    pred = extract_answer(pred_text) if completion else answer_of(pred_text) if extracted else pred_text
     gold = answer_of(gold_text)
     if pred is None:
         return False
@@ -131,20 +137,20 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     t = time.perf_counter()
-    cases = peer_cases()
-    by_source = defaultdict(list)
-    for c in cases:
-        by_source[c["source"].split(" ")[0]].append(c)
-    print(f"peer cases ({PEER_CASES.relative_to(REPO)}): evaluate path | raw math-verify")
-    missed = []
-    for source, group in sorted(by_source.items()):
-        mine = [ours(c["pred"], c["gold"]) for c in group]
-        raw = [raw_math_verify(c["pred"], c["gold"]) for c in group]
-        expected = [c["equal"] for c in group]
-        print(f"  {source:<28} {_agreement(mine, expected):<28} | {_agreement(raw, expected)}")
-        missed += [(c, v) for c, v in zip(group, mine) if v is not c["equal"]]
-    for c, v in missed[: args.show]:
-        print(f"    ours={v} expected={c['equal']}: gold {c['gold']!r} pred {c['pred']!r} ({c['source']})")
+    for title, path, completion in (("peer cases", PEER_CASES, False), ("answer-format cases", FORMAT_CASES, True)):
+        by_source = defaultdict(list)
+        for c in peer_cases(path):
+            by_source[c["source"].split(" ")[0]].append(c)
+        print(f"{title} ({path.relative_to(REPO)}): evaluate path | raw math-verify")
+        missed = []
+        for source, group in sorted(by_source.items()):
+            mine = [ours(c["pred"], c["gold"], completion=completion) for c in group]
+            raw = [raw_math_verify(c["pred"], c["gold"]) for c in group]
+            expected = [c["equal"] for c in group]
+            print(f"  {source:<28} {_agreement(mine, expected):<28} | {_agreement(raw, expected)}")
+            missed += [(c, v) for c, v in zip(group, mine) if v is not c["equal"]]
+        for c, v in missed[: args.show]:
+            print(f"    ours={v} expected={c['equal']}: gold {c['gold']!r} pred {c['pred'][-160:]!r} ({c['source']})")
 
     rows = math500_rows()
     mine = [ours(r["solution"], r["answer"]) for r in rows]

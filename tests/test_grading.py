@@ -71,6 +71,44 @@ def test_extraction_falls_back_beyond_the_boxed_answer(completion, answer):
     assert extract_answer(completion) == answer
 
 
+# the formats of the issue "Answers as today's models write them", in the docstring's order
+@pytest.mark.parametrize("completion, answer", [
+    ("<think>It could be 5.</think>\nSo the answer is \\boxed{6}.", "6"),  # only what follows </think>
+    ("... the chat template opened the thinking: 5</think> So **7**.", "7"),
+    ("<think>Let me see, 5? Or maybe", None),  # thinking never closed: no answer
+    ("<think>a</think> 5 <think>b, perhaps 6", None),  # reopened and never closed
+    ("Adding them, the total number of eggs is **6**.", "6"),  # bold, no box, full stop
+    ("So the count is __12__.", "12"),
+    ("Hence **$\\boxed{\\frac{3}{4}}$**", "\\frac{3}{4}"),  # \boxed inside bold
+    ("Final Answer: The final answer is \\[ \\frac{1}{2} \\]", "\\frac{1}{2}"),  # delimiters dropped
+    ("**Final Answer:**\n\\[\n12\n\\]", "12"),
+    ("We are done.\n\nFinal answer:\n$$x = 3$$", "x = 3"),
+    ("Answer: \\( 42 \\)", "42"),
+    ("### Answer: $-7$.", "-7"),
+    ("Putting it together, the answer is $\\sqrt{2}$.", "\\sqrt{2}"),
+    ("So the answer is 3.5.", "3.5"),  # the decimal point stays, the full stop goes
+    ("We have \\boxed{5}. Note that the answer is positive.", "5"),  # prose after a box does not override it
+    ("\\boxed{5} was a slip.\n\nFinal answer: 6", "6"),  # a final answer after the box does
+    ("Final Answer: The largest $n$ is 34.", "34"),  # a sentence on the answer line: its expression
+    ("x**2 + y**2 = 25, so the radius is 5.", "5"),  # ** as a power is no emphasis
+])
+def test_extraction_reads_the_formats_current_models_write(completion, answer):
+    assert extract_answer(completion) == answer
+
+
+@pytest.mark.parametrize("pred, gold, verdict", [
+    ("12 apples", "12", True), ("12", "5\\text{ inches}", False), ("5", "5\\text{ inches}", True),
+    ("30^\\circ", "30", True), ("18 dollars", "18", True), ("\\frac{1}{2}\\text{ cm}", "0.5", True),
+    ("12 square feet", "13", False),
+    ("2 x", "2", False),  # a one-letter word is a variable, not a unit
+    ("5 \\text{ and } 6", "5", False),  # two numbers are not one number with words
+])
+def test_a_number_with_units_compares_as_the_number_against_a_bare_one(pred, gold, verdict):
+    assert is_equiv(pred, gold) is verdict and is_equiv(gold, pred) is verdict
+    keys = {pred: answer_key(pred), gold: answer_key(gold)}
+    assert equivalent(pred, gold, keys) is verdict
+
+
 def test_a_step_that_only_mentions_boxed_does_not_end_its_beam():
     assert not ended(Generation("We will write the result in \\boxed later; f(x) = {x}.\n\n", 12, "stop"))
     assert ended(Generation("So the answer is \\boxed{4}.\n\n", 8, "stop"))
@@ -132,16 +170,24 @@ def _key(case):
     return case["source"], case["gold"], case["pred"]
 
 
-def test_peer_suites_agree_but_for_the_listed_misses():
-    cases = bench_grading.peer_cases()
-    known = {_key(c): c for c in map(json.loads, (DATA / "known_misses.jsonl").read_text().splitlines())}
-    assert len(cases) == 313 and len(known) <= 7 and all(c["why"] for c in known.values())
-    wrong = [(c, v) for c in cases if (v := bench_grading.ours(c["pred"], c["gold"])) is not c["equal"]]
-    unexplained = [(c["gold"][:80], c["pred"][:80], c["equal"], v) for c, v in wrong if _key(c) not in known]
+@pytest.mark.parametrize("path, size, completion, misses", [
+    (bench_grading.PEER_CASES, 313, False, 7),
+    (bench_grading.FORMAT_CASES, 35, True, 4),  # preds are completions: always extracted
+])
+def test_peer_suites_agree_but_for_the_listed_misses(path, size, completion, misses):
+    cases = bench_grading.peer_cases(path)
+    listed = {_key(c): c for c in map(json.loads, (DATA / "known_misses.jsonl").read_text().splitlines())}
+    known = {k: c for k, c in listed.items() if k in {_key(c) for c in cases}}
+    assert len(cases) == size and len(known) <= misses and all(c["why"] for c in known.values())
+    wrong = [(c, v) for c in cases if (v := bench_grading.ours(c["pred"], c["gold"], completion=completion)) is not c["equal"]]
+    unexplained = [(c["gold"][:80], c["pred"][-80:], c["equal"], v) for c, v in wrong if _key(c) not in known]
     assert unexplained == []
-    agreement = 1 - len(wrong) / len(cases)
-    raw = sum(bench_grading.raw_math_verify(c["pred"], c["gold"]) is c["equal"] for c in cases) / len(cases)
-    assert agreement >= raw  # the floor: raw math-verify on the same cases (0.914)
+    for source in {c["source"].split(" ")[0] for c in cases}:  # the floor, per peer: raw math-verify
+        group = [c for c in cases if c["source"].startswith(source + " ")]
+        mine = sum(bench_grading.ours(c["pred"], c["gold"], completion=completion) is c["equal"] for c in group)
+        raw = sum(bench_grading.raw_math_verify(c["pred"], c["gold"]) is c["equal"] for c in group)
+        listed_here = sum(_key(c) in known for c in group)
+        assert mine + listed_here >= raw, source  # it may lose only by the listed misses
 
 
 def test_every_math500_reference_solution_grades_right(math500):

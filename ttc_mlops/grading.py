@@ -2,14 +2,24 @@
 
     python -c "from ttc_mlops.grading import is_equiv; print(is_equiv('\\\\frac{1}{2}', '0.5'))"
 
-Extraction (`extract_answer`) takes the last `\\boxed{}` first, then "the final answer is ...",
-then what math-verify's own extraction finds in the text (its answer patterns, else the last LaTeX
-or plain expression), so a solution that ends "Therefore, \\(x^3 = 12\\)." or "... is 15." is still read. `boxed_answer` is plain
-string work (no math-verify import): the search code uses it to tell a finished step.
+Extraction (`extract_answer`) reads a completion as current models write it, in this order:
+1. a reasoning model's `<think> ... </think>`: only what follows the last closing tag is read; a
+   completion whose thinking never closes has no answer (None);
+2. markdown emphasis is dropped (`**6**`, `__6__` read as 6, so `**\\boxed{6}**` is a box);
+3. the last `\\boxed{}` (boxes that end the text one after another are joined);
+4. after the last box, a "final answer" statement ("the final answer is X", a "Final answer: X"
+   line) overrides it; with no box, the last "Answer: X" line or "the answer is X" statement;
+5. else what math-verify's own extraction finds in the text (its answer patterns, else the last
+   LaTeX or plain expression), so "Therefore, \\(x^3 = 12\\)." or "... is 15." is still read.
+Whatever is read loses the math delimiters around it (`\\[ \\]`, `\\( \\)`, `$$ $$`, `$ $`) and a
+closing full stop, comma or colon. `boxed_answer` is plain string work (no math-verify import):
+the search code uses it to tell a finished step.
 
 Equivalence (`is_equiv`, `equivalent`) is maths first: text is compared only in a conservative
 form that keeps every digit, dot and brace (so `3.5` is never `35`, nor `\\frac{1}{12}`
-`\\frac{11}{2}`), and matrices, equations, intervals and percentages go to math-verify whole.
+`\\frac{11}{2}`), and matrices, equations, intervals and percentages go to math-verify whole. A
+number with units or `\\text{}` words beside it ("12 apples", `5\\text{ inches}`, `30^\\circ`)
+compares as the number when the other side is a bare number (MATH's gold answers carry both forms).
 Each distinct answer is parsed once and each pair compared once (both cached): grading MATH-500 at
 N=256 meets the same few answers again and again. Where math-verify cannot decide (a gold answer it
 cannot read, a comparison that times out or fails) the verdict is None, never a guess.
@@ -83,16 +93,92 @@ def _joined(text: str, boxes: list[tuple[int, int, str]]) -> str | None:
     return ", ".join(content for _, _, content in run)
 
 
+# Markdown emphasis around a span: never `x**2`, `\\__`, nor a subscript's single underscore.
+_EMPHASIS = re.compile(r"(?<![\w*])\*\*(?=\S)(.+?)(?<=\S)\*\*(?![\w*])|(?<![\w\\])__(?=\S)(.+?)(?<=\S)__(?!\w)", re.DOTALL)
+# "Final Answer: 6" / "Answer: 6" at the start of a line (markdown headings and list marks allowed).
+_ANSWER_LINE = re.compile(r"^[ \t#>*-]*(final\s+)?answer\s*[:：][ \t]*(.*)$", re.IGNORECASE | re.MULTILINE)
+_ANSWER_IS = re.compile(r"\banswer\s+is\s*:?\s*(.+?)(?:\.(?=\s|$)|\n|$)", re.IGNORECASE | re.DOTALL)
+_PROSE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}")  # two words: a sentence, not a formula
+_DELIMITERS = (("\\[", "\\]"), ("\\(", "\\)"), ("$$", "$$"), ("$", "$"))
+
+
+def _after_thinking(completion: str) -> str | None:
+    """What follows a reasoning model's last `</think>`; None where its thinking never closes.
+    (A chat template may open `<think>` in the prompt: then only the closing tag is in the text.)"""
+    closed = completion.rfind("</think>")
+    if completion.find("<think>", closed + 1 if closed >= 0 else 0) >= 0:
+        return None  # thinking (re)opened and never closed: no answer yet
+    return completion[closed + len("</think>"):] if closed >= 0 else completion
+
+
+def _clean(answer: str) -> str:
+    """An extracted answer without the math delimiters around it, a closing full stop (comma,
+    colon) and an unmatched closing bracket."""
+    text = answer.strip()
+    while True:
+        stripped = text.rstrip(" .,;:。").strip()
+        if stripped.endswith(")") and stripped.count(")") > stripped.count("(") + stripped.count("["):
+            stripped = stripped[:-1]  # "(35 + 70 = 105).": the sentence's bracket, not the answer's
+        for left, right in _DELIMITERS:
+            if stripped.startswith(left) and stripped.endswith(right) and len(stripped) >= len(left) + len(right):
+                inner = stripped[len(left): len(stripped) - len(right)]
+                if left != "$" or "$" not in inner:  # "$1$ and $2$" is two formulas, not one
+                    stripped = inner.strip()
+                    break
+        if stripped == text:
+            return text
+        text = stripped
+
+
+def _line_content(text: str, m: re.Match) -> str:
+    """An "Answer:" line's answer: the rest of its line, or the display math that opens there
+    ("Final Answer:" then `\\[`, the formula and `\\]` on lines of their own), or the next line."""
+    content = m.group(2).strip()
+    rest = text[m.start(2):].lstrip()
+    for left, right in (("\\[", "\\]"), ("$$", "$$")):
+        close = rest.find(right, len(left)) if rest.startswith(left) else -1
+        if close >= 0:
+            return rest[: close + len(right)]
+    return content or rest.split("\n", 1)[0]
+
+
+def _stated(text: str, boxes: list[tuple[int, int, str]]) -> str | None:
+    """The answer a statement gives: a "final answer" one after the last box, or with no box the
+    last "Answer:" line or "the answer is" statement."""
+    finals = [(m.start(), m.group(1)) for m in _FINAL_ANSWER.finditer(text)]
+    lines = [(m.start(), m.group(1), _line_content(text, m)) for m in _ANSWER_LINE.finditer(text)]
+    finals += [(start, content) for start, final, content in lines if final]
+    others = [(start, content) for start, final, content in lines if not final]
+    others += [(m.start(), m.group(1)) for m in _ANSWER_IS.finditer(text)]
+    last_box = boxes[-1][0] if boxes else -1
+    candidates = [c for c in finals if c[0] > last_box] or ([] if boxes else others)
+    for _, content in sorted(candidates, reverse=True):
+        content = content.replace('\\"', "").strip()  # "\\"$12$ and $13$\\"": the quotes are not the answer
+        if _FINAL_ANSWER.search(content):  # "Final Answer: The final answer is $6$": the inner statement
+            content = _FINAL_ANSWER.search(content).group(1)
+        answer = boxed_answer(content)
+        if answer is None and _PROSE.search(_TEXT_WRAPPER.sub("", content)):  # "The largest $n$ is 34."
+            answer = _math_verify_extraction(content)
+        answer = _clean(answer or content)
+        if answer:
+            return answer
+    return None
+
+
 def extract_answer(completion: str) -> str | None:
-    """The answer a completion gives, or None: the last boxed answer, or "the final answer is ..."
-    where that comes after it, else whatever math-verify extracts from the text (its answer
-    patterns, else its last LaTeX or plain expression)."""
-    statements = list(_FINAL_ANSWER.finditer(completion))
-    boxes = _boxes(completion, strict=False)
-    if statements and (not boxes or statements[-1].start() > boxes[-1][0]):  # stated after the last box
-        text = statements[-1].group(1).replace('\\"', "").strip()  # "\\"$12$ and $13$\\"": the quotes are not the answer
-        return boxed_answer(text) or text
-    return _joined(completion, boxes) or _math_verify_extraction(completion)
+    """The answer a completion gives, or None (the order is the module docstring's): after any
+    `</think>`, emphasis dropped: the last boxed answer, or a final-answer statement after it, else
+    an "Answer:" line or "the answer is" statement, else whatever math-verify extracts."""
+    text = _after_thinking(completion)
+    if text is None:
+        return None
+    text = _EMPHASIS.sub(lambda m: m.group(1) or m.group(2), text)
+    boxes = _boxes(text, strict=False)
+    answer = _stated(text, boxes) or _joined(text, boxes)
+    if answer is None:
+        answer = _math_verify_extraction(text)
+        answer = _clean(answer) if answer else None
+    return answer or None
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -185,11 +271,31 @@ def is_equiv(pred: str | None, gold: str | None) -> bool | None:
 _BASE = re.compile(r"^([0-9A-Za-z]+)_\{?(\d+)\}?$")  # 52_8, 4210_{5}: a numeral in base 8, 5
 
 
+# Units and words beside a number: `\\text{ cm}`, " square feet" (2+ letters a word: "2 x" is no unit),
+# degrees, a currency sign.
+_TEXT_WORDS = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mbox)\s*\{\s*[A-Za-z][A-Za-z .\-]*\}")
+_WORDS_AFTER = re.compile(r"(?:\s+[A-Za-z][A-Za-z\-]+\.?)+\s*$")
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|^\\?\$")
+
+
+def _number_beside_words(answer: str) -> Fraction | None:
+    """The number an answer gives with units or `\\text{}` words beside it ("12 apples",
+    `5\\text{ inches}`, `30^\\circ`, `\\$4`); None unless exactly one plain number remains
+    (never a percentage: 10\\% is 10 and 0.1)."""
+    if "%" in answer:
+        return None
+    text = _WORDS_AFTER.sub("", _TEXT_WORDS.sub(" ", _DEGREES.sub("", answer.strip()))).strip()
+    if text == answer.strip() or re.search(r"\d\s+\d", text):  # nothing beside it, or two numbers
+        return None
+    return plain_number(tidy(text))
+
+
 def _by_form(pred: str, gold: str) -> bool | None:
     """Verdicts that the written form decides before math-verify, which would round or drop it:
     numerals with a base subscript (math-verify reads 52_8 and 52_9 alike) and two plain numbers
     (compared exactly, up to the rounding of a decimal written to 6+ significant digits, where
-    math-verify rounds to 6 decimal places: .0000672 is not .0000673)."""
+    math-verify rounds to 6 decimal places: .0000672 is not .0000673), one of them perhaps with
+    units or words beside it."""
     bp, bg = _BASE.match(pred.replace(" ", "")), _BASE.match(gold.replace(" ", ""))
     if bp and bg:
         return bp.group(1).upper() == bg.group(1).upper() and int(bp.group(2)) == int(bg.group(2))
@@ -198,6 +304,8 @@ def _by_form(pred: str, gold: str) -> bool | None:
         other = canonical_text(gold if bp else pred).upper()
         return digits == other if other.isalnum() else None
     x, y = plain_number(tidy(pred)), plain_number(tidy(gold))
+    if (x is None) != (y is None):  # a bare number against one with units or words beside it
+        x, y = (x, _number_beside_words(gold)) if x is not None else (_number_beside_words(pred), y)
     if x is None or y is None:
         return None
     return x == y or abs(x - y) <= Fraction(1, 10**6) * max(abs(x), abs(y))
@@ -286,6 +394,10 @@ def equivalent(a: str, b: str, keys: dict[str, tuple]) -> bool | None:
     ka, kb = keys[a], keys[b]
     if ka == kb or canonical_text(a) == canonical_text(b):
         return True
+    if (ka[0] == "num") != (kb[0] == "num"):  # a number against one with units or words beside it?
+        decided = _by_form(a, b)
+        if decided is not None:
+            return decided
     if "%" in a + b or "Eq(" in ka[-1] + kb[-1]:  # 10\% is 10 and 0.1; "x = 5" is 5 to math-verify
         return is_equiv(tidy(a), tidy(b))
     if "text" in (ka[0], kb[0]):  # written differently, and not both maths
