@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from .. import names as N
-from ..config import CHUNK_FIELDS, Recipe, build_recipe, recipe_yaml
+from ..config import CHUNK_FIELDS, Recipe, RecipeError, build_recipe, read_yaml, recipe_yaml, yaml_problem
 from ..data import Problem, load_dataset_problems
 from ..records import Record, problem_set_digest, records_digest
 from . import store
@@ -82,7 +82,7 @@ def parent_recipe(parent_id: str, overrides: list[str] = ()) -> Recipe:
         text = store.load_run_text(chunks[0].info.run_id, N.RECIPE_ARTIFACT)
         if text is None:
             raise MergeError(f"{source} of parent {parent_id} has no {N.RECIPE_ARTIFACT}: cannot tell its recipe")
-    data = yaml.safe_load(text) or {}
+    data = _stored_yaml(text, f"{N.RECIPE_ARTIFACT} of {source}")
     recipe = strip_chunk_fields(build_recipe(data, overrides, source=f"{N.RECIPE_ARTIFACT} of {source}"))
     return recipe
 
@@ -141,7 +141,7 @@ def collect_chunks(parent_id: str, recipe: Recipe, problems: list[Problem]) -> l
         seen_rows.add(rows)
         text = store.load_run_text(rid, N.RECIPE_ARTIFACT)
         if text is not None:
-            theirs = strip_chunk_fields(build_recipe(yaml.safe_load(text) or {}, source=f"chunk run {rid}"))
+            theirs = strip_chunk_fields(build_recipe(_stored_yaml(text, f"chunk run {rid}"), source=f"chunk run {rid}"))
             if theirs.search_key != recipe.search_key:
                 raise MergeError(f"chunk run {rid} ({rows}) was run with another recipe than parent {parent_id}: "
                                  f"{_recipe_diff(recipe, theirs)}")
@@ -159,6 +159,10 @@ def collect_chunks(parent_id: str, recipe: Recipe, problems: list[Problem]) -> l
                 what = "is not in" if p is None else "has another problem text than"
                 raise MergeError(f"chunk run {rid} ({rows}): record {r.problem_id!r} {what} dataset "
                                  f"{recipe.dataset_name}: its records come from another dataset")
+            wrong = record_lengths_problem(r)
+            if wrong is not None:
+                raise MergeError(f"chunk run {rid} ({rows}): record {r.problem_id!r} {wrong}: the chunk's records "
+                                 f"artifact was changed or written by a broken search; rerun the chunk in a new run")
             if (r.approach, r.agg_strategy) != (recipe.approach, recipe.agg_strategy):
                 raise MergeError(f"chunk run {rid} ({rows}): record {r.problem_id!r} has approach={r.approach!r}, "
                                  f"agg_strategy={r.agg_strategy!r}; the parent's recipe has "
@@ -166,6 +170,33 @@ def collect_chunks(parent_id: str, recipe: Recipe, problems: list[Problem]) -> l
         chunks.append(Chunk(rid, start, end, run.info.status, records))
     chunks.sort(key=lambda c: (c.start, c.end))
     return chunks
+
+
+PER_COMPLETION = ("step_scores", "agg_scores", "completion_tokens", "finish_reasons", "groups", "finished")
+OPTIONAL_PER_COMPLETION = ("groups", "finished")  # empty in records written before these fields
+
+
+def record_lengths_problem(r: Record) -> str | None:
+    """What is wrong with a record's per-completion lists (one entry per completion each), or None."""
+    k = len(r.completions)
+    for name in PER_COMPLETION:
+        value = getattr(r, name)
+        if len(value) != k and not (name in OPTIONAL_PER_COMPLETION and not value):
+            return f"has {len(value)} {name} for {k} completions"
+    if r.selected is not None and not 0 <= r.selected < k:
+        return f"has selected={r.selected} for {k} completions"
+    return None
+
+
+def _stored_yaml(text: str, source: str) -> dict:
+    """A recipe stored on a run, read as `load_recipe` reads a file (no aliases: bounded whatever it holds)."""
+    try:
+        data = read_yaml(text) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{source} is not valid YAML: {yaml_problem(err)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source} must be a mapping of Recipe fields, got {type(data).__name__}")
+    return data
 
 
 def _ids(ids: list[str]) -> str:
