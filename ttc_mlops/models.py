@@ -19,8 +19,9 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Sequence
 
-from .config import EMBEDDED_MODEL, ModelSettings, RecipeError, looks_like_model_ref
+from .config import EMBEDDED_MODEL, ModelSettings, PolicySettings, RecipeError, looks_like_model_ref
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +296,64 @@ def config_params(config) -> int | None:
         return None
     attention = h * heads * head_dim * 2 + h * kv * head_dim * 2  # q, o; k, v
     return layers * (attention + 3 * h * inter) + vocab * h
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_tokens(config) -> int | None:
+    """A model's context in tokens from its config (`max_position_embeddings` and its older names)."""
+    for c in (config, getattr(config, "text_config", None)):
+        for key in CONTEXT_KEYS:
+            value = getattr(c, key, None) if c is not None else None
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def check_prompt_lengths(settings: PolicySettings, system_prompt: str, problems: Sequence, max_tokens: int) -> int | None:
+    """Refuse (RecipeError naming the problem ids) a problem whose chat prompt leaves no room in the
+    policy's context: counted with the model's own tokenizer and chat template against its config's
+    `max_position_embeddings`, loading no weights (the tokenizer and config only). A prompt that fits but leaves fewer
+    than `max_tokens` is only said (its completions stop at `length` sooner). Returns the context, or
+    None where the config does not say it (nothing is checked then).
+
+        check_prompt_lengths(recipe.policy_settings, recipe.system_prompt, problems, recipe.max_tokens)"""
+    from transformers import AutoConfig, AutoTokenizer
+
+
+    source, trust = resolve_model(settings.path), settings.trust_remote_code
+    context = context_tokens(AutoConfig.from_pretrained(source, trust_remote_code=trust))
+    if context is None:
+        log.info("%s: its config names no context length; prompt lengths not checked", settings.path)
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+    if settings.chat_template is not None:
+        tokenizer.chat_template = settings.chat_template
+    from .policy import chat_prompt  # the prompt every backend continues
+
+    long, short_room = [], []
+    for p in problems:
+        if len(p.problem) > 64 * context:  # no tokenizer packs 64 characters a token: too long, uncounted
+            long.append((p.problem_id, None))
+            continue
+        tokens = len(tokenizer(chat_prompt(tokenizer, system_prompt, p.problem), add_special_tokens=False).input_ids)
+        if tokens >= context:
+            long.append((p.problem_id, tokens))
+        elif tokens + max_tokens > context:
+            short_room.append(p.problem_id)
+    if short_room:
+        log.warning("%d problem(s) leave fewer than max_tokens=%d of the %d-token context of %s (their completions "
+                    "stop at `length` sooner): %s", len(short_room), max_tokens, context, settings.path,
+                    ", ".join(short_room[:5]) + (" ..." if len(short_room) > 5 else ""))
+    if long:
+        shown = ", ".join(f"{pid!r} ({'over ' + str(64 * context) + ' characters' if n is None else f'{n} tokens'})"
+                          for pid, n in long[:5]) + (f" and {len(long) - 5} more" if len(long) > 5 else "")
+        raise RecipeError(f"{len(long)} problem(s) are longer than the {context}-token context of model_path="
+                          f"{settings.path!r} (max_position_embeddings; prompt with the chat template and "
+                          f"system_prompt): {shown}. Leave them out of dataset_name (or narrow dataset_start / "
+                          f"dataset_end), shorten system_prompt, or use a model with a longer context")
+    return context
 
 
 def warn_remote_code(model_path: str) -> None:
