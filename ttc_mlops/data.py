@@ -1,4 +1,4 @@
-"""Problems: from the Hub, a local file, or the built-in set; stable ids; slices and chunks.
+"""Problems: from the Hub, a local file, or a built-in set; stable ids; slices and chunks.
 
     python -c "from ttc_mlops.data import builtin_problems; print(len(builtin_problems()))"
 
@@ -6,6 +6,11 @@ The problem set of a recipe is the dataset, cut to its first `num_samples` rows;
 handles either `dataset_start:dataset_end` of it or chunk `chunk` of `num_chunks` (equal-sized up to
 one row, covering every row exactly once). A problem's id is the data's `unique_id` where it has
 one, else `<dataset>/<row index>`: never the text, so duplicate problems do not collide.
+
+Built in (no Hub needed): `builtin:math-mini` (a few dozen easy problems), `builtin:math500`
+(MATH-500) and `builtin:gsm8k` (GSM8K's 1,319 test problems, the gold answer the number after
+`####`). The AIME 2024 / 2025 and AMC 2023 sets on the Hub are read by the columns and split the
+peers use (`HUB_LAYOUTS`); an answer stored as a float such as 142.0 is the integer 142.
 """
 
 from __future__ import annotations
@@ -25,6 +30,38 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 # MATH-500 as published with "Let's Verify Step by Step" (openai/prm800k, MIT; the same 500 rows as
 # HuggingFaceH4/MATH-500): problem, solution, answer, subject, level, unique_id.
 MATH500_FILE = Path(__file__).resolve().parent / "builtin" / "math500.jsonl.gz"
+# GSM8K's test split (openai/grade-school-math, MIT; the same 1,319 rows as openai/gsm8k "main"):
+# question, answer (the worked solution, then "#### <number>").
+GSM8K_FILE = Path(__file__).resolve().parent / "builtin" / "gsm8k_test.jsonl.gz"
+BUILTIN_GSM8K = "builtin:gsm8k"
+# The benchmarks shipped in the package, by name: their file and the label of their problem ids.
+BUILTIN_FILES = {BUILTIN_MATH500: (MATH500_FILE, "math500"), BUILTIN_GSM8K: (GSM8K_FILE, "gsm8k")}
+
+
+@dataclass(frozen=True)
+class HubLayout:
+    split: str  # the split the peers evaluate
+    problem: str  # the column holding the problem text
+    answer: str  # the column holding the gold answer
+    config: str | None = None  # the dataset config, where it has several
+
+
+# Benchmarks people report beside MATH-500, by Hub id, as the peers load them (lighteval, open-r1,
+# Qwen2.5-Math, NeMo-Skills): the split and the columns of the problem and its gold answer. The
+# AIME and AMC sets have one split ("train" for some): the recipe's default "test" reads it. Any
+# other Hub id or local file is read by the usual column names (problem / question, answer).
+HUB_LAYOUTS = {
+    "HuggingFaceH4/MATH-500": HubLayout("test", "problem", "answer"),
+    "openai/gsm8k": HubLayout("test", "question", "answer", config="main"),
+    "HuggingFaceH4/aime_2024": HubLayout("train", "problem", "answer"),  # AIME 2024 I and II: 30
+    "Maxwell-Jia/AIME_2024": HubLayout("train", "Problem", "Answer"),
+    "yentinglin/aime_2025": HubLayout("train", "problem", "answer"),  # AIME 2025 I and II: 30
+    "math-ai/aime25": HubLayout("test", "problem", "answer"),
+    "AI-MO/aimo-validation-amc": HubLayout("train", "problem", "answer"),  # AMC 12 2022-23: 83, answers as floats
+    "math-ai/amc23": HubLayout("test", "question", "answer"),  # AMC 2023: 40
+}
+_PROBLEM_FIELDS = ("problem", "question", "Problem", "Question")
+_ANSWER_FIELDS = ("answer", "Answer")
 
 
 @dataclass(frozen=True)
@@ -89,12 +126,14 @@ def is_local_dataset(name: str) -> bool:
     return name.endswith(LOCAL_SUFFIXES) or name.startswith(("/", "./", "../", "~"))
 
 
-def _gold_answer(row: dict[str, Any]) -> str | None:
+def _gold_answer(row: dict[str, Any], field: str | None = None) -> str | None:
     from .grading import boxed_answer  # light: no math-verify import
 
-    answer = row.get("answer")
+    answer = row.get(field) if field else next((row[f] for f in _ANSWER_FIELDS if row.get(f) is not None), None)
     if isinstance(answer, str) and "####" in answer:  # GSM8K: worked solution, then "#### 18"
         return answer.rsplit("####", 1)[1].strip().replace(",", "")
+    if isinstance(answer, float) and answer.is_integer():  # AMC's 142.0 is the integer 142
+        return str(int(answer))
     if answer is not None:
         return str(answer)
     if isinstance(row.get("solution"), str):
@@ -111,16 +150,19 @@ def _level(value: Any) -> int | None:
     return int(digits) if digits else None
 
 
-def rows_to_problems(rows: Iterable[dict[str, Any]], label: str) -> list[Problem]:
+def rows_to_problems(rows: Iterable[dict[str, Any]], label: str, layout: HubLayout | None = None) -> list[Problem]:
+    """Problems from rows: their text and gold answer from the layout's columns, else the usual names."""
     problems = []
     for index, row in enumerate(rows):
-        text = row.get("problem", row.get("question"))
-        if not isinstance(text, str):
-            raise RecipeError(f"dataset {label!r} row {index} has no 'problem' or 'question' text field "
-                              f"(fields: {sorted(row)})")
+        fields = (layout.problem,) if layout else _PROBLEM_FIELDS
+        text = next((row[f] for f in fields if isinstance(row.get(f), str)), None)
+        if text is None:
+            raise RecipeError(f"dataset {label!r} row {index} has no " + " or ".join(repr(f) for f in fields)
+                              + f" text field (fields: {sorted(row)})")
         problem_id = str(row["unique_id"]) if row.get("unique_id") is not None else f"{label}/{index}"
         subject = row.get("subject", row.get("type"))
-        problems.append(Problem(problem_id, text, _gold_answer(row), _level(row.get("level")), subject))
+        answer = _gold_answer(row, layout.answer if layout else None)
+        problems.append(Problem(problem_id, text, answer, _level(row.get("level")), subject))
     ids = [p.problem_id for p in problems]
     if len(set(ids)) != len(ids):
         dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
@@ -169,8 +211,12 @@ def load_dataset_problems(recipe: Recipe) -> list[Problem]:
     name = recipe.dataset_name
     if name == BUILTIN_DATASET:
         problems = builtin_problems()
-    elif name == BUILTIN_MATH500:
-        problems = rows_to_problems(_read_local(MATH500_FILE), "math500")
+    elif name in BUILTIN_FILES:
+        path, label = BUILTIN_FILES[name]
+        problems = rows_to_problems(_read_local(path), label)
+    elif name.startswith("builtin:"):
+        raise RecipeError(f"dataset_name={name!r} is no built-in dataset (built in: "
+                          + ", ".join(sorted([BUILTIN_DATASET, *BUILTIN_FILES])) + ")")
     elif is_local_dataset(name):
         path = Path(name).expanduser()
         if not path.is_file():
@@ -180,8 +226,13 @@ def load_dataset_problems(recipe: Recipe) -> list[Problem]:
     else:
         import datasets
 
-        ds = datasets.load_dataset(name, recipe.dataset_config, split=recipe.dataset_split)
-        problems = rows_to_problems(ds, recipe.dataset_label)
+        layout = HUB_LAYOUTS.get(name)
+        split, config = recipe.dataset_split, recipe.dataset_config
+        if layout is not None:
+            split = layout.split if split == Recipe.model_fields["dataset_split"].default else split
+            config = config or layout.config
+        ds = datasets.load_dataset(name, config, split=split)
+        problems = rows_to_problems(ds, recipe.dataset_label, layout)
     if recipe.dataset_levels is not None:
         problems = [p for p in problems if p.level in recipe.dataset_levels]
         if not problems:
