@@ -79,3 +79,23 @@ def test_compare_refuses_runs_of_different_problem_sets_unless_asked(mlflow_stor
     assert out.exit_code == 0, out.output
     line = next(x for x in out.output.splitlines() if x.startswith("SmolLM2-135M-Instruct  dvts"))
     assert "  2  " in line  # each line says how many problems it graded
+
+
+def test_compare_keeps_benchmarks_apart(mlflow_store, tmp_path):
+    import json
+
+    import pytest
+
+    from ttc_mlops.pipeline.compare import MixedProblemsError
+
+    other = tmp_path / "other-benchmark.jsonl"  # the same texts as another benchmark: other problem ids
+    other.write_text("".join(json.dumps({"problem": p.problem, "answer": p.answer}) + "\n" for p in PROBLEMS))
+    evaluated(n=4)
+    evaluated(n=8, dataset_name=str(other))
+    with pytest.raises(MixedProblemsError) as refused:
+        collect("cmp")
+    assert f"{BUILTIN_DATASET}, 4 problems" in str(refused.value) and f"{other}, 4 problems" in str(refused.value)
+    curves = [c for c in collect("cmp", allow_mixed=True) if c.rule == "acc_naive"]
+    assert {c.label for c in curves} == {f"SmolLM2-135M-Instruct on {BUILTIN_DATASET} best_of_n",
+                                         "SmolLM2-135M-Instruct on other-benchmark.jsonl best_of_n"}
+    assert sorted(sorted(c.points) for c in curves) == [[1, 2, 4], [1, 2, 4, 8]]  # never one line across them

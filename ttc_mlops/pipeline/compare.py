@@ -4,8 +4,10 @@
 
 For every (policy model, strategy) one line per voting rule, one panel per rule. Where several
 runs of a strategy measured the same n (say N=16 and N=64 runs, both subsampled at n=4), the run
-with the larger N gives the point, then the newer one. The figure and its table are logged to a
-`ttc.role=compare` run of the experiment.
+with the larger N gives the point, then the newer one. Runs of different benchmarks (MATH-500,
+GSM8K, AIME: different problem sets) are never pooled: compare refuses them unless
+`allow_mixed`, and then each benchmark has lines of its own, named after it. The figure and its
+table are logged to a `ttc.role=compare` run of the experiment.
 """
 
 from __future__ import annotations
@@ -26,17 +28,21 @@ def collect(experiment: str, model: str | None = None, allow_mixed: bool = False
     if not runs:
         raise LookupError(f"experiment={experiment!r} has no evaluated parent runs"
                           + (f" of model={model!r}" if model else "") + ": run `ttc evaluate` first")
-    curves: dict[tuple[str, str, str], Curve] = {}
+    benchmarks = {run.data.tags.get(N.TAG_DATASET, "?") for run in runs}
+    curves: dict[tuple[str, str, str, str], Curve] = {}
     for run in runs:
         tags = run.data.tags
         label = N.model_label_of(tags.get(N.TAG_MODEL, "?"))
+        benchmark = tags.get(N.TAG_DATASET, "?")
+        if len(benchmarks) > 1:  # allowed mixed: a line per benchmark, never one line across them
+            label = f"{label} on {benchmark.rstrip('/').split('/')[-1]}"  # MATH-500, builtin:gsm8k, aime_2024
         strategy = tags.get(N.TAG_STRATEGY, "?")
         big_n = int(tags.get(N.TAG_N, 0))
         problem_set = (int(tags.get(N.TAG_MERGED_PROBLEMS, 0)), tags.get(N.TAG_PROBLEM_SET, "?"))
         for rule in RULE_TITLES:
             if rule not in run.data.metrics:
                 continue
-            curve = curves.setdefault((label, strategy, rule), Curve(label, strategy, rule))
+            curve = curves.setdefault((benchmark, label, strategy, rule), Curve(label, strategy, rule))
             curve.problem_sets.add(problem_set)
             for n, value in store.metric_steps(run.info.run_id, rule).items():
                 rank = (big_n, run.info.start_time)
@@ -45,8 +51,8 @@ def collect(experiment: str, model: str | None = None, allow_mixed: bool = False
     found = sorted({ps for c in curves.values() for ps in c.problem_sets})
     if len(found) > 1 and not allow_mixed:
         lines = "\n  ".join(f"{r.data.tags.get(N.TAG_RUN_NAME, r.info.run_id)} ({r.info.run_id}): "
-                            f"{r.data.tags.get(N.TAG_MERGED_PROBLEMS, '?')} problems, set "
-                            f"{r.data.tags.get(N.TAG_PROBLEM_SET, '?')}" for r in runs)
+                            f"{r.data.tags.get(N.TAG_DATASET, '?')}, {r.data.tags.get(N.TAG_MERGED_PROBLEMS, '?')} "
+                            f"problems, set {r.data.tags.get(N.TAG_PROBLEM_SET, '?')}" for r in runs)
         raise MixedProblemsError(f"experiment={experiment!r}: its evaluated runs graded {len(found)} different problem "
                                  f"sets; compare runs of one set (--model), or pass --allow-mixed to draw them anyway:"
                                  f"\n  {lines}")
