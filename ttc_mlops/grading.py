@@ -94,7 +94,9 @@ def _joined(text: str, boxes: list[tuple[int, int, str]]) -> str | None:
 
 
 # Markdown emphasis around a span: never `x**2`, `\\__`, nor a subscript's single underscore.
-_EMPHASIS = re.compile(r"(?<![\w*])\*\*(?=\S)(.+?)(?<=\S)\*\*(?![\w*])|(?<![\w\\])__(?=\S)(.+?)(?<=\S)__(?!\w)", re.DOTALL)
+# (The literal comes first and the look-behind after it, so a search skips to each `**` / `__`.)
+_BOLD = re.compile(r"\*\*(?<![\w*]\*\*)(?=\S)(.+?)(?<=\S)\*\*(?![\w*])", re.DOTALL)
+_UNDERSCORES = re.compile(r"__(?<![\w\\]__)(?=\S)(.+?)(?<=\S)__(?!\w)", re.DOTALL)
 # "Final Answer: 6" / "Answer: 6" at the start of a line (markdown headings and list marks allowed).
 _ANSWER_LINE = re.compile(r"^[ \t#>*-]*(final\s+)?answer\s*[:：][ \t]*(.*)$", re.IGNORECASE | re.MULTILINE)
 _ANSWER_IS = re.compile(r"\banswer\s+is\s*:?\s*(.+?)(?:\.(?=\s|$)|\n|$)", re.IGNORECASE | re.DOTALL)
@@ -105,6 +107,8 @@ _DELIMITERS = (("\\[", "\\]"), ("\\(", "\\)"), ("$$", "$$"), ("$", "$"))
 def _after_thinking(completion: str) -> str | None:
     """What follows a reasoning model's last `</think>`; None where its thinking never closes.
     (A chat template may open `<think>` in the prompt: then only the closing tag is in the text.)"""
+    if "think>" not in completion:
+        return completion
     closed = completion.rfind("</think>")
     if completion.find("<think>", closed + 1 if closed >= 0 else 0) >= 0:
         return None  # thinking (re)opened and never closed: no answer yet
@@ -145,11 +149,13 @@ def _line_content(text: str, m: re.Match) -> str:
 def _stated(text: str, boxes: list[tuple[int, int, str]]) -> str | None:
     """The answer a statement gives: a "final answer" one after the last box, or with no box the
     last "Answer:" line or "the answer is" statement."""
+    if "answer" not in text.lower():
+        return None
     finals = [(m.start(), m.group(1)) for m in _FINAL_ANSWER.finditer(text)]
     lines = [(m.start(), m.group(1), _line_content(text, m)) for m in _ANSWER_LINE.finditer(text)]
     finals += [(start, content) for start, final, content in lines if final]
     others = [(start, content) for start, final, content in lines if not final]
-    others += [(m.start(), m.group(1)) for m in _ANSWER_IS.finditer(text)]
+    others += [(m.start(), m.group(1)) for m in _ANSWER_IS.finditer(text)] if not boxes else []
     last_box = boxes[-1][0] if boxes else -1
     candidates = [c for c in finals if c[0] > last_box] or ([] if boxes else others)
     for _, content in sorted(candidates, reverse=True):
@@ -172,7 +178,10 @@ def extract_answer(completion: str) -> str | None:
     text = _after_thinking(completion)
     if text is None:
         return None
-    text = _EMPHASIS.sub(lambda m: m.group(1) or m.group(2), text)
+    if "**" in text:
+        text = _BOLD.sub(r"\1", text)
+    if "__" in text:
+        text = _UNDERSCORES.sub(r"\1", text)
     boxes = _boxes(text, strict=False)
     answer = _stated(text, boxes) or _joined(text, boxes)
     if answer is None:
