@@ -214,3 +214,212 @@ def test_a_build_that_cannot_serve_the_device_is_not_available(monkeypatch, buil
 def test_gpu_memory_utilization_outside_0_1(value):
     with pytest.raises(RecipeError, match=f"gpu_memory_utilization={value}"):
         build_recipe({}, {"gpu_memory_utilization": value})
+
+
+# --- the PRM on vLLM (prm_backend: vllm): the same scores, prefix reuse and records as transformers
+
+PROBLEM = ("A problem statement as long as a MATH one: the first ten positive integers are written on a board. "
+           "Each minute, two of them are erased and replaced by their sum, until one number is left. "
+           "What is that number, and does it depend on the order in which the pairs are chosen? "
+           "Justify the answer, and give the sum of the first ten positive integers.")
+STEPS = ["Pair them up: 1+10, 2+9 and so on.\n\n", "Five pairs of 11.\n\n", "So the sum is \\boxed{55}.\n\n"]
+SIBLINGS = ["Or use n(n+1)/2.\n\n", "Add them one by one.\n\n"]
+
+
+def _prm_pair(path, family=None, dtype="float32"):
+    """(transformers PRM, vLLM PRM) of one checkpoint."""
+    from ttc_mlops.prm import load_prm
+
+    make = lambda backend: load_prm(Recipe(prm_path=str(path), prm_family=family, dtype=dtype, device="cpu",  # noqa: E731
+                                           prm_backend=backend, prm_batch_size=4).prm_settings)
+    return make("transformers"), make("vllm")
+
+
+def _grow_and_compare(hf, vl, tol):
+    """Three search iterations (a beam grows by a step, its siblings are new): every score within
+    `tol`; from the second on vLLM runs under half of each sequence (its prefix cache); scores
+    already computed are not asked for again. Returns the largest difference."""
+    worst = 0.0
+    for k in range(1, 4):
+        comps = ["".join(STEPS[:k])] + ["".join(STEPS[: k - 1]) + s for s in SIBLINGS]
+        full = vl.tokens_full
+        ran = vl.tokens_processed
+        want, got = hf.score([PROBLEM], [comps])[0], vl.score([PROBLEM], [comps])[0]
+        assert [len(s) for s in got] == [len(s) for s in want]
+        for a, b in zip(got, want):
+            assert a == pytest.approx(b, abs=tol)
+            worst = max([worst] + [abs(x - y) for x, y in zip(a, b)])
+        if k > 1:
+            assert vl.tokens_processed - ran < (vl.tokens_full - full) / 2
+        ran = vl.tokens_processed
+        assert vl.score([PROBLEM], [comps])[0] == got and vl.tokens_processed == ran  # the score cache
+    return worst
+
+
+@pytest.mark.vllm
+def test_prm_on_vllm_scores_as_transformers_on_the_embedded_model():
+    pytest.importorskip("vllm")
+    from ttc_mlops.prm.vllm import VLLMForward
+
+    hf, vl = _prm_pair(EMBEDDED_MODEL)
+    assert isinstance(vl.forward, VLLMForward) and vl.model is None  # no transformers model loaded for it
+    config = vl.forward.llm.llm_engine.vllm_config
+    assert config.model_config.runner_type == "pooling" and config.cache_config.enable_prefix_caching
+    worst = _grow_and_compare(hf, vl, 1e-4)
+    print(f"embedded rlhflow, float32: largest |vLLM - transformers| step score {worst:.2e}")
+    # a read position the prefix cache already served (the same tokens, scored under another
+    # completion) is asked again, not lost
+    vl.clear_cache()
+    long = "".join(STEPS) + "Check: 11 * 5 = 55.\n\n"
+    first = vl.score([PROBLEM], [[long]])[0][0]
+    vl._scores.clear()  # keep vLLM's prefix cache, forget the scores
+    assert vl.score([PROBLEM], [[long]])[0][0] == pytest.approx(first, abs=1e-6)
+
+
+def _vllm_sized(config_cls, tok, **kw):
+    """The families' tiny random configs (tests/test_prm_families.py), with heads of 32 dimensions:
+    vLLM's CPU attention needs head_dim >= 32."""
+    return config_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, **kw)
+
+
+@pytest.fixture(scope="module")
+def family_checkpoints(smollm2_tokenizer_dir, tmp_path_factory):
+    """family -> a tiny random checkpoint as each published PRM ships (a Llama with Math-Shepherd's
+    tag; Qwen2 with Skywork's value head or Qwen2.5-Math-PRM's score head; a Qwen2 token
+    classifier as TRL's PRMTrainer saves)."""
+    import torch
+    import transformers
+    from test_prm_families import _add_tensors, _tokenizer
+
+    def save(name, tok, model):
+        out = tmp_path_factory.mktemp(name)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        return out
+
+    torch.manual_seed(1)
+    out = {}
+    tok = _tokenizer(smollm2_tokenizer_dir, "ки")
+    out["math_shepherd"] = save("shepherd", tok, transformers.LlamaForCausalLM(_vllm_sized(transformers.LlamaConfig, tok)))
+    tok = _tokenizer(smollm2_tokenizer_dir)
+    out["skywork"] = save("skywork", tok, transformers.Qwen2ForCausalLM(_vllm_sized(transformers.Qwen2Config, tok)))
+    _add_tensors(out["skywork"], {"v_head.summary.weight": torch.randn(1, 64), "v_head.summary.bias": torch.tensor([0.3])})
+    tok = _tokenizer(smollm2_tokenizer_dir, "<extra_0>")
+    out["qwen_math_prm"] = save("qwen-prm", tok, transformers.Qwen2ForCausalLM(_vllm_sized(transformers.Qwen2Config, tok)))
+    _add_tensors(out["qwen_math_prm"], {"score.0.weight": torch.randn(64, 64) / 4, "score.0.bias": torch.randn(64) / 4,
+                                        "score.2.weight": torch.randn(2, 64), "score.2.bias": torch.randn(2)})
+    tok = _tokenizer(smollm2_tokenizer_dir)
+    out["trl"] = save("trl", tok, transformers.Qwen2ForTokenClassification(
+        _vllm_sized(transformers.Qwen2Config, tok, num_labels=2)))
+    return out
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("family", ["math_shepherd", "skywork", "qwen_math_prm", "trl"])
+def test_every_family_scores_on_vllm_as_on_transformers(family, family_checkpoints):
+    pytest.importorskip("vllm")
+    hf, vl = _prm_pair(family_checkpoints[family], family)
+    worst = _grow_and_compare(hf, vl, 1e-4)
+    print(f"{family}, float32: largest |vLLM - transformers| step score {worst:.2e}")
+
+
+@pytest.mark.vllm
+def test_beam_search_gives_the_same_records_with_either_prm_backend(policy):
+    from ttc_mlops.data import Problem
+    from ttc_mlops.prm import load_prm
+    from ttc_mlops.strategies import STRATEGIES
+
+    r = Recipe(model_path=EMBEDDED_MODEL, prm_path=EMBEDDED_MODEL, approach="beam_search", n=4, beam_width=2,
+               num_iterations=3, max_tokens=24, dtype="float32")
+    problems = [Problem(str(i), q, "") for i, q in enumerate(["What is 12 * 13?", "Solve 2x + 3 = 11."])]
+    records = {}
+    for backend in ("transformers", "vllm"):
+        prm = load_prm(r.model_copy(update={"prm_backend": backend}).prm_settings)
+        policy.clear_cache()
+        records[backend] = [x.to_dict() for x in STRATEGIES["beam_search"](problems, policy, prm, r)]
+    for a, b in zip(records["transformers"], records["vllm"]):
+        scores = ("step_scores", "agg_scores")
+        assert {k: v for k, v in a.items() if k not in scores} == {k: v for k, v in b.items() if k not in scores}
+        flat = lambda rec: [x for steps in rec["step_scores"] for x in steps] + rec["agg_scores"]  # noqa: E731
+        assert flat(a) == pytest.approx(flat(b), abs=1e-4)
+
+
+# --- where the PRM backend cannot be what the recipe asks: clear errors, no model loads (no vllm needed)
+
+def test_a_family_that_does_not_opt_in_to_vllm_is_refused_naming_it(monkeypatch):
+    from ttc_mlops.policy import vllm as vllm_backend
+    from ttc_mlops.prm import check_prm_backend, load_prm, prm_backend
+    from ttc_mlops.prm import families
+    from ttc_mlops.prm.stepwise import StepwisePRM
+
+    class Probe(StepwisePRM):  # a plugin's family, transformers only
+        def __init__(self, settings):
+            raise AssertionError("no model may load")
+
+    monkeypatch.setitem(families.BUILTIN, "probe", f"{__name__}:Probe")
+    monkeypatch.setattr(sys.modules[__name__], "Probe", Probe, raising=False)
+    monkeypatch.setattr(vllm_backend, "installed_build", lambda: "gpu")
+    monkeypatch.setattr(vllm_backend, "available", lambda settings: (True, ""))
+    recipe = Recipe(prm_path="me/probe", prm_family="probe", prm_backend="vllm")
+    with pytest.raises(RecipeError, match=r"prm_backend='vllm': PRM family 'probe' \(.*Probe\) does not run on the "
+                                          r"vLLM backend"):
+        check_prm_backend(recipe)
+    with pytest.raises(RecipeError, match="PRM family 'probe'"):
+        load_prm(recipe.prm_settings)
+    # auto keeps such a family on transformers, even on a GPU
+    assert prm_backend(recipe.model_copy(update={"prm_backend": "auto"}).prm_settings) == "transformers"
+
+
+@pytest.mark.parametrize("build, expected", [("gpu", "vllm"), ("cpu", "transformers"), (None, "transformers")])
+def test_auto_puts_the_prm_on_vllm_on_a_gpu_only(monkeypatch, build, expected):
+    from ttc_mlops.policy import vllm as vllm_backend
+    from ttc_mlops.prm import prm_backend
+
+    monkeypatch.setattr(vllm_backend, "installed_build", lambda: build)
+    monkeypatch.setattr(vllm_backend, "available", lambda settings: (build is not None, "" if build else "not installed"))
+    assert prm_backend(Recipe(prm_path=EMBEDDED_MODEL).prm_settings) == expected
+    assert prm_backend(Recipe(prm_path=EMBEDDED_MODEL, prm_backend="transformers").prm_settings) == "transformers"
+
+
+def test_prm_backend_vllm_where_vllm_cannot_run_fails_before_any_model(monkeypatch):
+    from ttc_mlops.policy import vllm as vllm_backend
+    from ttc_mlops.prm import check_prm_backend
+
+    monkeypatch.setattr(vllm_backend, "installed_build", lambda: None)
+    with pytest.raises(RecipeError, match="prm_backend='vllm' but vLLM cannot run here: the vllm package is not installed"):
+        check_prm_backend(Recipe(prm_path=EMBEDDED_MODEL, prm_backend="vllm"))
+
+
+@pytest.mark.parametrize("policy_share, prm_share, free_gib, message", [
+    (0.5, 0.6, 80, r"gpu_memory_utilization=0.5 \(policy\) \+ prm_gpu_memory_utilization=0.6 \(PRM\) = 1.10: more "
+                   r"than the whole card"),
+    (0.5, 0.4, 60, r"gpu_memory_utilization=0.5 \(policy\) \+ prm_gpu_memory_utilization=0.4 \(PRM\) = 0.90 of the "
+                   r"card's 80.0 GiB is 72.0 GiB, but only 60.0 GiB is free"),
+    (0.5, 0.4, 75, None),
+])
+def test_preflight_checks_both_memory_shares_against_what_the_gpu_has_free(monkeypatch, policy_share, prm_share,
+                                                                           free_gib, message):
+    import ttc_mlops.prm as prm_module
+    from ttc_mlops.policy import vllm as vllm_backend
+
+    monkeypatch.setattr(vllm_backend, "installed_build", lambda: "gpu")
+    monkeypatch.setattr(vllm_backend, "available", lambda settings: (True, ""))
+    monkeypatch.setattr(prm_module, "_cuda_memory", lambda device: (free_gib << 30, 80 << 30))
+    recipe = Recipe(prm_path=EMBEDDED_MODEL, backend="vllm", prm_backend="vllm", gpu_memory_utilization=policy_share,
+                    prm_gpu_memory_utilization=prm_share)
+    if message is None:
+        assert prm_module.check_prm_backend(recipe) == "vllm"
+    else:
+        with pytest.raises(RecipeError, match=message):
+            prm_module.check_prm_backend(recipe)
+    # with the policy on transformers only the PRM's share counts
+    solo = recipe.model_copy(update={"backend": "transformers", "prm_gpu_memory_utilization": 0.7})
+    assert prm_module.check_prm_backend(solo) == "vllm"
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5])
+def test_prm_gpu_memory_utilization_outside_0_1(value):
+    with pytest.raises(RecipeError, match=f"prm_gpu_memory_utilization={value}"):
+        build_recipe({}, {"prm_gpu_memory_utilization": value})

@@ -48,6 +48,7 @@ CHUNK_FIELDS = ("dataset_start", "dataset_end", "chunk", "num_chunks", "output_d
 NON_RESULT_FIELDS = CHUNK_FIELDS + (
     "push_to_hub", "hub_dataset_id", "hub_dataset_private", "overwrite_hub_revision",
     "num_proc", "experiment_name", "search_batch_size", "prm_batch_size", "gpu_memory_utilization",
+    "prm_gpu_memory_utilization",
     "prefix_cache_gib",
 )
 
@@ -95,6 +96,8 @@ class PRMSettings(ModelSettings):
     family: str | None  # None: looked up from `path`
     batch_size: int  # sequences per forward pass
     step_separator: str | None = None  # TRL PRMs: the text after every step; None: the checkpoint's own
+    backend: str = "transformers"  # where the forward pass runs: "auto" | "transformers" | "vllm"
+    gpu_memory_utilization: float = 0.4  # the vLLM PRM engine's share of the card
 
 
 class Recipe(BaseModel):
@@ -146,6 +149,13 @@ class Recipe(BaseModel):
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     trust_remote_code: bool = False  # remote model code runs only when the recipe says so
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)  # vLLM's share, the PRM gets the rest
+    # where the PRM's forward pass runs: transformers (this project's prefix store), vLLM in this process
+    # (its pooling runner and prefix caching), or auto: vLLM on a GPU where the family runs there, else
+    # transformers (the faster of the two on a CPU; docs/prms.md has the figures)
+    prm_backend: Literal["auto", "transformers", "vllm"] = "auto"
+    # the vLLM PRM engine's share of the card, beside the policy's gpu_memory_utilization (preflight
+    # checks both against what is free)
+    prm_gpu_memory_utilization: float = Field(0.4, gt=0.0, le=1.0)
     search_batch_size: int = Field(25, ge=1)  # problems searched together (one generate call each step)
     prm_batch_size: int = Field(4, ge=1)  # sequences per PRM forward pass
     # GiB of keys/values the transformers policy and PRM each keep between calls, so a step-level
@@ -246,7 +256,8 @@ class Recipe(BaseModel):
     @property
     def prm_settings(self) -> PRMSettings:
         return PRMSettings(self.prm_path, self.dtype, self.device, self.trust_remote_code, self.prefix_cache_gib,
-                           self.prm_family, self.prm_batch_size, self.prm_step_separator)
+                           self.prm_family, self.prm_batch_size, self.prm_step_separator, self.prm_backend,
+                           self.prm_gpu_memory_utilization)
 
 
 def looks_like_model_ref(value: str) -> bool:

@@ -51,7 +51,96 @@ def aggregate(step_scores: list[float], how: str) -> float:
 
 
 def load_prm(settings) -> PRM:
-    """The PRM of a recipe's `prm_settings`, its family looked up from the path unless named."""
+    """The PRM of a recipe's `prm_settings`, its family looked up from the path unless named, on the
+    backend `prm_backend` picks (its `backend` resolved)."""
+    import dataclasses
+
     from .families import prm_class
 
-    return prm_class(settings.path, settings.family)(settings)
+    backend = prm_backend(settings)
+    return prm_class(settings.path, settings.family)(dataclasses.replace(settings, backend=backend))
+
+
+def prm_backend(settings) -> str:
+    """"transformers" or "vllm": where a recipe's PRM runs (`prm_backend`; `auto` resolved), or a
+    RecipeError naming why it cannot run there. Loads no model (imports the family's module).
+
+    `auto` is vLLM where the installed vLLM is a GPU build that can run here and the family runs on
+    it, else transformers: on a GPU the PRM is most of a search's time, and vLLM's paged attention
+    and CUDA graphs serve it; on a CPU the transformers backend (prepacked oneDNN layers, its own
+    prefix store) was the faster of the two (docs/prms.md has the figures)."""
+    from ..config import RecipeError
+    from ..policy import vllm as vllm_backend
+    from .families import family_for, prm_class
+
+    if settings.backend == "transformers":
+        return "transformers"
+    family = family_for(settings.path, settings.family)
+    cls = prm_class(settings.path, settings.family)
+    runs_on_vllm = bool(getattr(cls, "vllm", False))
+    usable, why = vllm_backend.available(settings)
+    if settings.backend == "vllm":
+        if not runs_on_vllm:
+            raise RecipeError(f"prm_backend='vllm': PRM family {family!r} ({cls.__module__}.{cls.__qualname__}) does "
+                              f"not run on the vLLM backend (it does not set `vllm = True`); use "
+                              f"prm_backend='transformers'")
+        if not usable:
+            raise RecipeError(f"prm_backend='vllm' but vLLM cannot run here: {why}")
+        return "vllm"
+    return "vllm" if runs_on_vllm and usable and vllm_backend.installed_build() == "gpu" else "transformers"
+
+
+def check_prm_backend(recipe) -> str:
+    """Preflight: the PRM's backend (`prm_backend`) resolves, and where the PRM runs on vLLM, the
+    memory of both engines fits: on a GPU `gpu_memory_utilization` (the policy's, when the policy is
+    on vLLM too) plus `prm_gpu_memory_utilization` of the card must be free; on a CPU their KV caches
+    (VLLM_CPU_KVCACHE_SPACE GiB each) must fit the memory available. Loads no model; returns the
+    backend, else raises a RecipeError naming both shares and what is free."""
+    import os
+
+    from ..config import RecipeError
+    from ..models import available_memory
+    from ..policy import vllm as vllm_backend
+
+    backend = prm_backend(recipe.prm_settings)
+    if backend != "vllm":
+        return backend
+    policy_on_vllm = recipe.backend == "vllm" or (recipe.backend == "auto" and vllm_backend.available(recipe.policy_settings)[0])
+    shares = {"prm_gpu_memory_utilization": recipe.prm_gpu_memory_utilization}
+    if policy_on_vllm:
+        shares = {"gpu_memory_utilization": recipe.gpu_memory_utilization, **shares}
+    said = " + ".join(f"{k}={v} ({'PRM' if k.startswith('prm') else 'policy'})" for k, v in shares.items())
+    gib = 1 << 30
+    if vllm_backend.installed_build() == "cpu":
+        kv = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))  # what policy/vllm.py sets where unset
+        need, free = kv * len(shares) * gib, available_memory()
+        if free is not None and need > free:
+            raise RecipeError(f"{said}: on the CPU build each vLLM engine takes VLLM_CPU_KVCACHE_SPACE={kv:g} GiB of KV "
+                              f"cache, {need / gib:.1f} GiB for {len(shares)}, but only {free / gib:.1f} GiB is "
+                              f"available; lower VLLM_CPU_KVCACHE_SPACE or use prm_backend='transformers'")
+        return backend
+    total_share = sum(shares.values())
+    if total_share > 1.0:
+        raise RecipeError(f"{said} = {total_share:.2f}: more than the whole card; lower the shares")
+    free, total = _cuda_memory(recipe.device)
+    if total_share * total > free:
+        raise RecipeError(f"{said} = {total_share:.2f} of the card's {total / gib:.1f} GiB is "
+                          f"{total_share * total / gib:.1f} GiB, but only {free / gib:.1f} GiB is free; lower the shares")
+    return backend
+
+
+def _cuda_memory(device: str) -> tuple[int, int]:
+    """(free, total) bytes of the recipe's CUDA device, asked in a child process: initialising CUDA
+    here would make vLLM start its engines by spawning rather than forking."""
+    import subprocess
+    import sys
+
+    index = device.split(":", 1)[1] if device.startswith("cuda:") else "0"
+    code = f"import torch; print(*torch.cuda.mem_get_info({int(index)}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        from ..config import RecipeError
+
+        raise RecipeError(f"device={device!r}: could not read the GPU's memory ({done.stderr.strip()[-300:]})")
+    free, total = map(int, done.stdout.split())
+    return free, total

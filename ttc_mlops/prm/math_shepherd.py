@@ -10,26 +10,26 @@ in the text is removed so that it cannot fake a step.
 
 from __future__ import annotations
 
-from .stepwise import StepwisePRM, pair_probability, require_output_head
+from .stepwise import PairHead, StepwisePRM, load_causal
 
 STEP_TAG = "ки"
 GOOD, BAD = "+", "-"
 
 
 class MathShepherdPRM(StepwisePRM):
-    def __init__(self, settings):
-        from ..models import load_causal_lm
+    vllm = True  # the two rows of the output layer are read from the checkpoint there
 
-        model, tok, device = load_causal_lm(settings)
-        require_output_head(settings.path, model)
-        super().__init__(settings, model.base_model, tok, device)
-        self.model = model
+    def __init__(self, settings):
+        base, tok, model = load_causal(settings)
+        super().__init__(settings, base, tok)
+        self.model = model  # None on vLLM
         candidates = tok.encode(f"{GOOD} {BAD}", add_special_tokens=False)
         if len(candidates) != 2:
             raise RuntimeError(f"PRM {self.name}: {GOOD!r} and {BAD!r} are not one token each "
                                f"({tok.convert_ids_to_tokens(candidates)})")
         self.good_id, self.bad_id = candidates
         self.tag_id = tok.encode(STEP_TAG, add_special_tokens=False)[-1]
+        self.head = PairHead(settings.path, model, self.good_id, self.bad_id)
 
     def text(self, problem: str, steps: tuple[str, ...]) -> str:
         clean = [s.replace(STEP_TAG, "").strip() for s in steps]
@@ -41,4 +41,4 @@ class MathShepherdPRM(StepwisePRM):
         return ids, self._check_positions(positions, steps, STEP_TAG)
 
     def step_scores(self, hidden):
-        return pair_probability(self.model, hidden, self.good_id, self.bad_id)
+        return self.head(hidden)

@@ -12,25 +12,27 @@ chat: their system prompt, the problem as the user turn, and the steps joined an
 
 from __future__ import annotations
 
-from .stepwise import StepwisePRM, load_base_model, load_head
+from .stepwise import StepwisePRM, load_base, load_head
 
 STEP_SEP = "<extra_0>"
 SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
 class QwenMathPRM(StepwisePRM):
+    vllm = True  # the score head is read from the checkpoint, vLLM runs the Qwen2 base
+
     def __init__(self, settings):
         import torch
 
-        super().__init__(settings, *load_base_model(settings))
+        super().__init__(settings, *load_base(settings))
         head = load_head(settings.path, "score.")
-        hidden = self.base.config.hidden_size
+        hidden = self.forward.hidden_size
         shapes = {k: tuple(v.shape) for k, v in head.items()}
         if shapes.get("0.weight") != (hidden, hidden) or shapes.get("2.weight") != (2, hidden):
             raise RuntimeError(f"PRM {self.name}: score head shapes {shapes}, expected 0.weight ({hidden}, {hidden}) "
                                f"and 2.weight (2, {hidden})")
         self.head = torch.nn.Sequential(torch.nn.Linear(hidden, hidden, bias="0.bias" in head), torch.nn.ReLU(),
-                                        torch.nn.Linear(hidden, 2, bias="2.bias" in head)).to(self.device, self.base.dtype)
+                                        torch.nn.Linear(hidden, 2, bias="2.bias" in head)).to(self.device, self.forward.head_dtype)
         self.head.load_state_dict(head)
         self.head.eval()
         ids = self.tokenizer.encode(STEP_SEP, add_special_tokens=False)

@@ -7,26 +7,27 @@ Each step is a user turn answered by an assistant "+"; the step's score is
 P("+") / (P("+") + P("-")) at the position where the assistant's answer is predicted. With
 RLHFlow/Llama3.1-8B-PRM-{Deepseek,Mistral}-Data this is the published PRM.
 
-Batching, score caching and prefix reuse are `StepwisePRM`'s: scoring a beam's new step runs only
-that turn, not the whole conversation again. Sequences are batched by `prm_batch_size` (the
-reference ignores it).
+Score caching is `StepwisePRM`'s and prefix reuse its backend's: scoring a beam's new step runs
+only that turn, not the whole conversation again. On the transformers backend sequences are batched
+by `prm_batch_size` (the reference ignores it); on vLLM (`prm_backend: vllm`) the engine batches
+them, and the two rows of the output layer are read from the checkpoint.
 """
 
 from __future__ import annotations
 
-from .stepwise import StepwisePRM, pair_probability, require_output_head
+from .stepwise import PairHead, StepwisePRM, load_causal
 
 
 class RLHFlowPRM(StepwisePRM):
-    def __init__(self, settings):
-        from ..models import load_causal_lm
+    vllm = True
 
-        model, tokenizer, device = load_causal_lm(settings)
-        require_output_head(settings.path, model)
-        super().__init__(settings, model.base_model, tokenizer, device)
-        self.model = model
+    def __init__(self, settings):
+        base, tokenizer, model = load_causal(settings)
+        super().__init__(settings, base, tokenizer)
+        self.model = model  # None on vLLM
         self.plus_id = tokenizer.encode("+", add_special_tokens=False)[-1]
         self.minus_id = tokenizer.encode("-", add_special_tokens=False)[-1]
+        self.head = PairHead(settings.path, model, self.plus_id, self.minus_id)
 
     def _conversation(self, problem: str, steps: tuple[str, ...]) -> tuple[str, list[int]]:
         """The chat text and the character offset of each assistant "+" in it."""
@@ -50,4 +51,4 @@ class RLHFlowPRM(StepwisePRM):
         return enc["input_ids"], [starts[char] - 1 for char in offsets]  # the position before "+" predicts it
 
     def step_scores(self, hidden):
-        return pair_probability(self.model, hidden, self.plus_id, self.minus_id)
+        return self.head(hidden)

@@ -13,18 +13,20 @@ calls a step (text between blank lines), so a step's inner line breaks are plain
 
 from __future__ import annotations
 
-from .stepwise import StepwisePRM, load_base_model, load_head
+from .stepwise import StepwisePRM, load_base, load_head
 
 STEP_TOKEN = "\n"
 
 
 class SkyworkPRM(StepwisePRM):
+    vllm = True  # the value head is read from the checkpoint, vLLM runs the Qwen2 base
+
     def __init__(self, settings):
         import torch
 
-        super().__init__(settings, *load_base_model(settings))
+        super().__init__(settings, *load_base(settings))
         head = load_head(settings.path, "v_head.summary.")
-        hidden = self.base.config.hidden_size
+        hidden = self.forward.hidden_size
         shape = tuple(head["weight"].shape) if "weight" in head else None
         if shape != (1, hidden):
             raise RuntimeError(f"PRM {self.name}: v_head.summary.weight has shape {shape}, expected (1, {hidden})")

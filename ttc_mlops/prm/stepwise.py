@@ -1,34 +1,34 @@
 """What every PRM family here shares: one sequence per (problem, steps), each step's score read from
-the final hidden state at one position of it; scores cached per step prefix; prefixes run once.
+the final hidden state at one position of it; scores cached per step prefix; the forward pass run
+by a backend.
 
     python -m pytest -q tests/test_prm_families.py tests/test_kvcache.py
 
-A family says how a (problem, steps) pair becomes token ids plus, per step, the position whose
-hidden state carries the step's score (`encode`), and how those hidden states become scores in
-[0, 1] (`step_scores`). The rest is shared:
+A family says what is scored: how a (problem, steps) pair becomes token ids plus, per step, the
+position whose hidden state carries the step's score (`encode`), and how those hidden states become
+scores in [0, 1] (`step_scores`, the family's head). A backend says where the forward pass runs
+(`ForwardPass`): `TransformersForward` (prm/forward.py: this project's prefix store, batched by
+`prm_batch_size`) or `VLLMForward` (prm/vllm.py: vLLM's pooling runner in this process, its own
+automatic prefix caching). Both hand back the final hidden states at the read positions of the
+steps not scored yet; the family's head turns them into scores.
 
-- A step's score depends only on the tokens up to its position, so scores are cached per step
-  prefix: a completion scored before, or named twice in a call, costs nothing, and a beam that grew
-  by one step needs one new score. The score cache lives as long as its problem is being scored: a
-  call that does not name a problem drops that problem's entries.
-- The keys and values of every sequence run are kept (`PrefixStore`, up to `prefix_cache_gib`), so
-  scoring that new step runs only its own tokens, not the whole prefix again (the reference
-  implementation re-runs it at every iteration); a statement that several candidates of a problem
-  share runs once per call.
-- Sequences are batched by `prm_batch_size`, those with similar amounts left to run together (less
-  padding).
+A step's score depends only on the tokens up to its position, so scores are cached per step prefix,
+whatever the backend: a completion scored before, or named twice in a call, costs nothing, and a
+beam that grew by one step needs one new score. The score cache lives as long as its problem is
+being scored: a call that does not name a problem drops that problem's entries.
 
-Models whose layers are not all full attention (a sliding window, as Mistral-7B's config declares)
-run every sequence whole; their scores are still cached.
+A family opts in to the vLLM backend by setting `vllm = True` and building its head from the
+checkpoint's tensors when `settings.backend == "vllm"` (no transformers model is loaded then); a
+family that does not is refused on vLLM with an error naming it.
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Protocol
 
 from ..config import PRMSettings
 from . import split_steps
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Row:
+class Row:
     """A sequence to run: its ids, the position read for each step's score, the first step without one."""
 
     key: tuple[str, tuple[str, ...]]
@@ -49,28 +49,51 @@ class _Row:
     def reuse_limit(self) -> int:
         return self.read_at[self.first_new]  # the first unscored step's position must run
 
+    @property
+    def wanted(self) -> list[int]:
+        """The positions whose hidden states score the steps not scored yet."""
+        return self.read_at[self.first_new:]
+
+
+class ForwardPass(Protocol):
+    """Where a PRM's forward pass runs (a backend): final hidden states at the rows' wanted positions."""
+
+    params: int | None  # parameters one token's forward multiplies by; None: unknown
+    tokens_processed: int  # input tokens run through the model (reuse spares the rest)
+    device: object  # where the hidden states it returns live (the family's head goes there)
+    head_dtype: object  # their dtype
+    hidden_size: int
+
+    def clear_cache(self) -> None:
+        """Forget every prefix kept between calls."""
+
+    def run(self, rows: list[Row]) -> Iterator[tuple[Row, object]]:
+        """Per row, a [len(row.wanted), hidden size] tensor: the final hidden states there."""
+
 
 class StepwisePRM(ABC):
     name: str
+    vllm: bool = False  # whether the family can score on the vLLM backend (see the module docstring)
 
-    def __init__(self, settings: PRMSettings, base, tokenizer, device):
-        """`base`: the model without its output layer, whose last hidden states `step_scores` reads."""
-        from ..models import compute_params
-        from ..policy.kvcache import store_for
+    def __init__(self, settings: PRMSettings, base, tokenizer, device=None):
+        """`base`: the model without its output layer, whose last hidden states `step_scores` reads
+        (run by the transformers backend), or a `ForwardPass` of another backend."""
+        from .forward import TransformersForward
 
         self.name = settings.path
-        self.base, self.tokenizer, self.device = base, tokenizer, device
+        self.tokenizer = tokenizer
+        if isinstance(base, ForwardPassBase):
+            self.forward, self.base = base, None
+        else:
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+            self.forward, self.base = TransformersForward(base, settings, pad_id, f"PRM {self.name}"), base
+        self.device = self.forward.device if device is None else device
         self.batch_size = settings.batch_size
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
         self._scores: dict[tuple[str, tuple[str, ...]], float] = {}  # (problem, steps 1..j) -> step j's score
-        self.store = store_for(base, settings.prefix_cache_gib, f"PRM {self.name}")
-        self.tokens_processed = 0  # PRM input tokens run through the model
         self.tokens_full = 0  # every token of every sequence asked for, as if nothing were reused
-        self.attended = 0  # query x key positions the batched passes attended (padding included)
-        self.attended_alone = 0  # what the same rows attend run one by one (no padding)
         self._lengths: dict[tuple[str, tuple[str, ...]], int] = {}  # (problem, steps) -> its sequence's tokens
         self._recent: dict[str, None] = {}  # problems by when they were last scored, oldest first
-        self.params = compute_params(base)
+        self.params = self.forward.params
 
     # --- what a family defines
     @abstractmethod
@@ -81,13 +104,29 @@ class StepwisePRM(ABC):
     def step_scores(self, hidden):
         """[k] scores in [0, 1] from [k, hidden size] final hidden states."""
 
+    # --- what the backend counts
+    @property
+    def tokens_processed(self) -> int:  # PRM input tokens run through the model
+        return self.forward.tokens_processed
+
+    @property
+    def store(self):  # the transformers backend's prefix store (None elsewhere)
+        return getattr(self.forward, "store", None)
+
+    @property
+    def attended(self) -> int:  # query x key positions the batched passes attended (transformers)
+        return getattr(self.forward, "attended", 0)
+
+    @property
+    def attended_alone(self) -> int:  # what the same rows attend run one by one (no padding)
+        return getattr(self.forward, "attended_alone", 0)
+
     # --- shared
     def clear_cache(self) -> None:
         self._scores.clear()
         self._lengths.clear()
         self._recent.clear()
-        if self.store is not None:
-            self.store.clear()
+        self.forward.clear_cache()
 
     def score(self, problems: list[str], completions: list[list[str]]) -> list[list[list[float]]]:
         self._forget_old(problems)
@@ -125,83 +164,29 @@ class StepwisePRM(ABC):
             self._lengths[key] = read_at[-1] + 1
         return self._lengths[key]
 
-    def _row(self, key: tuple[str, tuple[str, ...]]) -> _Row:
+    def _row(self, key: tuple[str, tuple[str, ...]]) -> Row:
         problem, steps = key
         ids, read_at = self.encode(problem, steps)
         self._lengths[key] = read_at[-1] + 1
         first_new = next(j for j in range(len(steps)) if (problem, steps[: j + 1]) not in self._scores)
-        return _Row(key, ids[: read_at[-1] + 1], read_at, first_new)
+        return Row(key, ids[: read_at[-1] + 1], read_at, first_new)
 
-    def _run(self, rows: list[_Row]) -> None:
-        from ..policy.kvcache import common_prefix, warm
-
-        # several candidates of a problem share its statement: run it once, not once per candidate
-        by_problem = defaultdict(list)
-        for r in rows:
-            by_problem[r.key[0]].append(r)
-        heads = [common_prefix([r.ids[: r.reuse_limit] for r in group]) for group in by_problem.values()
-                 if len(group) > 1]
-        for start in range(0, len(heads), self.batch_size):
-            self.tokens_processed += warm(self.base, self.store, heads[start : start + self.batch_size], self.pad_id)
-        for batch in self._batches(rows):
-            self._score_batch(batch)
-
-    def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
-        """Batches of at most `batch_size` rows whose padded pass attends at most PADDED_ATTENTION
-        times what the rows attend alone. A row's history (the prefix the store serves) and its new
-        tokens are padded to the batch's longest of each, so rows of similar history and similar new
-        length go together: sorted by both, a batch closes when one more row would pad too much."""
-        sizes = []
-        for r in rows:
-            cached = self.store.match(r.ids, r.reuse_limit)[1] if self.store is not None else 0
-            sizes.append((cached, len(r.ids) - cached, r))
-        sizes.sort(key=lambda x: (x[0], x[1]))
-        batches, current = [], []
-        for size in sizes:
-            grown = current + [size]
-            if current and (len(grown) > self.batch_size or _padded(grown) > PADDED_ATTENTION * _alone(grown)):
-                batches.append([r for _, _, r in current])
-                grown = [size]
-            current = grown
-        if current:
-            batches.append([r for _, _, r in current])
-        return batches
-
-    def _score_batch(self, batch: list[_Row]) -> None:
+    def _run(self, rows: list[Row]) -> None:
         import torch
 
-        from ..policy.kvcache import keep, prefill
-
-        pre = prefill(self.base, [r.ids for r in batch], self.store, self.pad_id,
-                      reuse_limits=[r.reuse_limit for r in batch])
-        self.tokens_processed += pre.ran
-        news = [len(r.ids) - n for r, n in zip(batch, pre.reused)]
-        self.attended += len(batch) * max(news) * pre.attention.shape[1]  # every query x every key column
-        self.attended_alone += _alone([(n, s, None) for n, s in zip(pre.reused, news)])
-        hidden = pre.out.last_hidden_state
-        width = hidden.shape[1]  # rows are right-aligned: position t of row r is column width - len + t
         with torch.inference_mode():
-            for i, r in enumerate(batch):
-                (problem, steps), j0 = r.key, r.first_new
-                cols = torch.tensor([width - len(r.ids) + t for t in r.read_at[j0:]], device=hidden.device)
-                for j, p in enumerate(self.step_scores(hidden[i, cols]).float().tolist(), start=j0):
+            for row, hidden in self.forward.run(rows):
+                (problem, steps), j0 = row.key, row.first_new
+                for j, p in enumerate(self.step_scores(hidden).float().tolist(), start=j0):
                     self._scores[(problem, steps[: j + 1])] = p
-        keep(self.store, pre, [r.ids for r in batch])
+
+
+class ForwardPassBase:
+    """What a backend's forward pass subclasses, so that `StepwisePRM` tells it from a bare model."""
 
 
 RECENT_PROBLEMS = 1024  # problems whose step scores are kept (a few KB each)
-PADDED_ATTENTION = 1.5  # a PRM batch's attention over padding, at most this times the rows' own
-
-
-def _padded(sizes: list[tuple[int, int, object]]) -> int:
-    """Query x key positions of one padded pass over rows of (cached, new) tokens."""
-    big_p, big_s = max(p for p, _, _ in sizes), max(s for _, s, _ in sizes)
-    return len(sizes) * big_s * (big_p + big_s)
-
-
-def _alone(sizes: list[tuple[int, int, object]]) -> int:
-    """The same rows run one by one, without padding."""
-    return sum(s * (p + s) for p, s, _ in sizes)
+PADDED_ATTENTION = 1.5  # a transformers PRM batch's attention over padding, at most this times the rows' own
 
 
 def pair_probability(model, hidden, good_id: int, bad_id: int):
@@ -217,6 +202,105 @@ def pair_probability(model, hidden, good_id: int, bad_id: int):
     if cap:
         logits = cap * torch.tanh(logits / cap)
     return logits.softmax(-1)[:, 0]
+
+
+def load_base(settings: PRMSettings):
+    """(what `StepwisePRM.__init__` runs, tokenizer): on the transformers backend the base model
+    without its LM head, on vLLM the engine's forward pass (no transformers model is loaded)."""
+    if settings.backend == "vllm":
+        from .vllm import VLLMForward
+
+        return VLLMForward(settings), load_tokenizer(settings)
+    base, tokenizer, _ = load_base_model(settings)
+    return base, tokenizer
+
+
+def load_causal(settings: PRMSettings):
+    """(what `StepwisePRM.__init__` runs, tokenizer, the causal LM or None on vLLM) for the families
+    that read a causal LM's next-token probabilities."""
+    from ..models import load_causal_lm
+
+    if settings.backend == "vllm":
+        from .vllm import VLLMForward
+
+        return VLLMForward(settings), load_tokenizer(settings), None
+    model, tokenizer, _ = load_causal_lm(settings)
+    require_output_head(settings.path, model)
+    return model.base_model, tokenizer, model
+
+
+def load_tokenizer(settings: PRMSettings):
+    import transformers
+
+    from ..models import resolve_model
+
+    return transformers.AutoTokenizer.from_pretrained(resolve_model(settings.path))
+
+
+class PairHead:
+    """P(good) / (P(good) + P(bad)) of the next token from final hidden states: two rows of a causal
+    LM's output layer, taken from the loaded model or, on vLLM, read from the checkpoint."""
+
+    def __init__(self, prm_path: str, model, good_id: int, bad_id: int):
+        self.model, self.good_id, self.bad_id = model, good_id, bad_id
+        if model is None:
+            self.weight, self.bias, self.cap = output_rows(prm_path, [good_id, bad_id])
+
+    def __call__(self, hidden):
+        import torch
+
+        if self.model is not None:
+            return pair_probability(self.model, hidden, self.good_id, self.bad_id)
+        logits = torch.nn.functional.linear(hidden.float(), self.weight, self.bias)
+        if self.cap:
+            logits = self.cap * torch.tanh(logits / self.cap)
+        return logits.softmax(-1)[:, 0]
+
+
+def output_rows(prm_path: str, ids: list[int]):
+    """(weight [len(ids), hidden], bias or None, final_logit_softcapping or None), float32, of the
+    checkpoint's output layer (its input embeddings where the two are tied), read without loading the
+    model. A checkpoint with neither is an error."""
+    import torch
+    import transformers
+
+    from ..models import resolve_model
+
+    config = transformers.AutoConfig.from_pretrained(resolve_model(prm_path))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    names = checkpoint_tensor_names(prm_path)
+    if "lm_head.weight" in names:
+        weight_name = "lm_head.weight"
+    else:
+        tied = [n for n in sorted(names) if n.endswith("embed_tokens.weight")]
+        if not getattr(text, "tie_word_embeddings", False) or not tied:
+            raise RuntimeError(f"prm_path={prm_path!r}: the checkpoint holds no lm_head.weight (the output layer this "
+                               f"family reads its good / bad token probabilities from); is prm_family right for "
+                               f"this model?")
+        weight_name = tied[0]
+    rows = _read_rows(prm_path, weight_name, ids)
+    bias = _read_rows(prm_path, "lm_head.bias", ids) if "lm_head.bias" in names else None
+    cap = getattr(text, "final_logit_softcapping", None)
+    return rows.to(torch.float32), None if bias is None else bias.to(torch.float32), cap
+
+
+def _read_rows(prm_path: str, name: str, ids: list[int]):
+    """Rows `ids` of one checkpoint tensor, read from its file without loading the rest."""
+    import json
+
+    import torch
+    from transformers.utils import cached_file
+
+    source, file_name, path = _weight_file(prm_path)
+    if file_name.endswith(".index.json"):
+        path = cached_file(source, json.loads(Path(path).read_text())["weight_map"][name])
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            piece = f.get_slice(name)
+            return torch.cat([piece[i : i + 1] for i in ids])
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)[name][ids]
 
 
 def load_base_model(settings: PRMSettings):

@@ -36,25 +36,35 @@ TRAINING_ARGS = "training_args.bin"  # where transformers' Trainer.save_model pi
 
 
 class TRLPRM(StepwisePRM):
-    def __init__(self, settings):
-        from transformers.modeling_layers import GenericForTokenClassification
-        from transformers.models.auto.modeling_auto import (
-            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        )
+    vllm = True  # vLLM runs the causal LM base; the `score` layer is read from the checkpoint
 
+    def __init__(self, settings):
         from ..models import resolve_model
 
-        model, tokenizer, device = load_checked(settings, "AutoModelForTokenClassification")
-        name = type(model).__name__
-        # a step's score may depend only on the tokens before it (prefix reuse and the score cache rely on it)
-        if not isinstance(model, GenericForTokenClassification) or model.config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            raise RuntimeError(f"prm_path={settings.path!r}: {name} is not a causal LM with a token-classification "
-                               f"head (Llama, Qwen2/3, Mistral, Gemma, Phi-3, ...), which prm_family='trl' reads")
-        if model.config.num_labels != 2:
-            raise RuntimeError(f"prm_path={settings.path!r}: {name} has {model.config.num_labels} labels; TRL's "
-                               f"PRMTrainer trains 2 (0: wrong step, 1: right step)")
-        super().__init__(settings, model.base_model, tokenizer, device)
-        self.head = model.score
+        if settings.backend == "vllm":
+            import torch
+            import transformers
+
+            from .stepwise import load_head, load_tokenizer
+            from .vllm import VLLMForward
+
+            config = transformers.AutoConfig.from_pretrained(resolve_model(settings.path))
+            _check_token_classifier(settings.path, (config.architectures or ["?"])[0], config,
+                                    any(a.endswith("ForTokenClassification") for a in config.architectures or []))
+            super().__init__(settings, VLLMForward(settings), load_tokenizer(settings))
+            weights = load_head(settings.path, "score.")
+            self.head = torch.nn.Linear(self.forward.hidden_size, 2, bias="bias" in weights)
+            self.head.load_state_dict(weights)
+            self.head.eval()
+        else:
+            from transformers.modeling_layers import GenericForTokenClassification
+
+            model, tokenizer, device = load_checked(settings, "AutoModelForTokenClassification")
+            _check_token_classifier(settings.path, type(model).__name__, model.config,
+                                    isinstance(model, GenericForTokenClassification))
+            super().__init__(settings, model.base_model, tokenizer, device)
+            self.head = model.score
+        tokenizer = self.tokenizer
 
         trained = trained_separator(resolve_model(settings.path))
         if settings.step_separator is not None:
@@ -84,6 +94,18 @@ class TRLPRM(StepwisePRM):
 
     def step_scores(self, hidden):
         return self.head(hidden).float().softmax(dim=-1)[:, 1]
+
+
+def _check_token_classifier(prm_path: str, name: str, config, token_classifier: bool) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    # a step's score may depend only on the tokens before it (prefix reuse and the score cache rely on it)
+    if not token_classifier or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise RuntimeError(f"prm_path={prm_path!r}: {name} is not a causal LM with a token-classification "
+                           f"head (Llama, Qwen2/3, Mistral, Gemma, Phi-3, ...), which prm_family='trl' reads")
+    if config.num_labels != 2:
+        raise RuntimeError(f"prm_path={prm_path!r}: {name} has {config.num_labels} labels; TRL's "
+                           f"PRMTrainer trains 2 (0: wrong step, 1: right step)")
 
 
 def trained_separator(source: str) -> str | None:
