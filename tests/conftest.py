@@ -49,8 +49,30 @@ def tracking_at(uri, monkeypatch, cwd):
         mlflow.set_tracking_uri(None)
 
 
+# Every test of these kinds runs something real (a model, a server, a cluster), so it is slow too.
+SLOW_KINDS = ("e2e", "server", "slurm", "vllm")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def math500_rows():
+    """MATH-500's rows as the package ships them (`dataset_name: builtin:math500`): no ../shared needed."""
+    import gzip
+    import json
+
+    from ttc_mlops.data import MATH500_FILE
+
+    return [json.loads(line) for line in gzip.decompress(MATH500_FILE.read_bytes()).decode().splitlines() if line.strip()]
+
+
 @pytest.fixture
-def math500():
+def shared_math500():
+    """The published MATH-500 file in ../shared/data, for the one test that compares the package's copy to it."""
     path = SHARED_DATA / "math500.jsonl"
     if not path.is_file():
         pytest.skip(f"{path} not present")
@@ -59,20 +81,37 @@ def math500():
 
 @pytest.fixture(scope="session")
 def embedded_dir():
-    """The embedded SmolLM2 converted to safetensors (once per machine, cached)."""
+    """The embedded SmolLM2 converted to safetensors (once per machine, cached): for slow tests only."""
     from ttc_mlops.models import embedded_model_dir
 
     return embedded_model_dir()
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(embedded_dir, tmp_path_factory):
+def smollm2_tokenizer_dir(tmp_path_factory):
+    """SmolLM2's tokenizer and chat template without its weights: from the converted copy where this
+    machine has one, else read out of the GGUF (seconds, where converting the weights takes a minute)."""
+    from transformers import AutoTokenizer
+
+    from ttc_mlops.models import SMOLLM2_DIR, _find_gguf, cache_dir
+
+    converted = cache_dir() / "models" / SMOLLM2_DIR
+    if (converted / "config.json").is_file():
+        return converted
+    gguf = _find_gguf()
+    out = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(smollm2_tokenizer_dir, tmp_path_factory):
     """A 2-layer random Llama with SmolLM2's tokenizer and chat template: real plumbing, no weights."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ttc_mlops.config import BUILTIN_DATASET, Recipe, RecipeError
+from ttc_mlops.config import BUILTIN_DATASET, BUILTIN_MATH500, Recipe, RecipeError
 from ttc_mlops.data import (
     builtin_problems,
     chunk_bounds,
@@ -33,15 +33,15 @@ def test_builtin_set_has_every_answer_form():
     assert all(is_equiv(p.answer, p.answer) for p in problems)  # every gold answer parses
 
 
-def test_math500_ids_levels_and_slices(math500):
-    problems = load_dataset_problems(recipe(dataset_name=str(math500)))
+def test_math500_ids_levels_and_slices():
+    problems = load_dataset_problems(recipe(dataset_name=BUILTIN_MATH500))
     assert len(problems) == 500
     assert problems[0].problem_id == "test/precalculus/807.json"
     assert {p.level for p in problems} == {1, 2, 3, 4, 5}
-    sliced = load_problems(recipe(dataset_name=str(math500), dataset_start=10, dataset_end=20))
+    sliced = load_problems(recipe(dataset_name=BUILTIN_MATH500, dataset_start=10, dataset_end=20))
     assert [p.problem_id for p in sliced] == [p.problem_id for p in problems[10:20]]
-    assert len(load_problems(recipe(dataset_name=str(math500), num_samples=7))) == 7
-    assert len(load_problems(recipe(dataset_name=str(math500), dataset_start=495, dataset_end=600))) == 5
+    assert len(load_problems(recipe(dataset_name=BUILTIN_MATH500, num_samples=7))) == 7
+    assert len(load_problems(recipe(dataset_name=BUILTIN_MATH500, dataset_start=495, dataset_end=600))) == 5
 
 
 def test_gsm8k_answers_and_ids(tmp_path):
@@ -57,8 +57,8 @@ def test_chunks_cover_every_row_exactly_once(size, k):
     assert rows == list(range(size))
 
 
-def test_chunk_slices(math500):
-    parts = [load_problems(recipe(dataset_name=str(math500), chunk=c, num_chunks=3)) for c in range(3)]
+def test_chunk_slices():
+    parts = [load_problems(recipe(dataset_name=BUILTIN_MATH500, chunk=c, num_chunks=3)) for c in range(3)]
     assert sum(len(p) for p in parts) == 500
     assert len({p.problem_id for part in parts for p in part}) == 500
 
@@ -81,12 +81,13 @@ def test_duplicate_problem_texts_keep_distinct_ids():
     assert [p.problem_id for p in problems] == ["d/0", "d/1"]
 
 
-def test_math500_ships_in_the_package_with_a_level_filter(math500):
-    from ttc_mlops.config import BUILTIN_MATH500
-
+def test_the_packaged_math500_is_the_published_file(shared_math500):
     builtin = load_dataset_problems(recipe(dataset_name=BUILTIN_MATH500))
-    shared = load_dataset_problems(recipe(dataset_name=str(math500)))
+    shared = load_dataset_problems(recipe(dataset_name=str(shared_math500)))
     assert builtin == shared  # the same 500 rows, ids, answers and levels as the published file
+
+
+def test_the_packaged_math500_filters_by_level():
     level1 = load_dataset_problems(recipe(dataset_name=BUILTIN_MATH500, dataset_levels=[1], num_samples=10))
     assert len(level1) == 10 and {p.level for p in level1} == {1}
     assert len(load_dataset_problems(recipe(dataset_name=BUILTIN_MATH500, dataset_levels=[4, 5]))) == 128 + 134

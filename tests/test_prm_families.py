@@ -12,10 +12,10 @@ COMPLETION = "\n\n".join(STEPS)
 LONGER = "First, note that 2+2 is a sum of two numbers.\n\nAdding them gives four.\n\nSo \\boxed{4}.\n\n"
 
 
-def _tokenizer(embedded_dir, *extra):
+def _tokenizer(tokenizer_dir, *extra):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     if extra:
         tok.add_tokens(list(extra), special_tokens=True)
     return tok
@@ -55,24 +55,24 @@ def _checkpoint(tmp_path_factory, name, tok, architecture, seed):
 
 
 @pytest.fixture(scope="module")
-def shepherd_dir(embedded_dir, tmp_path_factory):
-    return _checkpoint(tmp_path_factory, "math-shepherd", _tokenizer(embedded_dir, "ки"), "Mistral", 1)
+def shepherd_dir(smollm2_tokenizer_dir, tmp_path_factory):
+    return _checkpoint(tmp_path_factory, "math-shepherd", _tokenizer(smollm2_tokenizer_dir, "ки"), "Mistral", 1)
 
 
 @pytest.fixture(scope="module")
-def skywork_dir(embedded_dir, tmp_path_factory):
+def skywork_dir(smollm2_tokenizer_dir, tmp_path_factory):
     import torch
 
-    out = _checkpoint(tmp_path_factory, "skywork", _tokenizer(embedded_dir), "Qwen2", 2)
+    out = _checkpoint(tmp_path_factory, "skywork", _tokenizer(smollm2_tokenizer_dir), "Qwen2", 2)
     _add_tensors(out, {"v_head.summary.weight": torch.randn(1, 32), "v_head.summary.bias": torch.tensor([0.3])})
     return out
 
 
 @pytest.fixture(scope="module")
-def qwen_prm_dir(embedded_dir, tmp_path_factory):
+def qwen_prm_dir(smollm2_tokenizer_dir, tmp_path_factory):
     import torch
 
-    out = _checkpoint(tmp_path_factory, "qwen-math-prm", _tokenizer(embedded_dir, "<extra_0>"), "Qwen2", 3)
+    out = _checkpoint(tmp_path_factory, "qwen-math-prm", _tokenizer(smollm2_tokenizer_dir, "<extra_0>"), "Qwen2", 3)
     _add_tensors(out, {"score.0.weight": torch.randn(32, 32) / 4, "score.0.bias": torch.randn(32) / 4,
                        "score.2.weight": torch.randn(2, 32), "score.2.bias": torch.randn(2)})
     return out
@@ -186,9 +186,9 @@ def test_scores_ignore_batching_and_are_cached(skywork_dir):
 
 
 @pytest.fixture(scope="module")
-def shepherd_llama_dir(embedded_dir, tmp_path_factory):
+def shepherd_llama_dir(smollm2_tokenizer_dir, tmp_path_factory):
     """Math-Shepherd's published checkpoint is a LlamaForCausalLM: full attention, so prefixes are reused."""
-    return _checkpoint(tmp_path_factory, "math-shepherd-llama", _tokenizer(embedded_dir, "ки"), "Llama", 4)
+    return _checkpoint(tmp_path_factory, "math-shepherd-llama", _tokenizer(smollm2_tokenizer_dir, "ки"), "Llama", 4)
 
 
 @pytest.mark.parametrize("family, fixture", [("math_shepherd", "shepherd_llama_dir"), ("skywork", "skywork_dir"),
@@ -235,14 +235,14 @@ def test_a_wrong_family_names_the_missing_head(tiny_llama_dir):
         SkyworkPRM(_recipe(tiny_llama_dir, "skywork"))
 
 
-def test_a_split_step_marker_is_an_error(embedded_dir, qwen_prm_dir, tmp_path):
+def test_a_split_step_marker_is_an_error(smollm2_tokenizer_dir, qwen_prm_dir, tmp_path):
     import shutil
 
     from ttc_mlops.prm.qwen_prm import QwenMathPRM
 
     # the same checkpoint with a tokenizer that has no <extra_0> token
     shutil.copytree(qwen_prm_dir, tmp_path, dirs_exist_ok=True)
-    _tokenizer(embedded_dir).save_pretrained(tmp_path)
+    _tokenizer(smollm2_tokenizer_dir).save_pretrained(tmp_path)
     with pytest.raises(RuntimeError, match="splits '<extra_0>'"):
         QwenMathPRM(_recipe(tmp_path, "qwen_math_prm"))
 

@@ -33,7 +33,7 @@ def _rows():
 
 
 @pytest.fixture(scope="module")
-def trl_prm(embedded_dir, tmp_path_factory):
+def trl_prm(smollm2_tokenizer_dir, tmp_path_factory):
     """(untrained, trained) directories: a tiny random Qwen2 token classifier (2 labels) with SmolLM2's
     tokenizer, saved as initialised and after 30 seeded PRMTrainer steps (trainer.save_model)."""
     import torch
@@ -41,7 +41,7 @@ def trl_prm(embedded_dir, tmp_path_factory):
     from transformers import AutoModelForTokenClassification, AutoTokenizer, Qwen2Config
     from trl.experimental.prm import PRMConfig, PRMTrainer
 
-    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, num_labels=2,
@@ -93,6 +93,7 @@ def _reference(path, problem, steps):
     return [float(probs[t]) for t, label in enumerate(row["labels"]) if label != -100], row["input_ids"]
 
 
+@pytest.mark.slow  # the trl_prm fixture trains with TRL
 def test_ttc_run_beam_search_with_a_trl_prm_scores_as_the_saved_model(trl_prm, tiny_llama_dir, mlflow_store, tmp_path):
     import yaml
     from typer.testing import CliRunner
@@ -124,6 +125,7 @@ def test_ttc_run_beam_search_with_a_trl_prm_scores_as_the_saved_model(trl_prm, t
             assert scores == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.slow  # the trl_prm fixture trains with TRL
 def test_scores_are_the_models_at_trl_separators_and_a_grown_solution_runs_only_its_new_step(trl_prm):
     from ttc_mlops.prm.families import prm_class
 
@@ -147,6 +149,7 @@ def test_scores_are_the_models_at_trl_separators_and_a_grown_solution_runs_only_
     assert [encoded[p] for p in positions] == [prm.sep_ids[-1]] * 3 and len(prm.sep_ids) == 2
 
 
+@pytest.mark.slow  # the trl_prm fixture trains with TRL
 def test_training_moves_scores_toward_the_labels(trl_prm):
     from ttc_mlops.prm.trl import TRLPRM
 
@@ -171,6 +174,7 @@ def test_training_moves_scores_toward_the_labels(trl_prm):
     assert min(good1) > 0.9 and max(bad1) < 0.1  # every right step above every wrong one, by far
 
 
+@pytest.mark.slow  # the trl_prm fixture trains with TRL
 def test_the_separator_is_the_recipes_then_the_checkpoints_then_trls_default(trl_prm, tmp_path, caplog):
     from ttc_mlops.prm.trl import DEFAULT_SEPARATOR, TRLPRM
 
@@ -210,6 +214,7 @@ def _without(src, dst, *names):
     return dst
 
 
+@pytest.mark.slow  # the trl_prm fixture trains with TRL
 def test_a_checkpoint_without_what_a_family_reads_is_an_error_naming_it(trl_prm, tiny_llama_dir, tmp_path):
     from ttc_mlops.prm.families import prm_class
 
