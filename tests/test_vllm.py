@@ -141,20 +141,21 @@ def test_beam_search_fed_continuously_matches_lockstep_waves(policy):
 @pytest.mark.vllm
 @pytest.mark.skipif(NO_VLLM, reason="vllm is not installed (CI runs it in .venv-vllm)")
 def test_dvts_end_to_end_with_vllm(mlflow_store, tmp_path):
-    """`ttc run` in a fresh process: DVTS with vLLM as policy and the embedded PRM; the process ends
-    cleanly (the engine is shut down at exit, no abort)."""
+    """`ttc run` in a fresh process: DVTS with vLLM as policy and as the embedded PRM's backend (two
+    engines in one process); the process ends cleanly (both engines shut down at exit, no abort)."""
     from ttc_mlops.search import STRATEGIES
 
     if "dvts" not in STRATEGIES:
         pytest.skip("the dvts strategy is not registered in ttc_mlops.search")
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
-    overrides = ("backend=vllm num_samples=1 n=4 beam_width=2 num_iterations=2 max_tokens=24 "
+    overrides = ("backend=vllm prm_backend=vllm num_samples=1 n=4 beam_width=2 num_iterations=2 max_tokens=24 "
                  "experiment_name=e2e-vllm search_batch_size=1")
     cmd = [sys.executable, "-m", "ttc_mlops.cli", "run", str(REPO / "recipes/SmolLM2-135M-Instruct/dvts.yaml"),
            "--overrides", overrides, "--no-progress"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "starting vLLM" in done.stderr and "vLLM engine shut down" in done.stderr
+    assert "starting vLLM PRM engine" in done.stderr and "vLLM PRM engine shut down" in done.stderr
     for bad in ("Traceback", "Aborted", "core dumped", "terminate called"):
         assert bad not in done.stderr
 
@@ -165,6 +166,7 @@ def test_dvts_end_to_end_with_vllm(mlflow_store, tmp_path):
     runs = c.search_runs([c.get_experiment_by_name("e2e-vllm").experiment_id])
     chunk = next(r for r in runs if r.data.tags.get(N.TAG_ROLE) == "chunk")
     assert chunk.data.params["backend"] == "vllm" and chunk.data.params["approach"] == "dvts"
+    assert chunk.data.params["prm_backend"] == "vllm"
     (record,) = store.load_records(chunk.info.run_id, N.chunk_artifact(0, 1))
     assert len(record.completions) == 4
     assert all(t is not None and t > 0 for t in record.completion_tokens)
