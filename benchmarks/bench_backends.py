@@ -50,11 +50,11 @@ def main(argv=None) -> None:
     setup_logging()
 
     from ttc_mlops.data import load_dataset_problems
-    from ttc_mlops.pipeline.run_chunk import Meter
     from ttc_mlops.policy import vllm as vllm_backend
     from ttc_mlops.policy.hf import HFPolicy
     from ttc_mlops.prm import load_prm
-    from ttc_mlops.search import STRATEGIES
+    from ttc_mlops.runner import metered
+    from ttc_mlops.strategies import STRATEGIES
 
     strategies = [s for s in args.strategies.split(",") if s in STRATEGIES]
     base = {"model_path": args.model, "prm_path": args.prm, "dtype": args.dtype, "dataset_name": args.data,
@@ -76,10 +76,12 @@ def main(argv=None) -> None:
         policy = HFPolicy(settings) if backend == "transformers" else vllm_backend.VLLMPolicy(settings)
         log.info("%s loaded in %.1f s", backend, time.perf_counter() - t)
         for name in strategies:
-            meter = Meter(policy, prm)
-            meter.clear_cache()  # no run profits from another's caches
+            fed, scorer = metered(policy, prm)
+            meter = fed.usage
+            fed.clear_cache()  # no run profits from another's caches
+            scorer.clear_cache()
             t = time.perf_counter()
-            STRATEGIES[name](problems, meter, prm=meter, recipe=recipes[name])
+            STRATEGIES[name](problems, fed, scorer, recipes[name])
             wall = time.perf_counter() - t
             results[backend, name] = (meter.completion_tokens, meter.gen_s, wall)
             log.info("%s %s: %d tokens, generate %.1f s, wall %.1f s", backend, name, meter.completion_tokens,

@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also run beam search / DVTS in lockstep waves (today's batched search before continuous "
                     "feeding), on a backend that streams; 0 to skip")
     ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm", "auto"])
+    ap.add_argument("--prm-backend", default="auto", choices=["auto", "transformers", "vllm"],
+                    help="where the PRM's forward pass runs (the recipe's prm_backend)")
     ap.add_argument("--model", default=EMBEDDED_MODEL, help="policy model (Hub id, local dir, embedded)")
     ap.add_argument("--prm", default=EMBEDDED_MODEL, help="PRM (Hub id, local dir, embedded)")
     ap.add_argument("--prm-family", default=None, help="how --prm scores (rlhflow, math_shepherd, skywork, "
@@ -146,6 +148,7 @@ def main(argv=None) -> None:
     strategies = [s for s in args.strategies.split(",") if s]
     sequential = {s for s in args.sequential.split(",") if s}
     base = {"model_path": args.model, "prm_path": args.prm, "prm_family": args.prm_family, "backend": args.backend,
+            "prm_backend": args.prm_backend,
             "dtype": args.dtype,
             "dataset_name": args.data, "num_samples": args.problems, "n": args.n, "beam_width": args.beam_width,
             "num_iterations": args.num_iterations, "max_tokens": args.max_tokens, "seed": args.seed,
@@ -153,10 +156,10 @@ def main(argv=None) -> None:
     recipes = {s: build_recipe({**base, "approach": s}, source="bench_search flags") for s in strategies}
 
     from ttc_mlops.data import load_dataset_problems
-    from ttc_mlops.pipeline.run_chunk import Meter
     from ttc_mlops.policy import Sampling, Streaming, load_policy
     from ttc_mlops.prm import load_prm
-    from ttc_mlops.search import STRATEGIES
+    from ttc_mlops.runner import metered
+    from ttc_mlops.strategies import STRATEGIES
 
     first = next(iter(recipes.values()))
     problems = load_dataset_problems(first)[: args.problems]
@@ -174,19 +177,21 @@ def main(argv=None) -> None:
     rows = []
     context_peak: dict[str, float] = {}
     for name in strategies:
-        step_level = name in ("beam_search", "dvts")
+        step_level = STRATEGIES[name].tree
         modes = (["batched"] + (["lockstep"] if streams and step_level and args.lockstep else [])
                  + (["one-at-a-time"] if name in sequential else []))
         results = {}
         for mode in modes:
             recording = Recording(policy)
-            meter = Meter(Lockstep(recording) if mode == "lockstep" else recording, prm)
-            meter.clear_cache()  # no run profits from another's caches
+            fed, scorer = metered(Lockstep(recording) if mode == "lockstep" else recording, prm)
+            meter = fed.usage
+            fed.clear_cache()  # no run profits from another's caches
+            scorer.clear_cache()
             prm_before = prm.tokens_processed
             attended_before = (getattr(prm, "attended", 0), getattr(prm, "attended_alone", 0))  # StepwisePRM's
             t = time.perf_counter()
             batches = [[p] for p in problems] if mode == "one-at-a-time" else [problems]
-            records = [r for batch in batches for r in STRATEGIES[name](batch, meter, meter, recipes[name])]
+            records = [r for batch in batches for r in STRATEGIES[name](batch, fed, scorer, recipes[name])]
             wall = time.perf_counter() - t
             prm_tokens = prm.tokens_processed - prm_before
             attended = getattr(prm, "attended", 0) - attended_before[0], getattr(prm, "attended_alone", 0) - attended_before[1]
@@ -194,7 +199,8 @@ def main(argv=None) -> None:
             if mode == "batched":  # the rate the backend reaches on the contexts this search fed it
                 sent = recording.prompts
                 at = [round(i * (len(sent) - 1) / max(len(prompts) - 1, 1)) for i in range(len(prompts))]
-                meter.clear_cache()
+                fed.clear_cache()
+                scorer.clear_cache()
                 context_peak[name] = peak_rate(policy, [sent[i] for i in at], peak_sampling, args.seed)
                 log.info("%s: peak at its own contexts %.1f tok/s", name, context_peak[name])
             rows.append({"strategy": name, "mode": mode, "problems/s": len(problems) / wall, "wall_s": wall,
@@ -214,7 +220,8 @@ def main(argv=None) -> None:
 
     print(f"\nbackend {args.backend} ({type(policy).__name__}), model {args.model}, {len(problems)} problems, "
           f"n={args.n}, beam_width={args.beam_width}, num_iterations={args.num_iterations}, "
-          f"max_tokens={args.max_tokens}")
+          f"max_tokens={args.max_tokens}; PRM {args.prm} on {type(getattr(prm, 'forward', prm)).__name__} "
+          f"(--prm-backend {args.prm_backend})")
     print(f"peak batched sampling rate: {peak:.1f} tok/s ({len(prompts)} rows)\n")
     cols = ["strategy", "mode", "problems/s", "wall_s", "gen_s", "prm_s", "calls", "gen_tok", "tok/s gen",
             "tok/s wall", "prm_tok/gen_tok", "prm_attended/alone", "same_records", "same_samples", "score_gap"]
@@ -239,6 +246,8 @@ def main(argv=None) -> None:
             # at best decodes at its own-context peak whenever the PRM is not running
             prm_s_per_tok = b["prm_s"] / max(b["gen_tok"], 1)
             ceiling = 1 / (1 / cp + prm_s_per_tok)
+            print(f"{name}: PRM {1000 * prm_s_per_tok:.2f} ms per generated token ({b['prm_s']:.1f} s of "
+                  f"{b['wall_s']:.1f} s wall)")
             print(f"{name}: ceiling over wall time with the PRM run in between (decoding at that peak whenever the "
                   f"PRM is not running, the PRM at this run's {b['prm_tok/gen_tok'] / prm_s_per_tok:.0f} tok/s) "
                   f"{ceiling:.1f} tok/s = {ceiling / peak:.2f} of the peak; this run reached "

@@ -228,10 +228,10 @@ def main(argv=None) -> int:
     from ttc_mlops.config import BUILTIN_DATASET, load_recipe
     from ttc_mlops.data import load_dataset_problems
     from ttc_mlops.models import cache_dir, pick_device
-    from ttc_mlops.pipeline.run_chunk import Meter, accuracy
     from ttc_mlops.policy import load_policy
     from ttc_mlops.prm import load_prm
-    from ttc_mlops.search import STRATEGIES as REGISTERED
+    from ttc_mlops.runner import Usage, accuracy, run_search
+    from ttc_mlops.strategies import STRATEGIES as REGISTERED
 
     strategies = [s for s in args.strategies.split(",") if s]
     missing = [s for s in strategies if s not in REGISTERED]
@@ -282,14 +282,12 @@ def main(argv=None) -> int:
     rows = []
     for name in strategies:
         recipe = recipes[name]
-        meter = Meter(policy, prm)
-        meter.clear_cache()  # no strategy profits from another's scores or prefixes
+        meter = Usage()
         t = time.perf_counter()
-        records = []
-        for i in range(0, len(problems), recipe.search_batch_size):
-            records += REGISTERED[name](problems[i : i + recipe.search_batch_size], meter, prm=meter, recipe=recipe)
+        # the run loop of `ttc run`: search batches, each from empty caches (no strategy profits from another's)
+        records = run_search(recipe, problems, policy, prm, usage=meter)
         wall = time.perf_counter() - t
-        acc = accuracy(records) if mode == "real" else None
+        acc = accuracy(records)[0] if mode == "real" else None
         rows.append((name, f"n={recipe.n}" + (f" M={recipe.beam_width}" if name != "best_of_n" else ""),
                      "n/a" if acc is None else f"{acc:.2f}", meter.completion_tokens,
                      meter.completion_tokens / wall, wall, meter.gen_s, meter.prm_s,

@@ -2,7 +2,7 @@ from fakes import FakePolicy, FakePRM
 
 from ttc_mlops.config import Recipe
 from ttc_mlops.data import Problem
-from ttc_mlops.search import STRATEGIES
+from ttc_mlops.strategies import STRATEGIES
 
 SCRIPT = {
     "1+1?": ["Add.[s=0.9]\n\nSo \\boxed{2}[s=0.8]", "Guess.[s=0.9]\n\nSo \\boxed{3}[s=0.2]",

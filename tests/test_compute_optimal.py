@@ -9,7 +9,7 @@ from fakes import FakePolicy, FakePRM
 
 from ttc_mlops.config import Recipe, RecipeError
 from ttc_mlops.data import Problem
-from ttc_mlops.search import STRATEGIES
+from ttc_mlops.strategies import STRATEGIES
 from ttc_mlops.search.compute_optimal import compute_optimal, route_of
 
 PROBLEMS = [Problem("easy", "What is 2 + 3?", "5"), Problem("mid", "What is 7 x 8?", "56"),

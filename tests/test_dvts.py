@@ -5,7 +5,7 @@ from fakes import FakePolicy, FakePRM, StepPolicy
 
 from ttc_mlops.config import Recipe, RecipeError, build_recipe
 from ttc_mlops.data import Problem
-from ttc_mlops.search import STRATEGIES
+from ttc_mlops.strategies import STRATEGIES
 
 dvts = STRATEGIES["dvts"]
 

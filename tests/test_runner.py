@@ -90,25 +90,76 @@ def test_output_dir_gets_a_local_copy(mlflow_store, tmp_path):
     assert len(read_records(tmp_path / "out" / N.chunk_artifact(0, 6))) == 6
 
 
-def test_the_bar_moves_within_a_search_batch(mlflow_store):
-    from ttc_mlops.pipeline.run_chunk import Meter
+def test_the_bar_moves_within_a_search_batch():
+    from ttc_mlops.runner import MeteredPolicy, MeteredPRM, Progress, Usage
 
     moves = []
-    meter = Meter(FakePolicy(SCRIPT), FakePRM(), advance=moves.append)
-    meter.begin_batch(4, recipe(approach="beam_search", n=4, beam_width=2, num_iterations=10))
+    plan = Progress(recipe(approach="beam_search", n=4, beam_width=2, num_iterations=10), moves.append)
+    prm = MeteredPRM(FakePRM(), Usage(), plan.rows)
+    plan.begin(4)
     for _ in range(3):
-        meter.score(["p1", "p2", "p3", "p4"], [["a"]] * 4)
+        prm.score(["p1", "p2", "p3", "p4"], [["a"]] * 4)
     assert sum(moves) == pytest.approx(4 * 3 / 10)  # three of ten iterations
-    meter.score(["p1"], [["a"]])  # one problem moved on alone
+    prm.score(["p1"], [["a"]])  # one problem moved on alone
     assert sum(moves) == pytest.approx(4 * 3 / 10 + 1 / 10)
-    meter.end_batch()
+    plan.end()
     assert sum(moves) == pytest.approx(4)
     moves.clear()
     # DVTS: one row per subtree, and subtrees move on apart (n=4, M=2: two per problem)
-    meter.begin_batch(4, recipe(approach="dvts", n=4, beam_width=2, num_iterations=10))
-    meter.score(["p1", "p1", "p2"], [["a"], ["b"], ["c"]])
+    plan = Progress(recipe(approach="dvts", n=4, beam_width=2, num_iterations=10), moves.append)
+    prm = MeteredPRM(FakePRM(), Usage(), plan.rows)
+    plan.begin(4)
+    prm.score(["p1", "p1", "p2"], [["a"], ["b"], ["c"]])
     assert sum(moves) == pytest.approx(4 * 3 / 80)
     moves.clear()
-    meter.begin_batch(2, recipe(n=4, max_tokens=100))  # best-of-N: by tokens, reported per decoding step
-    meter.policy.progress(200)
+    plan = Progress(recipe(n=4, max_tokens=100), moves.append)  # best-of-N: by tokens, reported per decoding step
+    policy = FakePolicy(SCRIPT)
+    MeteredPolicy(policy, Usage(), plan.tokens)
+    plan.begin(2)
+    policy.progress(200)
     assert sum(moves) == pytest.approx(2 * 200 / 800)
+
+
+def test_a_chunk_whose_records_were_all_checkpointed_finishes_without_a_model(mlflow_store, monkeypatch):
+    from ttc_mlops import policy as policy_mod
+    from ttc_mlops import prm as prm_mod
+
+    class Params(FakePolicy):
+        params = 1000
+
+    real = store.log_metrics
+    monkeypatch.setattr(store, "log_metrics", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):  # dies after its last checkpoint, before FINISHED
+        run_chunk(recipe(), Params(SCRIPT), FakePRM(), progress=False)
+    monkeypatch.setattr(store, "log_metrics", real)
+
+    def no_model(settings):
+        raise AssertionError("a model was loaded with nothing left to search")
+
+    monkeypatch.setattr(policy_mod, "load_policy", no_model)
+    monkeypatch.setattr(prm_mod, "load_prm", no_model)
+    again = run_chunk(recipe(), progress=False)  # the recipe's own models: none may load
+    assert not again.skipped and again.resumed_from == 6
+    run = store.client().get_run(again.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics[N.M_PROBLEMS] == 6 and run.data.metrics[N.M_GENERATE_CALLS] == 3
+    assert run.data.metrics[N.M_POLICY_PARAMS] == 1000  # the checkpoint's counters carry what FLOPs need
+
+
+def test_an_unwritable_output_dir_is_refused_before_any_run(mlflow_store, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    with pytest.raises(RecipeError, match="output_dir=.*cannot be written"):
+        run_chunk(recipe(output_dir=str(blocked / "out")), FakePolicy(SCRIPT), FakePRM(), progress=False)
+    assert store.client().search_experiments(filter_string="name = 't'") == []
+
+
+def test_the_notebook_path_gives_the_records_of_a_chunk_run(mlflow_store):
+    import ttc_mlops as ttc
+
+    r = recipe(approach="beam_search", n=2, beam_width=2, num_iterations=2, search_batch_size=4)
+    chunk = run_chunk(r, FakePolicy(SCRIPT), FakePRM(), progress=False)
+    records = ttc.run_search(r, ttc.load_problems(r), FakePolicy(SCRIPT), FakePRM())
+    assert [x.to_dict() for x in records] == [x.to_dict() for x in chunk.records]
+    # the naive vote at N picks the selected completion: evaluate and the chunk's metric agree
+    assert ttc.evaluate(records, r).at()["acc_naive"] == chunk.metrics[N.M_ACC_SELECTED] > 0

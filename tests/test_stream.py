@@ -7,7 +7,7 @@ from fakes import FakePolicy, FakePRM, StreamingPolicy
 from ttc_mlops.config import Recipe
 from ttc_mlops.data import Problem
 from ttc_mlops.policy import Sampling, Waves, open_stream
-from ttc_mlops.search import STRATEGIES
+from ttc_mlops.strategies import STRATEGIES
 
 SCRIPT = {
     "1+1?": ["Add.[s=0.9]\n\nOne and one.[s=0.6]\n\nSo \\boxed{2}[s=0.8]", "Guess.[s=0.7]\n\nSo \\boxed{3}[s=0.2]",
@@ -101,10 +101,11 @@ def test_waves_group_requests_by_sampling_and_keep_their_order():
 
 
 def test_the_meter_counts_a_continuous_stream():
-    from ttc_mlops.pipeline.run_chunk import Meter
+    from ttc_mlops.runner import metered
 
-    meter = Meter(StreamingPolicy(SCRIPT), FakePRM())
-    records = STRATEGIES["dvts"](PROBLEMS, meter, meter, recipe("dvts"))
+    policy, prm = metered(StreamingPolicy(SCRIPT), FakePRM())
+    records = STRATEGIES["dvts"](PROBLEMS, policy, prm, recipe("dvts"))
     made = sum(node.tokens for rec in records for node in rec.tree)
+    meter = policy.usage
     assert meter.completion_tokens == made > 0
-    assert meter.generate_calls > 0 and meter.gen_s > 0
+    assert meter.generate_calls > 0 and meter.gen_s > 0 and meter.prm_calls > 0

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .names import model_label_of
+from .strategies import STRATEGIES, strategy_fields
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 BUILTIN_DATASET = "builtin:math-mini"
@@ -52,18 +53,13 @@ NON_RESULT_FIELDS = CHUNK_FIELDS + (
     "prefix_cache_gib",
 )
 
-# Fields that only some strategies read: a best-of-N configuration has no beam width. They are
-# left out of its parameters and of its search key (so they never split one configuration in two).
-STRATEGY_FIELDS = {
-    "beam_width": ("beam_search", "dvts"),
-    "num_iterations": ("beam_search", "dvts"),
-    "lookahead": ("beam_search", "dvts"),
-    "filter_duplicates": ("beam_search",),
-    "sort_completed": ("beam_search",),
-    "optimal_table": ("compute_optimal",),
-    "probe_n": ("compute_optimal",),
-    "flops_budget": ("compute_optimal",),
-}
+# Result fields added after the first tracking stores: in a search key only when not at their default.
+LATER_FIELDS = ("prm_backend",)
+
+# Fields that only some strategies read (the registry declares them): a best-of-N configuration has
+# no beam width. They are left out of its parameters and of its search key (so they never split one
+# configuration in two).
+STRATEGY_FIELDS = strategy_fields()
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -72,7 +68,7 @@ class RecipeError(ValueError):
     """A recipe that cannot run: the message names the field, the value and what is expected."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelSettings:
     """What loading a model needs of a recipe. Backends and PRMs get this (or a subclass below),
     never the whole Recipe; the defaults are the Recipe's, written once there."""
@@ -83,7 +79,7 @@ class ModelSettings:
     prefix_cache_gib: float  # keys/values kept between calls (transformers); 0 turns the reuse off
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PolicySettings(ModelSettings):
     backend: str  # "auto" | "transformers" | "vllm"
     chat_template: str | None  # Jinja; None keeps the tokenizer's own
@@ -91,7 +87,7 @@ class PolicySettings(ModelSettings):
     seed: int  # vLLM's engine seed (every request carries its own)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PRMSettings(ModelSettings):
     family: str | None  # None: looked up from `path`
     batch_size: int  # sequences per forward pass
@@ -104,7 +100,7 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
     # --- search (the symbols of Snell et al. / search-and-learn)
-    approach: Literal["best_of_n", "beam_search", "dvts", "compute_optimal"] = "best_of_n"
+    approach: Literal[tuple(STRATEGIES)] = "best_of_n"  # a name of ttc_mlops.strategies.STRATEGIES
     n: int = Field(4, ge=1)  # N, completions per problem (the test-time compute budget)
     beam_width: int = Field(4, ge=1)  # M, expansions kept per beam
     num_iterations: int = Field(40, ge=1)  # maximum search depth, in steps
@@ -128,6 +124,14 @@ class Recipe(BaseModel):
     # For a table chosen against FLOPs: FLOPs per problem, the probe's included. None: the budget is
     # n (completions per problem, the probe's included). n always caps a problem's completions.
     flops_budget: float | None = Field(None, gt=0)
+
+    # --- particle filtering / particle Gibbs (approach: particle_filtering; Puri et al. 2025)
+    # A particle's log-weight is the logit of its last step's PRM score; resampling draws in proportion
+    # to softmax(log-weights / pf_temperature): 1 is the paper's, larger flattens, smaller sharpens.
+    pf_temperature: float = Field(1.0, gt=0.0)
+    pf_selection: Literal["argmax", "sample"] = "argmax"  # the answer: the heaviest particle, or one drawn by weight
+    pg_iterations: int = Field(1, ge=1)  # sweeps of the filter; > 1 is particle Gibbs (budget n x sweeps)
+    pg_reference_particles: int = Field(1, ge=1)  # particles a Gibbs sweep keeps from the sweep before
 
     # --- sampling
     temperature: float = Field(0.8, ge=0.0)
@@ -188,16 +192,9 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Recipe":
-        if self.approach in ("beam_search", "dvts"):
-            if self.beam_width > self.n:
-                raise ValueError(f"beam_width={self.beam_width} is larger than n={self.n}; "
-                                 f"{self.approach} keeps n / beam_width beams")
-            if self.n % self.beam_width:
-                raise ValueError(f"n={self.n} is not a multiple of beam_width={self.beam_width} "
-                                 f"({self.approach} splits n into n / beam_width beams)")
-        if self.approach == "compute_optimal" and self.probe_n >= self.n:
-            raise ValueError(f"probe_n={self.probe_n} leaves nothing of n={self.n} for the route (n counts a "
-                             f"problem's completions, the probe's included)")
+        check = STRATEGIES[self.approach].check
+        if check is not None:
+            check(self)
         if self.dataset_start is not None and self.dataset_end is not None:
             if self.dataset_end <= self.dataset_start:
                 raise ValueError(f"dataset_end={self.dataset_end} must be greater than "
@@ -222,8 +219,12 @@ class Recipe(BaseModel):
     # --- derived values, never stored twice
     @property
     def search_key(self) -> str:
-        """A short, deterministic id of the search configuration (the recipe minus chunk fields)."""
-        payload = json.dumps(self.result_params(), sort_keys=True, default=str)
+        """A short, deterministic id of the search configuration (the recipe minus chunk fields).
+        A field added after tracking stores existed counts only when set away from its default, so
+        a configuration keeps the parent run it had before the field was there."""
+        params = {k: v for k, v in self.result_params().items()
+                  if not (k in LATER_FIELDS and v == Recipe.model_fields[k].default)}
+        payload = json.dumps(params, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def result_params(self) -> dict[str, Any]:
@@ -250,14 +251,18 @@ class Recipe(BaseModel):
 
     @property
     def policy_settings(self) -> PolicySettings:
-        return PolicySettings(self.model_path, self.dtype, self.device, self.trust_remote_code, self.prefix_cache_gib,
-                              self.backend, self.custom_chat_template, self.gpu_memory_utilization, self.seed)
+        return PolicySettings(path=self.model_path, dtype=self.dtype, device=self.device,
+                              trust_remote_code=self.trust_remote_code, prefix_cache_gib=self.prefix_cache_gib,
+                              backend=self.backend, chat_template=self.custom_chat_template,
+                              gpu_memory_utilization=self.gpu_memory_utilization, seed=self.seed)
 
     @property
     def prm_settings(self) -> PRMSettings:
-        return PRMSettings(self.prm_path, self.dtype, self.device, self.trust_remote_code, self.prefix_cache_gib,
-                           self.prm_family, self.prm_batch_size, self.prm_step_separator, self.prm_backend,
-                           self.prm_gpu_memory_utilization)
+        return PRMSettings(path=self.prm_path, dtype=self.dtype, device=self.device,
+                           trust_remote_code=self.trust_remote_code, prefix_cache_gib=self.prefix_cache_gib,
+                           family=self.prm_family, batch_size=self.prm_batch_size,
+                           step_separator=self.prm_step_separator, backend=self.prm_backend,
+                           gpu_memory_utilization=self.prm_gpu_memory_utilization)
 
 
 def looks_like_model_ref(value: str) -> bool:

@@ -119,8 +119,9 @@ def experiment_name(recipe) -> str:
 
 
 def run_name(recipe) -> str:
-    return f"{recipe.model_label}-{recipe.approach}-n{recipe.n}" + (
-        f"-m{recipe.beam_width}" if recipe.approach in ("beam_search", "dvts") else "")
+    from .strategies import STRATEGIES
+
+    return f"{recipe.model_label}-{recipe.approach}-n{recipe.n}" + STRATEGIES[recipe.approach].suffix(recipe)
 
 
 def chunk_run_name(start: int, end: int) -> str:

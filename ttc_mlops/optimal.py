@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 
 from .names import VOTING_METRICS
 from .records import Record
+from .strategies import ROUTES, STRATEGIES
 from .voting import Graded, budgets, choose, subset
 
 AXES = ("n", "flops")  # the budget: completions per problem, or FLOPs per problem
 # the fields that make a configuration: what a route of the compute_optimal strategy runs with
-ROUTE_FIELDS = ("approach", "n", "beam_width", "num_iterations", "lookahead", "filter_duplicates", "sort_completed",
+ROUTE_FIELDS = ("approach", "n", *dict.fromkeys(f for name in ROUTES for f in STRATEGIES[name].fields),
                 "agg_strategy", "temperature", "top_p", "max_tokens", "system_prompt")
 SHORT = {"beam_width": "m", "num_iterations": "iters", "lookahead": "k", "filter_duplicates": "dedup",
          "sort_completed": "sorted", "agg_strategy": "agg", "temperature": "T", "max_tokens": "tokens",

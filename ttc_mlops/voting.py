@@ -252,3 +252,9 @@ def evaluate_records(records: list[Record], agg_strategy: str, voting: bool = Tr
     if undecided:
         log.warning("%d answer classes could not be graded (counted wrong); see the metric %s", undecided, M_UNDECIDED)
     return Evaluation(rows, metrics, len(graded), distinct, undecided, problem_rows(graded, max(metrics)))
+
+
+def evaluate(records: list[Record], recipe, workers: int | None = None) -> Evaluation:
+    """Grade and vote a recipe's records at n = 1, 2, 4, ..., N with its aggregation (what `ttc evaluate`
+    logs, without MLflow): `evaluate(records, recipe).at()` is the accuracy per voting rule at N."""
+    return evaluate_records(records, recipe.agg_strategy, recipe.apply_voting, recipe.n, workers)

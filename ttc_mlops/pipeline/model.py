@@ -54,7 +54,7 @@ with warnings.catch_warnings():
 
         def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
             from ..data import Problem
-            from ..search import STRATEGIES
+            from ..runner import run_search
 
             if "problem" not in getattr(model_input, "columns", ()):
                 raise ValueError(f"model_input must be a DataFrame with a 'problem' column, got columns "
@@ -63,13 +63,8 @@ with warnings.catch_warnings():
             # an id from the text, so a problem's samples are the same whichever batch it comes in
             problems = [Problem("predict/" + hashlib.sha256(t.encode()).hexdigest()[:12], t, None) for t in texts]
             policy, prm = self._models()
-            strategy = STRATEGIES[self.recipe.approach]
-            records = []
-            size = self.recipe.search_batch_size
-            for start in range(0, len(problems), size):
-                policy.clear_cache()  # as a chunk run does: a batch's answers do not depend on the batch before
-                prm.clear_cache()
-                records += strategy(problems[start : start + size], policy, prm, self.recipe)
+            # the core's run loop, as a chunk run searches: batches, each from empty caches
+            records = run_search(self.recipe, problems, policy, prm)
             return pd.DataFrame({
                 "problem": texts,
                 "answer": [r.pred for r in records],

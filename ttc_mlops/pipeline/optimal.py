@@ -44,13 +44,14 @@ from ..optimal import (
     table_path,
 )
 from ..plots import format_table
+from ..strategies import ROUTES
 from ..voting import grade
 from . import store
 from .merge import MergeError, parent_recipe
 
 log = logging.getLogger(__name__)
 
-FIXED = ("best_of_n", "beam_search", "dvts")  # the strategies a route can take
+FIXED = ROUTES  # the strategies a route can take
 
 
 class OptimalError(LookupError):

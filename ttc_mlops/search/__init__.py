@@ -1,18 +1,7 @@
-"""Search strategies: each a function (problems, policy, prm, recipe) -> one Record per problem.
+"""Search strategies: each a function (problems, policy, prm, recipe) -> one Record per problem, one file each.
 
-    python -c "from ttc_mlops.search import STRATEGIES; print(sorted(STRATEGIES))"
+    python -c "from ttc_mlops.strategies import STRATEGIES; print(sorted(STRATEGIES))"
+
+Which strategies exist, the recipe fields each reads and how its budget counts are declared once,
+in `ttc_mlops.strategies`; everything else reads that table.
 """
-
-from __future__ import annotations
-
-from .beam_search import beam_search
-from .best_of_n import best_of_n
-from .compute_optimal import compute_optimal
-from .dvts import dvts
-
-STRATEGIES = {
-    "best_of_n": best_of_n,
-    "beam_search": beam_search,
-    "dvts": dvts,
-    "compute_optimal": compute_optimal,  # routes each problem to one of the above (a `ttc optimal` table)
-}

@@ -32,12 +32,10 @@ from ..optimal import check_table, route_for, table_path
 from ..policy import Policy
 from ..prm import PRM
 from ..records import Record
-from .beam_search import beam_search
+from ..strategies import STRATEGIES
 from .best_of_n import best_of_n
 from .common import make_record, sample_seed
-from .dvts import dvts
 
-ROUTES = {"best_of_n": best_of_n, "beam_search": beam_search, "dvts": dvts}
 NOTE = "compute_optimal "  # the record note that holds the route, as JSON after this prefix
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -61,8 +59,8 @@ def compute_optimal(problems: list[Problem], policy: Policy, prm: PRM, recipe) -
     searched: dict[int, Record] = {}
     for key, members in by_route.items():
         settings = json.loads(key)
-        found = ROUTES[settings["approach"]]([problems[i] for i in members], policy, prm,
-                                             _sub_recipe(recipe, settings, recipe.seed))
+        found = STRATEGIES[settings["approach"]]([problems[i] for i in members], policy, prm,
+                                                 _sub_recipe(recipe, settings, recipe.seed))
         searched.update(zip(members, found))
 
     # select: the best-scored finished completion of route and probe together (make_record)
