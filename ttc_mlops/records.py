@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 RECORD_VERSION = 1
+PARTICLE_FIELDS = ("sweep", "weight", "copies")  # TreeNode fields only particle filtering writes
 
 
 @dataclass
@@ -27,9 +28,17 @@ class TreeNode:
     finish: str  # stop / eos / length
     step_score: float | None  # the PRM's score of this step
     agg: float  # the path's step scores aggregated with agg_strategy (what selection compared)
-    status: str  # beam search: kept / pruned / duplicate / finished; DVTS: chosen / rejected
+    # beam search: kept / pruned / duplicate / finished; DVTS: chosen / rejected;
+    # particle filtering: resampled / dropped / finished
+    status: str
     completion: int | None = None  # the completion this leaf became, if any
     subtree: int | None = None  # DVTS: the subtree it belongs to
+    # particle filtering: the sweep (particle Gibbs) it was sampled in, its share of the resampling
+    # draw (softmax of logit(step score) / pf_temperature over the live pool) and how many particles
+    # were drawn from it; written only where a particle filter set them (PARTICLE_FIELDS)
+    sweep: int | None = None
+    weight: float | None = None
+    copies: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TreeNode":
@@ -61,7 +70,12 @@ class Record:
     version: int = RECORD_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        for node in data["tree"]:  # other strategies' records read (and hash) as before these fields
+            for key in PARTICLE_FIELDS:
+                if node[key] is None:
+                    del node[key]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Record":

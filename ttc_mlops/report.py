@@ -52,7 +52,10 @@ def _node(node: TreeNode, children: dict[int | None, list[TreeNode]], full: bool
     label = (f'<span class="tag">it {node.iteration}</span><span class="tag">{node.status}</span>'
              f'<span class="tag">step {_score(node.step_score)}</span><span class="tag">agg {_score(node.agg)}</span>'
              + (f'<span class="tag">completion {node.completion}</span>' if node.completion is not None else "")
-             + (f'<span class="tag">subtree {node.subtree}</span>' if node.subtree is not None else ""))
+             + (f'<span class="tag">subtree {node.subtree}</span>' if node.subtree is not None else "")
+             + (f'<span class="tag">sweep {node.sweep}</span>' if node.sweep is not None else "")
+             + (f'<span class="tag">weight {_score(node.weight)}</span>' if node.weight is not None else "")
+             + (f'<span class="tag">drawn x{node.copies}</span>' if node.copies is not None else ""))
     body = _text(node.step) + (f"<i>lookahead</i>{_text(node.lookahead)}" if node.lookahead else "")
     return f'<div class="n {node.status}">{label}{body}{_children(node.id, children, full)}</div>'
 
@@ -61,7 +64,7 @@ def _children(parent: int | None, children: dict[int | None, list[TreeNode]], fu
     nodes = children.get(parent, [])
     if full:
         return "".join(_node(c, children, full) for c in nodes)
-    live = [c for c in nodes if c.status not in ("pruned", "rejected", "duplicate") or c.id in children]
+    live = [c for c in nodes if c.status not in ("pruned", "rejected", "duplicate", "dropped") or c.id in children]
     dropped = [c for c in nodes if c not in live]
     out = "".join(_node(c, children, full) for c in live)
     if dropped:
