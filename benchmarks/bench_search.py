@@ -18,6 +18,9 @@ from another.
 
     .venv-vllm/bin/python benchmarks/bench_search.py --backend vllm --problems 10 --n 4 --beam-width 4 \
         --num-iterations 8 --max-tokens 512 --strategies beam_search --sequential ''
+
+`--prm-backend vllm` scores on vLLM's pooling runner in the same process (`--prm-backend
+transformers` on this project's prefix store): run the command once with each to compare them.
 """
 
 from __future__ import annotations
