@@ -9,6 +9,11 @@ Real mode runs recipes/Llama-3.2-1B-Instruct/{best_of_n,beam_search,dvts}.yaml (
 settings, n=4) on the first `--problems` problems, policy and PRM loaded once and shared by the
 three strategies (vLLM where installed). It is sized to finish in under 8 minutes on one H100.
 
+Where vLLM can run, every strategy is measured twice, once per PRM backend (`--prm-backend both`,
+the default): the PRM on vLLM's pooling runner beside the policy's engine (`prm_backend: vllm`, its
+share `prm_gpu_memory_utilization`), then, that engine shut down, on transformers with this
+project's prefix store. Where it cannot, the PRM runs on transformers only, as before.
+
 Random-weights mode (chosen by --random-weights, or by --mode auto when the weights cannot be
 found) builds models with the architectures of Llama-3.2-1B (policy) and Llama-3.1-8B (PRM, in
 RLHFlow's +/- format) from the configs below, with random weights and a synthetic word-level
@@ -64,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dataset", default=None,
                     help="problems: Hub id or .jsonl (default: HuggingFaceH4/MATH-500; random mode: the built-in set)")
     ap.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers"])
+    ap.add_argument("--prm-backend", default="both", choices=["both", "auto", "vllm", "transformers"],
+                    help="where the PRM runs; both: vLLM then transformers where vLLM can run, else transformers")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tokens-per-step", type=int, default=64, help="random mode")
     ap.add_argument("--num-iterations", type=int, default=4, help="random mode: steps per search")
@@ -268,46 +275,93 @@ def main(argv=None) -> int:
     problems = load_dataset_problems(first)[: args.problems]
     t0 = time.perf_counter()
     policy = load_policy(first.policy_settings)
-    prm = load_prm(first.prm_settings)
     load_s = time.perf_counter() - t0
     if mode == "random":
         policy = FixedSteps(policy, args.tokens_per_step)
     print(f"policy {first.model_path} ({type(getattr(policy, 'policy', policy)).__name__}), PRM {first.prm_path}, "
-          f"{len(problems)} problems, device {device}, models loaded in {load_s:.0f} s", flush=True)
+          f"{len(problems)} problems, device {device}, policy loaded in {load_s:.0f} s", flush=True)
 
     peak = peak_rate(policy, first, problems, args.peak_tokens)
     print(f"peak batched sampling: {peak:.1f} tok/s ({len(problems) * first.n} rows x {args.peak_tokens} tokens)",
           flush=True)
 
     rows = []
-    for name in strategies:
-        recipe = recipes[name]
-        meter = Usage()
-        t = time.perf_counter()
-        # the run loop of `ttc run`: search batches, each from empty caches (no strategy profits from another's)
-        records = run_search(recipe, problems, policy, prm, usage=meter)
-        wall = time.perf_counter() - t
-        acc = accuracy(records)[0] if mode == "real" else None
-        rows.append((name, f"n={recipe.n}" + (f" M={recipe.beam_width}" if name != "best_of_n" else ""),
-                     "n/a" if acc is None else f"{acc:.2f}", meter.completion_tokens,
-                     meter.completion_tokens / wall, wall, meter.gen_s, meter.prm_s,
-                     meter.completion_tokens / meter.gen_s / peak if meter.gen_s else 0.0,
-                     meter.completion_tokens / wall / peak))
-        print(f"{name}: {wall:.1f} s", flush=True)
+    for prm_backend in prm_backends(args.prm_backend, first):
+        t0 = time.perf_counter()
+        prm = load_prm(first.model_copy(update={"prm_backend": prm_backend}).prm_settings)
+        prm_load_s = time.perf_counter() - t0
+        load_s += prm_load_s
+        on = type(getattr(prm, "forward", prm)).__name__
+        print(f"PRM on {on} (prm_backend {prm_backend}), loaded in {prm_load_s:.0f} s", flush=True)
+        for name in strategies:
+            recipe = recipes[name]
+            meter = Usage()
+            t = time.perf_counter()
+            # the run loop of `ttc run`: search batches, each from empty caches (no strategy profits from another's)
+            records = run_search(recipe, problems, policy, prm, usage=meter)
+            wall = time.perf_counter() - t
+            acc = accuracy(records)[0] if mode == "real" else None
+            rows.append((name, prm_backend, f"n={recipe.n}" + (f" M={recipe.beam_width}" if name != "best_of_n" else ""),
+                         "n/a" if acc is None else f"{acc:.2f}", meter.completion_tokens,
+                         meter.completion_tokens / wall, wall, meter.gen_s, meter.prm_s,
+                         meter.completion_tokens / meter.gen_s / peak if meter.gen_s else 0.0,
+                         meter.completion_tokens / wall / peak,
+                         1000 * meter.prm_s / max(meter.completion_tokens, 1)))
+            print(f"{name} (PRM on {prm_backend}): {wall:.1f} s", flush=True)
+        free_prm(prm)
 
     # fraction of peak: generated tokens/s over generation time (the backend's use of its batch) and
     # over wall time (what the search gets, PRM included), against the peak measured above
-    header = ("strategy", "budget", "accuracy", "tokens", "tokens/s", "wall s", "generate s", "PRM s",
-              "gen/peak", "wall/peak")
-    print(f"{header[0]:<12} {header[1]:<9} {header[2]:>8} {header[3]:>8} {header[4]:>9} {header[5]:>7} "
-          f"{header[6]:>10} {header[7]:>6} {header[8]:>8} {header[9]:>9}")
+    header = ("strategy", "PRM on", "budget", "accuracy", "tokens", "tokens/s", "wall s", "generate s", "PRM s",
+              "gen/peak", "wall/peak", "PRM ms/tok")
+    print(f"{header[0]:<12} {header[1]:<12} {header[2]:<9} {header[3]:>8} {header[4]:>8} {header[5]:>9} {header[6]:>7} "
+          f"{header[7]:>10} {header[8]:>6} {header[9]:>8} {header[10]:>9} {header[11]:>10}")
     for r in rows:
-        print(f"{r[0]:<12} {r[1]:<9} {r[2]:>8} {r[3]:>8} {r[4]:>9.1f} {r[5]:>7.1f} {r[6]:>10.1f} {r[7]:>6.1f} "
-              f"{r[8]:>8.2f} {r[9]:>9.2f}")
+        print(f"{r[0]:<12} {r[1]:<12} {r[2]:<9} {r[3]:>8} {r[4]:>8} {r[5]:>9.1f} {r[6]:>7.1f} {r[7]:>10.1f} "
+              f"{r[8]:>6.1f} {r[9]:>8.2f} {r[10]:>9.2f} {r[11]:>10.2f}")
     print(f"peak {peak:.1f} tok/s")
-    print(f"total {sum(r[5] for r in rows) + load_s:.0f} s (models {load_s:.0f} s)"
+    print(f"total {sum(r[6] for r in rows) + load_s:.0f} s (models {load_s:.0f} s)"
           + ("; RANDOM WEIGHTS: accuracy not measured" if mode == "random" else ""))
     return 0
+
+
+def prm_backends(requested: str, recipe) -> list[str]:
+    """The PRM backends to measure: `both` is vLLM then transformers where vLLM can run the PRM, else
+    transformers alone (the random-weight measurements of a machine without vLLM stay as they were)."""
+    if requested != "both":
+        return [requested]
+    from ttc_mlops.policy import vllm as vllm_backend
+
+    usable, why = vllm_backend.available(recipe.prm_settings)
+    if not usable:
+        log.info("PRM on transformers only: %s", why)
+        return ["transformers"]
+    return ["vllm", "transformers"]
+
+
+def free_prm(prm) -> None:
+    """Give the PRM's memory back before the next backend's PRM loads (they would not both fit
+    beside the policy on one card)."""
+    import gc
+
+    from ttc_mlops import models
+
+    if type(getattr(prm, "forward", None)).__name__ == "VLLMForward":
+        from ttc_mlops.prm import vllm as prm_vllm
+
+        prm_vllm.release()
+    else:  # a causal LM PRM is kept in the process's model cache, shared with a transformers policy
+        for key in [k for k, v in models._LOADED.items() if v[0] is getattr(prm, "model", None)]:
+            del models._LOADED[key]
+    del prm
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import time
 from typing import Iterator
 
@@ -92,6 +93,17 @@ def shutdown() -> None:
     if llm is not None:
         llm.llm_engine.engine_core.shutdown()
         log.info("vLLM PRM engine shut down")
+
+
+def release() -> None:
+    """Stop the PRM engine to give its memory back, where the policy's engine keeps running: an
+    engine in its own process (vLLM's default on a GPU). One in this process (the CPU build, with
+    VLLM_ENABLE_V1_MULTIPROCESSING=0) shares vLLM's process-wide distributed state with the
+    policy's engine, and stopping it tears that down under the policy: it is kept until exit."""
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0":
+        log.info("vLLM PRM engine kept: it runs in this process, beside the policy's")
+        return
+    shutdown()
 
 
 def _architecture_override(prm_path: str, source: str) -> dict | None:
