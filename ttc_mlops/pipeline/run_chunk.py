@@ -30,10 +30,12 @@ from . import lease, store
 log = logging.getLogger(__name__)
 
 
-def preflight(recipe: Recipe) -> list[Problem]:
-    """Everything that can be checked before a model loads (may touch disk, never loads a model).
-    Returns the whole problem set."""
-    from ..models import check_model_ref
+def preflight(recipe: Recipe, prompts: bool = True) -> list[Problem]:
+    """Everything that can be checked before a model loads (may touch disk and read tokenizers,
+    never loads weights). Returns the whole problem set. `prompts`: check the recipe's own policy's
+    context against this chunk's prompts (off where the caller brings its own policy)."""
+    from ..models import check_model_ref, check_prompt_lengths
+    from ..prm import check_prm_backend
     from ..prm.families import family_for
 
     if recipe.approach not in STRATEGIES:
@@ -52,15 +54,18 @@ def preflight(recipe: Recipe) -> list[Problem]:
             raise RecipeError(f"backend='vllm' but vLLM cannot run here: {why}")
     check_model_ref("model_path", recipe.model_path)
     check_model_ref("prm_path", recipe.prm_path)
+    check_prm_backend(recipe)
     if recipe.output_dir:
         check_writable("output_dir", recipe.output_dir)
     problems = load_dataset_problems(recipe)
-    row_range(len(problems), recipe)  # dataset_start past the end, too many chunks
+    start, end = row_range(len(problems), recipe)  # dataset_start past the end, too many chunks
     unanswered = [p.problem_id for p in problems if p.answer is None]
     if unanswered and recipe.require_answers:
         raise RecipeError(f"dataset_name={recipe.dataset_name!r}: {len(unanswered)} of {len(problems)} problems have no "
                           f"gold answer (no 'answer' field, nor a \\boxed{{}} in 'solution'), e.g. {unanswered[0]!r}: "
                           f"nothing could grade them. Set require_answers=false to run them anyway")
+    if prompts:
+        check_prompt_lengths(recipe.policy_settings, recipe.system_prompt, problems[start:end], recipe.max_tokens)
     return problems
 
 
@@ -90,7 +95,7 @@ class ChunkResult:
 
 def run_chunk(recipe: Recipe, policy=None, prm=None, progress: bool = True) -> ChunkResult:
     """Run (or resume, or skip) this process's chunk. `policy` / `prm` default to the recipe's."""
-    all_problems = preflight(recipe)
+    all_problems = preflight(recipe, prompts=policy is None)
     store.check_parent_run(recipe)
     start, end = row_range(len(all_problems), recipe)
     problems = all_problems[start:end]
