@@ -18,7 +18,8 @@ with: the trainer's `save_model` writes its PRMConfig beside the weights as `tra
 The model is transformers' own (no remote code): its base model runs under `StepwisePRM` (prefix
 reuse, score cache) and its `score` layer is the head, which is the model's whole forward
 (base -> dropout, off in eval -> score) for the causal LMs transformers gives a token-classification
-class (Llama, Qwen2/3, Mistral, Gemma, Phi-3, ...).
+class (Llama, Qwen2/3, Mistral, Gemma, Phi-3, ...). On vLLM (`prm_backend: vllm`) the base runs as
+its causal LM there and the `score` layer is read from the checkpoint.
 """
 
 from __future__ import annotations
