@@ -155,7 +155,7 @@ class Recipe(BaseModel):
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)  # vLLM's share, the PRM gets the rest
     # where the PRM's forward pass runs: transformers (this project's prefix store), vLLM in this process
     # (its pooling runner and prefix caching), or auto: vLLM on a GPU where the family runs there, else
-    # transformers (the faster of the two on a CPU; docs/prms.md has the figures)
+    # transformers (on a CPU, vLLM's PRM was no faster over wall time; docs/prms.md has the figures)
     prm_backend: Literal["auto", "transformers", "vllm"] = "auto"
     # the vLLM PRM engine's share of the card, beside the policy's gpu_memory_utilization (preflight
     # checks both against what is free)
