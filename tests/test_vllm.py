@@ -114,7 +114,7 @@ def test_beam_search_fed_continuously_matches_lockstep_waves(policy):
     from ttc_mlops.data import Problem
     from ttc_mlops.policy import open_stream
     from ttc_mlops.prm import load_prm
-    from ttc_mlops.search import STRATEGIES
+    from ttc_mlops.strategies import STRATEGIES
 
     class Lockstep:  # the policy without its stream: batched search in waves
         def __init__(self, inner):
@@ -143,7 +143,7 @@ def test_beam_search_fed_continuously_matches_lockstep_waves(policy):
 def test_dvts_end_to_end_with_vllm(mlflow_store, tmp_path):
     """`ttc run` in a fresh process: DVTS with vLLM as policy and as the embedded PRM's backend (two
     engines in one process); the process ends cleanly (both engines shut down at exit, no abort)."""
-    from ttc_mlops.search import STRATEGIES
+    from ttc_mlops.strategies import STRATEGIES
 
     if "dvts" not in STRATEGIES:
         pytest.skip("the dvts strategy is not registered in ttc_mlops.search")
