@@ -56,3 +56,17 @@ def test_a_failed_preflight_under_mlflow_run_names_its_run(mlflow_store, monkeyp
     tags = store.client().get_run(launched.info.run_id).data.tags
     assert tags[N.TAG_ROLE] == N.ROLE_FAILED and "n='abc'" in tags[N.TAG_ERROR]
     assert tags[N.TAG_RUN_NAME].startswith("failed preflight: n='abc'")
+
+
+def test_validate_runs_the_preflight_of_run(tmp_path, monkeypatch):
+    """A dataset `ttc run` refuses is refused by `ttc validate` too, before any run exists."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    data = tmp_path / "no_answers.jsonl"
+    data.write_text('{"problem": "What is 1+1?"}\n')
+    path = REPO / "recipes/SmolLM2-135M-Instruct/best_of_n.yaml"
+    result = runner.invoke(app, ["validate", str(path), "--set", f"dataset_name={data}"])
+    assert result.exit_code == 2 and "have no gold answer" in result.output
+    fields = runner.invoke(app, ["validate", str(path), "--set", f"dataset_name={data}", "--fields-only"])
+    assert fields.exit_code == 0 and "(fields only)" in fields.output
+    assert not (tmp_path / "mlflow.db").exists()

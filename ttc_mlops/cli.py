@@ -98,22 +98,37 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
 
 
 @app.command()
+@_plain_errors
 def validate(recipe: str = typer.Argument(..., help="Recipe YAML."),
              set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-             show: bool = typer.Option(False, help="Print the resolved recipe.")) -> None:
-    """Check a recipe (fields, types, cross-field rules, its PRM family) without loading anything."""
+             show: bool = typer.Option(False, help="Print the resolved recipe (its fields only; nothing else is read)."),
+             preflight_: bool = typer.Option(True, "--preflight/--fields-only",
+                                             help="Also run `ttc run`'s preflight: dataset, models, prompt lengths, stores.")) -> None:
+    """Check a recipe as `ttc run` would before any model loads: fields, types, cross-field rules,
+    its PRM family, then (unless --fields-only) the dataset, the models' paths and tokenizers, the
+    prompts against the context, output_dir and the tracking store. Loads no weights."""
     from .config import RecipeError, recipe_yaml
     from .prm.families import families, family_for
 
     r = _recipe(recipe, set_)
     try:
         family = family_for(r.prm_path, r.prm_family)
+        if show:
+            typer.echo(recipe_yaml(r))
+            return
+        problems = None
+        if preflight_:
+            from .data import row_range
+            from .pipeline.run_chunk import preflight
+
+            problems = preflight(r)
+            start, end = row_range(len(problems), r)
+            _store_ready()
     except RecipeError as err:
         _fail(str(err))
-    if show:
-        typer.echo(recipe_yaml(r))
-        return
-    typer.echo(f"ok: {recipe} ({r.approach}, n={r.n}, model={r.model_path}, prm={r.prm_path} [{family}])")
+    checked = (f"; preflight passed: {end - start} of {len(problems)} problems, tracking store ready"
+               if problems is not None else " (fields only)")
+    typer.echo(f"ok: {recipe} ({r.approach}, n={r.n}, model={r.model_path}, prm={r.prm_path} [{family}]){checked}")
     found = sorted(families().values(), key=lambda f: (f.dist is not None, f.name))
     typer.echo("PRM families: " + ", ".join(f.name if f.dist is None else f"{f.name} (plugin: {f.dist})" for f in found))
 
