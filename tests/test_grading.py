@@ -87,6 +87,8 @@ def test_extraction_falls_back_beyond_the_boxed_answer(completion, answer):
     ("### Answer: $-7$.", "-7"),
     ("Putting it together, the answer is $\\sqrt{2}$.", "\\sqrt{2}"),
     ("So the answer is 3.5.", "3.5"),  # the decimal point stays, the full stop goes
+    # a completion of the embedded model: the filler adverb is not the answer, and the later statement wins
+    ("So, the answer is actually 4.\n\nSo, the answer would be: 4.", "4"),
     ("We have \\boxed{5}. Note that the answer is positive.", "5"),  # prose after a box does not override it
     ("\\boxed{5} was a slip.\n\nFinal answer: 6", "6"),  # a final answer after the box does
     ("Final Answer: The largest $n$ is 34.", "34"),  # a sentence on the answer line: its expression

@@ -99,7 +99,10 @@ _BOLD = re.compile(r"\*\*(?<![\w*]\*\*)(?=\S)(.+?)(?<=\S)\*\*(?![\w*])", re.DOTA
 _UNDERSCORES = re.compile(r"__(?<![\w\\]__)(?=\S)(.+?)(?<=\S)__(?!\w)", re.DOTALL)
 # "Final Answer: 6" / "Answer: 6" at the start of a line (markdown headings and list marks allowed).
 _ANSWER_LINE = re.compile(r"^[ \t#>*-]*(final\s+)?answer\s*[:：][ \t]*(.*)$", re.IGNORECASE | re.MULTILINE)
-_ANSWER_IS = re.compile(r"\banswer\s+is\s*:?\s*(.+?)(?:\.(?=\s|$)|\n|$)", re.IGNORECASE | re.DOTALL)
+# "the answer is X", "would be: X", "is actually X": the filler adverb is not part of the answer
+_ANSWER_IS = re.compile(r"\banswer\s+(?:is|(?:would|will|should)\s+be)\s*:?\s*"
+                        r"(?:(?:actually|simply|just|then|therefore|thus|now|clearly|indeed)\s+)?"
+                        r"(.+?)(?:\.(?=\s|$)|\n|$)", re.IGNORECASE | re.DOTALL)
 _PROSE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}")  # two words: a sentence, not a formula
 _DELIMITERS = (("\\[", "\\]"), ("\\(", "\\)"), ("$$", "$$"), ("$", "$"))
 
