@@ -300,7 +300,12 @@ def test_artifacts_on_a_full_disk_fail_the_chunk_in_one_line(mlflow_store, tmp_p
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("error: no space left on the device") and "run the same command again" in last
-        # not yet checked: the run is left RUNNING where the recipe artifact fails before run_chunk's try
+        from ttc_mlops.pipeline import store
+
+        chunks = store.client().search_runs([e.experiment_id for e in store.client().search_experiments()],
+                                            filter_string=f"tags.`{N.TAG_ROLE}` = '{N.ROLE_CHUNK}'")
+        assert chunks and all(r.info.status == "FAILED" for r in chunks)  # never left RUNNING
+        assert all("no space left" in r.data.tags.get(N.TAG_ERROR, "") for r in chunks)
 
 
 def test_a_read_only_store_is_refused_before_any_work(tmp_path, monkeypatch):

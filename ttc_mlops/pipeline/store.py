@@ -413,8 +413,17 @@ def create_chunk_run(parent_id: str, recipe: Recipe, start: int, end: int, total
             N.TAG_PROBLEMS: str(end - start), N.TAG_TOTAL: str(total), N.TAG_RUN_NAME: N.chunk_run_name(start, end),
             **config_tags(recipe)}
     run = c.create_run(parent.info.experiment_id, tags=tags)
-    c.log_batch(run.info.run_id, params=recipe_params(recipe))
-    log_text(run.info.run_id, recipe_yaml(recipe), N.RECIPE_ARTIFACT)
+    try:
+        c.log_batch(run.info.run_id, params=recipe_params(recipe))
+        log_text(run.info.run_id, recipe_yaml(recipe), N.RECIPE_ARTIFACT)
+    except Exception as err:  # a full disk, a dropped server: the run says why instead of staying RUNNING
+        found = describe_failure(err)
+        try:
+            c.set_tag(run.info.run_id, N.TAG_ERROR, (found[0] if found else repr(err))[:500])
+            c.set_terminated(run.info.run_id, "FAILED")
+        except Exception:  # the store itself is gone: nothing more can be written
+            pass
+        raise
     return run.info.run_id
 
 
