@@ -136,6 +136,20 @@ def mlflow_server(tmp_path, monkeypatch, _migrated_db):
         yield uri
 
 
+def wait_healthy(uri: str, server: subprocess.Popen, log_path, timeout: float, what: str) -> None:
+    """Until the server at `uri` answers /health; the test fails with its log if it exits or times out."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            pytest.fail(f"{what} did not come up: {Path(log_path).read_text()[-2000:]}")
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def serving(tmp_path, monkeypatch, args: tuple[str, ...] = (), env: dict | None = None, timeout: float = 180):
     """A real `mlflow server` on 127.0.0.1 (a free port) over tmp_path/server.db, this process's
@@ -147,16 +161,7 @@ def serving(tmp_path, monkeypatch, args: tuple[str, ...] = (), env: dict | None 
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                pytest.fail(f"mlflow server did not come up: {(tmp_path / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_healthy(uri, server, tmp_path / "server.log", timeout, "mlflow server")
         with tracking_at(uri, monkeypatch, tmp_path):
             yield uri
     finally:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_port, wait_healthy
 from fakes import FakePolicy, FakePRM
 from typer.testing import CliRunner
 
@@ -189,24 +189,13 @@ exec mlflow server --app-name basic-auth --backend-store-uri "sqlite:///$STORE/m
 
 @contextmanager
 def readme_auth_server(tmp_path, secret):
-    import urllib.request
-
     port = free_port()
     env = {**os.environ, "STORE": str(tmp_path / "server"), "SECRET": secret, "PORT": str(port)}
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(["bash", "-c", SERVER_COMMAND], env=env, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                pytest.fail(f"the README's server did not come up: {(tmp_path / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_healthy(uri, server, tmp_path / "server.log", 180, "the README's server")
         yield uri
     finally:
         server.terminate()
