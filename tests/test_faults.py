@@ -67,7 +67,7 @@ def test_four_chunks_at_once_on_a_new_store_lose_nothing(tmp_path, monkeypatch):
             assert len(parents) == 1  # one parent, though four processes looked for it at once
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_terminated_chunk_is_failed_with_its_checkpoint_kept(mlflow_store, sig):
     proc = worker("term", delay=1.0)
     wait_for(lambda: checkpointed("term"), "checkpoint")

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from fakes import FakePolicy, FakePRM
 
@@ -40,6 +42,28 @@ def test_finished_chunk_is_not_rerun(mlflow_store):
     again = run_chunk(recipe(), policy, FakePRM(), progress=False)
     assert again.skipped and again.run_id == first.run_id and policy.calls == []
 
+
+
+def test_a_finished_chunk_with_a_truncated_records_artifact_is_repaired_on_rerun(mlflow_store, tmp_path):
+    import gzip
+
+    first = run_chunk(recipe(), FakePolicy(SCRIPT), FakePRM(), progress=False)
+    name = N.chunk_artifact(0, 6)
+    local = Path(store.client().download_artifacts(first.run_id, f"{N.RECORDS_DIR}/{name}", str(tmp_path)))
+    lines = gzip.decompress(local.read_bytes()).splitlines(keepends=True)
+    cut = tmp_path / "cut" / name  # four whole records, then half of the fifth: an upload cut short
+    cut.parent.mkdir()
+    cut.write_bytes(gzip.compress(b"".join(lines[:4]) + lines[4][: len(lines[4]) // 2]))
+    store.client().log_artifact(first.run_id, str(cut), N.RECORDS_DIR)
+
+    policy = FakePolicy(SCRIPT)
+    again = run_chunk(recipe(), policy, FakePRM(), progress=False)
+    assert not again.skipped and again.run_id == first.run_id and again.resumed_from == 4
+    assert len(policy.calls) == 1  # only the batch that could not be read is searched again
+    assert [r.to_dict() for r in again.records] == [r.to_dict() for r in first.records]
+    run = store.client().get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert [r.to_dict() for r in store.load_records(first.run_id, name)] == [r.to_dict() for r in first.records]
 
 class Dying(FakePolicy):
     def __init__(self, script, die_after):

@@ -35,7 +35,7 @@ TAG_GROUP = "ttc.group"  # "<model>/<strategy>": group-by key for the mlflow ui 
 TAG_REGISTERED = "ttc.registered"  # "<registered model>/<version>"
 TAG_ERROR = "ttc.error"  # why a run failed before any work
 TAG_POINTS_TO = "ttc.points_to"  # a launcher run's parent run (in the recipe's experiment)
-TAG_STOPPED_BY = "ttc.stopped_by"  # the signal that stopped a chunk (SIGTERM, SIGHUP)
+TAG_STOPPED_BY = "ttc.stopped_by"  # the signal that stopped a chunk (SIGTERM, SIGHUP, SIGINT)
 # a chunk run's lease (pipeline/lease.py): who works it, since when, last renewed (unix s; 0: released)
 TAG_LEASE_HOST, TAG_LEASE_PID, TAG_LEASE_TASK = "ttc.lease.host", "ttc.lease.pid", "ttc.lease.slurm_task"
 TAG_LEASE_STARTED, TAG_LEASE_RENEWED = "ttc.lease.started", "ttc.lease.renewed"

@@ -106,9 +106,15 @@ def run_chunk(recipe: Recipe, policy=None, prm=None, progress: bool = True) -> C
     existing = store.find_chunk_run(parent_id, start, end)
     rows = f"{start}:{end}"
     if existing is not None and existing.info.status == "FINISHED":
-        log.info("rows %s already finished in run %s; nothing to do", rows, existing.info.run_id)
-        records = store.load_records(existing.info.run_id, artifact) or []
-        return ChunkResult(existing.info.run_id, parent_id, records, True, len(records), dict(existing.data.metrics))
+        records, problem = store.load_records_tolerant(existing.info.run_id, artifact)
+        if problem is None and records is not None and len(records) == len(problems):
+            log.info("rows %s already finished in run %s; nothing to do", rows, existing.info.run_id)
+            return ChunkResult(existing.info.run_id, parent_id, records, True, len(records),
+                               dict(existing.data.metrics))
+        # finished, but its records artifact is damaged or short (edited, a partial upload): the rerun
+        # keeps what reads and searches the rest, as for a chunk that died part-way
+        log.warning("rows %s finished in run %s, but %s: resuming it", rows, existing.info.run_id,
+                    problem or f"its records artifact holds {len(records or [])} of {len(problems)} problems")
     if existing is not None:
         run_id = existing.info.run_id
         lease.acquire(existing, rows)  # refuses while another live process works this chunk
