@@ -17,7 +17,7 @@ import pytest
 from conftest import serving
 from fakes import FakePolicy, FakePRM
 
-from ttc_mlops import names as N
+from ttc_mlops import names
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe
 from ttc_mlops.data import builtin_problems
 from ttc_mlops.pipeline.run_chunk import run_chunk
@@ -72,8 +72,8 @@ def test_writes_need_credentials_and_the_flow_works_with_them(auth_server, monke
     from ttc_mlops.pipeline import store
 
     c = store.client()
-    assert c.get_run(pid).data.metrics[N.M_ACC_WEIGHTED] == 1.0
+    assert c.get_run(pid).data.metrics[names.M_ACC_WEIGHTED] == 1.0
     for run in c.search_runs([c.get_experiment_by_name("auth").experiment_id]):
         assert not any(PASSWORD in v for v in {**run.data.params, **run.data.tags}.values())
-        assert PASSWORD not in (store.load_run_text(run.info.run_id, N.RECIPE_ARTIFACT) or "")
+        assert PASSWORD not in (store.load_run_text(run.info.run_id, names.RECIPE_ARTIFACT) or "")
     assert c.get_experiment_by_name("intruder") is None

@@ -12,7 +12,7 @@ from conftest import REPO
 from fakes import FakePolicy, FakePRM
 from typer.testing import CliRunner
 
-from ttc_mlops import names as N
+from ttc_mlops import names
 from ttc_mlops.cli import app
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe
 from ttc_mlops.data import builtin_problems
@@ -100,7 +100,7 @@ def test_parent_run_ids_that_are_not_this_configurations_parent(mlflow_store):
     done = run_chunk(r, FakePolicy(script), FakePRM(), progress=False)
     before = len(store.chunk_runs(done.parent_run_id))
     for given, message in [("0123456789abcdef0123456789abcdef", "no such run"),
-                           (done.run_id, f"is a chunk run ({N.TAG_ROLE}=chunk), not a parent"),
+                           (done.run_id, f"is a chunk run ({names.TAG_ROLE}=chunk), not a parent"),
                            (done.parent_run_id, "belongs to another search configuration")]:
         out = ttc("run", RECIPE, "--set", "num_samples=2", "--parent-run-id", given)
         assert out.exit_code == 2 and f"parent_run_id={given!r}" in out.output and message in out.output, out.output
@@ -114,9 +114,9 @@ def test_merge_refuses_records_of_the_wrong_shape(mlflow_store, tmp_path):
     done = run_chunk(r, FakePolicy(script), FakePRM(), progress=False)
     rows = [rec.to_dict() for rec in done.records]
     rows[1]["completions"] = None
-    bad = tmp_path / N.chunk_artifact(0, 2)
+    bad = tmp_path / names.chunk_artifact(0, 2)
     bad.write_bytes(gzip.compress("".join(json.dumps(row) + "\n" for row in rows).encode()))
-    store.client().log_artifact(done.run_id, str(bad), N.RECORDS_DIR)
+    store.client().log_artifact(done.run_id, str(bad), names.RECORDS_DIR)
     with pytest.raises(MergeError, match=r"record 'builtin/001': completions=None is not a list of strings"):
         merge(done.parent_run_id, r)
 

@@ -45,7 +45,7 @@ def test_missing_dataset_file_exits_before_model_or_run(tmp_path, monkeypatch):
 
 def test_a_failed_preflight_under_mlflow_run_names_its_run(mlflow_store, monkeypatch):
     """`mlflow run -P set=...` with a typo: its run says what failed instead of a bare FAILED."""
-    from ttc_mlops import names as N
+    from ttc_mlops import names
     from ttc_mlops.pipeline import store
 
     launched = store.client().create_run("0")  # what `mlflow run` creates before our command
@@ -54,8 +54,8 @@ def test_a_failed_preflight_under_mlflow_run_names_its_run(mlflow_store, monkeyp
     result = runner.invoke(app, ["run", str(path), "--overrides", "n=abc"])
     assert result.exit_code == 2 and "n='abc'" in result.output
     tags = store.client().get_run(launched.info.run_id).data.tags
-    assert tags[N.TAG_ROLE] == N.ROLE_FAILED and "n='abc'" in tags[N.TAG_ERROR]
-    assert tags[N.TAG_RUN_NAME].startswith("failed preflight: n='abc'")
+    assert tags[names.TAG_ROLE] == names.ROLE_FAILED and "n='abc'" in tags[names.TAG_ERROR]
+    assert tags[names.TAG_RUN_NAME].startswith("failed preflight: n='abc'")
 
 
 def test_validate_runs_the_preflight_of_run(tmp_path, monkeypatch):

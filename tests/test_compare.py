@@ -5,7 +5,7 @@ from pathlib import Path
 from fakes import FakePolicy, FakePRM
 from typer.testing import CliRunner
 
-from ttc_mlops import names as N
+from ttc_mlops import names
 from ttc_mlops.cli import app
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe
 from ttc_mlops.data import builtin_problems
@@ -31,7 +31,7 @@ def evaluated(**kw):
 
 def relabel(pid, strategy):
     """A second strategy's parent, as the other strategies' modules would produce it."""
-    store.set_tags(pid, {N.TAG_STRATEGY: strategy})
+    store.set_tags(pid, {names.TAG_STRATEGY: strategy})
 
 
 def test_compare_draws_one_line_per_strategy_in_every_panel(mlflow_store, tmp_path):
@@ -54,10 +54,10 @@ def test_compare_draws_one_line_per_strategy_in_every_panel(mlflow_store, tmp_pa
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "best_of_n  acc_naive" in out.output and "n=8" in out.output
     runs = store.client().search_runs([store.client().get_experiment_by_name("cmp").experiment_id],
-                                         filter_string=f"tags.`{N.TAG_ROLE}` = 'compare'")
+                                         filter_string=f"tags.`{names.TAG_ROLE}` = 'compare'")
     assert len(runs) == 1
     assert {a.path for a in store.client().list_artifacts(runs[0].info.run_id, "compare")} == {
-        N.COMPARE_PLOT, N.COMPARE_TABLE}
+        names.COMPARE_PLOT, names.COMPARE_TABLE}
 
 
 def test_compare_names_what_is_missing(mlflow_store):

@@ -108,7 +108,7 @@ def test_what_cannot_be_applied_is_named_before_anything_is_generated(tmp_path):
         compute_optimal(PROBLEMS, policy, FakePRM(), recipe(tmp_path, table(kind="oracle")))
     with pytest.raises(RecipeError, match="n=3 with probe_n=2 leaves 1 for the route of bin 1"):
         compute_optimal(PROBLEMS, policy, FakePRM(), recipe(tmp_path, n=3))
-    with pytest.raises(RecipeError, match="ttc optimal --fetch-table"):
+    with pytest.raises(RecipeError, match="ttc fetch-table"):
         compute_optimal(PROBLEMS, policy, FakePRM(), Recipe(approach="compute_optimal", n=6, optimal_table="a" * 32))
     with pytest.raises(RecipeError, match="neither a file nor the run id"):
         compute_optimal(PROBLEMS, policy, FakePRM(), Recipe(approach="compute_optimal", n=6, optimal_table="nope"))
@@ -131,7 +131,7 @@ def test_sweep_optimal_compute_optimal_evaluate_registry_on_the_embedded_model(m
     """The README's compute-optimal path with the real embedded model at tiny budgets (4 problems)."""
     from typer.testing import CliRunner
 
-    from ttc_mlops import names as N
+    from ttc_mlops import names
     from ttc_mlops.cli import app
     from ttc_mlops.pipeline import store
 
@@ -155,7 +155,7 @@ def test_sweep_optimal_compute_optimal_evaluate_registry_on_the_embedded_model(m
     assert "registered: models:/ttc-SmolLM2-135M-Instruct-compute_optimal/1" in out.output
     c = store.client()
     [version] = c.search_model_versions("name = 'ttc-SmolLM2-135M-Instruct-compute_optimal'")
-    records = store.load_records(version.run_id, N.MERGED_RECORDS)
+    records = store.load_records(version.run_id, names.MERGED_RECORDS)
     assert len(records) == 4 and all(route_of(r)["table"] == run_id for r in records)
     assert c.get_run(version.run_id).data.params["optimal_table"] == run_id
     # the registered version applies the same table to new problems

@@ -20,22 +20,22 @@ def _run(entry_point: str, mlflow_store, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    from ttc_mlops import names as N
+    from ttc_mlops import names
     from ttc_mlops.pipeline import store
 
     c = store.client()
     runs = c.search_runs([c.get_experiment_by_name("e2e").experiment_id])
-    chunk = next(r for r in runs if r.data.tags.get(N.TAG_ROLE) == "chunk")
-    assert chunk.data.tags[N.TAG_STRATEGY] == entry_point
+    chunk = next(r for r in runs if r.data.tags.get(names.TAG_ROLE) == "chunk")
+    assert chunk.data.tags[names.TAG_STRATEGY] == entry_point
     m = chunk.data.metrics
-    assert m[N.M_PROBLEMS] == 1 and m[N.M_GENERATE_CALLS] >= 1 and m[N.M_PRM_TOKENS] > 0
-    assert m[N.M_GEN_S] > 0 and m[N.M_PRM_S] > 0 and m[N.M_OTHER_S] >= 0
+    assert m[names.M_PROBLEMS] == 1 and m[names.M_GENERATE_CALLS] >= 1 and m[names.M_PRM_TOKENS] > 0
+    assert m[names.M_GEN_S] > 0 and m[names.M_PRM_S] > 0 and m[names.M_OTHER_S] >= 0
     # compute: 2 x parameters x tokens, as run and without prefix reuse (a step-level search reuses)
-    assert 100e6 < m[N.M_POLICY_PARAMS] < 170e6 and m[N.M_PRM_PARAMS] > 0  # SmolLM2-135M, embeddings aside
-    assert m[N.M_PROMPT_TOKENS_FULL] > m[N.M_PROMPT_TOKENS] > 0 and m[N.M_PRM_TOKENS_FULL] > m[N.M_PRM_TOKENS]
-    assert m[N.M_POLICY_FLOPS] == 2 * m[N.M_POLICY_PARAMS] * (m[N.M_PROMPT_TOKENS] + m[N.M_GENERATED_TOKENS])
-    assert m[N.M_FLOPS] == m[N.M_POLICY_FLOPS] + m[N.M_PRM_FLOPS] < m[N.M_POLICY_FLOPS_FULL] + m[N.M_PRM_FLOPS_FULL]
-    [record] = store.load_records(chunk.info.run_id, N.chunk_artifact(0, 1))
+    assert 100e6 < m[names.M_POLICY_PARAMS] < 170e6 and m[names.M_PRM_PARAMS] > 0  # SmolLM2-135M, embeddings aside
+    assert m[names.M_PROMPT_TOKENS_FULL] > m[names.M_PROMPT_TOKENS] > 0 and m[names.M_PRM_TOKENS_FULL] > m[names.M_PRM_TOKENS]
+    assert m[names.M_POLICY_FLOPS] == 2 * m[names.M_POLICY_PARAMS] * (m[names.M_PROMPT_TOKENS] + m[names.M_GENERATED_TOKENS])
+    assert m[names.M_FLOPS] == m[names.M_POLICY_FLOPS] + m[names.M_PRM_FLOPS] < m[names.M_POLICY_FLOPS_FULL] + m[names.M_PRM_FLOPS_FULL]
+    [record] = store.load_records(chunk.info.run_id, names.chunk_artifact(0, 1))
     assert record.approach == entry_point
     assert 0 < len(record.completions) <= 4 and len(set(record.completions)) == len(record.completions)
     assert all(t is not None and t > 0 for t in record.completion_tokens)

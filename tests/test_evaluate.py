@@ -3,7 +3,7 @@
 import pytest
 from fakes import FakePolicy, FakePRM
 
-from ttc_mlops import names as N
+from ttc_mlops import names
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe
 from ttc_mlops.data import builtin_problems
 from ttc_mlops.grading import plain_number
@@ -101,9 +101,9 @@ def test_evaluate_logs_metrics_with_step_n_on_the_merged_parent(mlflow_store):
     assert {m.step: m.value for m in history}[4] == 1.0  # with all four samples, the right one scores highest
     assert c.get_metric_history(pid, "acc_naive_level_1")
     tags = c.get_run(pid).data.tags
-    assert tags[N.TAG_GROUP] == "SmolLM2-135M-Instruct/best_of_n"
+    assert tags[names.TAG_GROUP] == "SmolLM2-135M-Instruct/best_of_n"
     artifacts = {a.path for a in c.list_artifacts(pid, "eval")}
-    assert {N.EVAL_TABLE, N.EVAL_PLOT} <= artifacts
+    assert {names.EVAL_TABLE, names.EVAL_PLOT} <= artifacts
 
     again = evaluate_parent(pid, r, register=False)
     assert again.already and again.evaluation.metrics == first.evaluation.metrics

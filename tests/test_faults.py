@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import tracking_at
 
-from ttc_mlops import names as N
+from ttc_mlops import names
 from ttc_mlops.pipeline import store
 
 pytestmark = pytest.mark.e2e
@@ -36,7 +36,7 @@ def chunk_runs(experiment: str) -> list:
     exp = store.client().get_experiment_by_name(experiment)
     if exp is None:
         return []
-    return store.client().search_runs([exp.experiment_id], filter_string=f"tags.`{N.TAG_ROLE}` = '{N.ROLE_CHUNK}'")
+    return store.client().search_runs([exp.experiment_id], filter_string=f"tags.`{names.TAG_ROLE}` = '{names.ROLE_CHUNK}'")
 
 
 def wait_for(condition, what: str, timeout: float = 120):
@@ -48,7 +48,7 @@ def wait_for(condition, what: str, timeout: float = 120):
 
 def checkpointed(experiment: str) -> bool:
     runs = chunk_runs(experiment)
-    return bool(runs) and bool(store.client().list_artifacts(runs[0].info.run_id, N.RECORDS_DIR))
+    return bool(runs) and bool(store.client().list_artifacts(runs[0].info.run_id, names.RECORDS_DIR))
 
 
 def test_four_chunks_at_once_on_a_new_store_lose_nothing(tmp_path, monkeypatch):
@@ -61,9 +61,9 @@ def test_four_chunks_at_once_on_a_new_store_lose_nothing(tmp_path, monkeypatch):
             assert [p.returncode for p in procs] == [0] * 4, [err[-1500:] for _, err in results]
             runs = chunk_runs("race")
             assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
-            assert sorted(len(store.load_records(r.info.run_id, N.chunk_artifact(*map(int, r.data.tags[N.TAG_ROWS]
+            assert sorted(len(store.load_records(r.info.run_id, names.chunk_artifact(*map(int, r.data.tags[names.TAG_ROWS]
                                                                                     .split(":"))))) for r in runs) == [2] * 4
-            parents = {r.data.tags[N.TAG_PARENT] for r in runs}
+            parents = {r.data.tags[names.TAG_PARENT] for r in runs}
             assert len(parents) == 1  # one parent, though four processes looked for it at once
 
 
@@ -75,8 +75,8 @@ def test_a_terminated_chunk_is_failed_with_its_checkpoint_kept(mlflow_store, sig
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, err[-1500:]
     [run] = chunk_runs("term")
-    assert run.info.status == "FAILED" and run.data.tags[N.TAG_STOPPED_BY] == sig.name
-    saved = store.load_records(run.info.run_id, N.chunk_artifact(0, 8))
+    assert run.info.status == "FAILED" and run.data.tags[names.TAG_STOPPED_BY] == sig.name
+    saved = store.load_records(run.info.run_id, names.chunk_artifact(0, 8))
     assert 2 <= len(saved) < 8
     again = worker("term")  # resumes from the checkpoint
     out, err = again.communicate(timeout=120)
@@ -108,7 +108,7 @@ def test_a_lease_from_a_lost_node_is_honoured_until_it_expires(mlflow_store):
     first.send_signal(signal.SIGKILL)
     first.wait()
     [run] = chunk_runs("node")
-    store.set_tags(run.info.run_id, {N.TAG_LEASE_HOST: "gpu-node-17", N.TAG_LEASE_RENEWED: f"{time.time():.3f}"})
+    store.set_tags(run.info.run_id, {names.TAG_LEASE_HOST: "gpu-node-17", names.TAG_LEASE_RENEWED: f"{time.time():.3f}"})
     env = {**os.environ, "TTC_LEASE_S": "3"}
     refused = worker("node", env=env)
     _, err = refused.communicate(timeout=120)
@@ -121,25 +121,25 @@ def test_a_lease_from_a_lost_node_is_honoured_until_it_expires(mlflow_store):
 
 def test_a_corrupt_checkpoint_keeps_what_it_can_and_recomputes_the_rest(mlflow_store, tmp_path):
     proc = worker("corrupt", delay=1.0)
-    wait_for(lambda: len(store.load_records_tolerant(chunk_runs("corrupt")[0].info.run_id, N.chunk_artifact(0, 8))[0]
+    wait_for(lambda: len(store.load_records_tolerant(chunk_runs("corrupt")[0].info.run_id, names.chunk_artifact(0, 8))[0]
                          or []) >= 4 if chunk_runs("corrupt") else False, "two checkpoints")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     [run] = chunk_runs("corrupt")
-    name = N.chunk_artifact(0, 8)
+    name = names.chunk_artifact(0, 8)
     good = store.load_records(run.info.run_id, name)
     # cut the checkpoint mid-way through its last record, as a crash during an upload would
     lines = [line for line in gzip.decompress(Path(store.client().download_artifacts(
-        run.info.run_id, f"{N.RECORDS_DIR}/{name}", str(tmp_path))).read_bytes()).decode().splitlines()]
+        run.info.run_id, f"{names.RECORDS_DIR}/{name}", str(tmp_path))).read_bytes()).decode().splitlines()]
     broken = tmp_path / "broken" / name
     broken.parent.mkdir()
     broken.write_bytes(gzip.compress(("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2]).encode()))
-    store.client().log_artifact(run.info.run_id, str(broken), N.RECORDS_DIR)
+    store.client().log_artifact(run.info.run_id, str(broken), names.RECORDS_DIR)
 
     again = worker("corrupt")
     out, err = again.communicate(timeout=120)
     assert again.returncode == 0, err[-2000:]
-    assert f"record file {N.RECORDS_DIR}/{name} of run {run.info.run_id} is corrupt at line {len(good)}" in err
+    assert f"record file {names.RECORDS_DIR}/{name} of run {run.info.run_id} is corrupt at line {len(good)}" in err
     assert f"keeping the {len(good) - 1} records before it" in err and f"resumed_from={len(good) - 1}" in out
     [run] = chunk_runs("corrupt")
     assert run.info.status == "FINISHED" and len(store.load_records(run.info.run_id, name)) == 8

@@ -24,7 +24,7 @@ from conftest import free_port, wait_healthy
 from fakes import FakePolicy, FakePRM
 from typer.testing import CliRunner
 
-from ttc_mlops import names as N
+from ttc_mlops import names
 from ttc_mlops.cli import app
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe, RecipeError, load_recipe
 from ttc_mlops.data import builtin_problems
@@ -156,7 +156,7 @@ def test_the_heartbeat_reads_its_lease_once(mlflow_store, monkeypatch):
     assert beat._thread.is_alive() and beat.every_s == 2
     monkeypatch.setenv("TTC_LEASE_S", "8")
     beat.release()
-    assert store.get_run(run_id).data.tags[N.TAG_LEASE_RENEWED] == "0"
+    assert store.get_run(run_id).data.tags[names.TAG_LEASE_RENEWED] == "0"
 
 
 @pytest.mark.parametrize("command", [["run", str(RECIPE)], ["merge", "--parent-run-id", "0" * 32],
@@ -292,9 +292,9 @@ def test_artifacts_on_a_full_disk_fail_the_chunk_in_one_line(mlflow_store, tmp_p
         from ttc_mlops.pipeline import store
 
         chunks = store.client().search_runs([e.experiment_id for e in store.client().search_experiments()],
-                                            filter_string=f"tags.`{N.TAG_ROLE}` = '{N.ROLE_CHUNK}'")
+                                            filter_string=f"tags.`{names.TAG_ROLE}` = '{names.ROLE_CHUNK}'")
         assert chunks and all(r.info.status == "FAILED" for r in chunks)  # never left RUNNING
-        assert all("no space left" in r.data.tags.get(N.TAG_ERROR, "") for r in chunks)
+        assert all("no space left" in r.data.tags.get(names.TAG_ERROR, "") for r in chunks)
 
 
 def test_a_read_only_store_is_refused_before_any_work(tmp_path, monkeypatch):
@@ -328,7 +328,7 @@ def test_ctrl_c_fails_the_chunk_run_as_sigterm_does(mlflow_store, tmp_path, tiny
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
         "stopped by SIGINT: the chunk run is marked FAILED, what was checkpointed is kept; run the same command")
     [run] = chunk_runs("hard")
-    assert run.info.status == "FAILED" and run.data.tags[N.TAG_STOPPED_BY] == "SIGINT"
+    assert run.info.status == "FAILED" and run.data.tags[names.TAG_STOPPED_BY] == "SIGINT"
 
 
 # --- class 2: a registered version runs no code it was not asked to
@@ -350,7 +350,7 @@ def tiny_recipe(model, **kw):
 def chunk_runs(experiment):
     exp = store.client().get_experiment_by_name(experiment)
     return [] if exp is None else store.client().search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{N.TAG_ROLE}` = '{N.ROLE_CHUNK}'")
+        [exp.experiment_id], filter_string=f"tags.`{names.TAG_ROLE}` = '{names.ROLE_CHUNK}'")
 
 
 def registered(recipe, script=SCRIPT):
@@ -366,8 +366,8 @@ def overwrite_recipe(parent_id, text, tmp_path):
     """What a writer of the store can do: replace the version's recipe.yaml artifact."""
     folder = tmp_path / "evil"
     folder.mkdir(exist_ok=True)
-    (folder / N.RECIPE_ARTIFACT).write_text(text)
-    store.client().log_artifact(parent_id, str(folder / N.RECIPE_ARTIFACT), f"{N.MODEL_ARTIFACT}/artifacts")
+    (folder / names.RECIPE_ARTIFACT).write_text(text)
+    store.client().log_artifact(parent_id, str(folder / names.RECIPE_ARTIFACT), f"{names.MODEL_ARTIFACT}/artifacts")
 
 
 def test_load_search_refuses_a_recipe_changed_after_registration(mlflow_store, tmp_path):
@@ -377,7 +377,7 @@ def test_load_search_refuses_a_recipe_changed_after_registration(mlflow_store, t
     name, version = done.registered
     uri = f"models:/{name}/{version}"
     assert load_search(uri).recipe.trust_remote_code is False
-    text = store.load_run_text(done.parent_run_id, f"{N.MODEL_ARTIFACT}/artifacts/{N.RECIPE_ARTIFACT}")
+    text = store.load_run_text(done.parent_run_id, f"{names.MODEL_ARTIFACT}/artifacts/{names.RECIPE_ARTIFACT}")
     evil = text.replace("trust_remote_code: false", "trust_remote_code: true")
     assert evil != text
     overwrite_recipe(done.parent_run_id, evil, tmp_path)
@@ -425,7 +425,7 @@ def test_a_concurrent_second_registration_of_one_parent_finds_the_first(mlflow_s
         return create(self, *args, **kwargs)
 
     monkeypatch.setattr(type(c), "create_model_version", racing)
-    got_name, got, created, _ = model.register_version(done.parent_run_id, recipe, done.evaluation.at(), N.M_ACC_WEIGHTED)
+    got_name, got, created, _ = model.register_version(done.parent_run_id, recipe, done.evaluation.at(), names.M_ACC_WEIGHTED)
     assert (got_name, got, created) == (name, str(other["v"]), False)
     assert [str(v.version) for v in c.search_model_versions(f"name = '{name}'")] == [str(other["v"])]
 
@@ -441,7 +441,7 @@ def test_two_evaluations_of_one_parent_at_once_register_one_version(mlflow_store
                               stderr=subprocess.PIPE, text=True, env=os.environ.copy()) for _ in range(3)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [e[-1500:] for _, e in outs]
-    name = N.registered_model_name(recipe)
+    name = names.registered_model_name(recipe)
     versions = store.client().search_model_versions(f"name = '{name}'")
     assert len(versions) == 1 and all(f"registered: models:/{name}/{versions[0].version} " in o for o, _ in outs)
 
@@ -452,10 +452,10 @@ def test_best_is_chosen_within_one_problem_set(mlflow_store):
     name, v_two = two.registered
     assert two.best == v_two
     one = registered(fake_recipe("best", num_samples=1, n=1), half)  # 1 of 1 right: 1.0 on a smaller set
-    assert one.registered[0] == name and one.evaluation.at()[N.M_ACC_WEIGHTED] == 1.0
-    assert one.best == v_two and str(store.client().get_model_version_by_alias(name, N.BEST_ALIAS).version) == v_two
+    assert one.registered[0] == name and one.evaluation.at()[names.M_ACC_WEIGHTED] == 1.0
+    assert one.best == v_two and str(store.client().get_model_version_by_alias(name, names.BEST_ALIAS).version) == v_two
     version = store.client().get_model_version(name, one.registered[1])
-    assert version.tags[N.TAG_MERGED_PROBLEMS] == "1" and version.tags[N.TAG_PROBLEM_SET]
+    assert version.tags[names.TAG_MERGED_PROBLEMS] == "1" and version.tags[names.TAG_PROBLEM_SET]
 
 
 @pytest.mark.parametrize("field", ["groups", "finished", "step_scores", "agg_scores", "completion_tokens",
@@ -465,15 +465,15 @@ def test_merge_checks_every_per_completion_list(mlflow_store, tmp_path, field):
 
     recipe = fake_recipe("lists")
     result = run_chunk(recipe, FakePolicy(SCRIPT), FakePRM(), progress=False)
-    records = store.load_records(result.run_id, N.chunk_artifact(0, 2))
+    records = store.load_records(result.run_id, names.chunk_artifact(0, 2))
     bad = records[1]
     value = getattr(bad, field)
     setattr(bad, field, value[:-1] if len(value) > 1 else (value * 3 or [0]))
-    store.log_records(result.run_id, records, N.chunk_artifact(0, 2))
+    store.log_records(result.run_id, records, names.chunk_artifact(0, 2))
     # groups / finished: merge's check; the other four the record reader's (named as a corrupt line)
     said = rf"record {bad.problem_id!r}(: 2 completions but .*'{field}': 1| has \d+ {field} for 2 completions)"
     with pytest.raises(MergeError, match=said):
         merge(result.parent_run_id, recipe)
     out = cli("merge", "--parent-run-id", result.parent_run_id)
     assert out.exit_code == 1 and re.search(said, one_line_error(out))
-    assert store.load_records(result.parent_run_id, N.MERGED_RECORDS) is None  # nothing overwritten
+    assert store.load_records(result.parent_run_id, names.MERGED_RECORDS) is None  # nothing overwritten

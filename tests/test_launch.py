@@ -20,7 +20,7 @@ from conftest import REPO
 from fakes import FakePolicy, FakePRM
 from typer.testing import CliRunner
 
-from ttc_mlops import names as N
+from ttc_mlops import names
 from ttc_mlops.cli import app
 from ttc_mlops.config import (
     BUILTIN_DATASET,
@@ -196,7 +196,7 @@ def test_launch_submits_the_array_then_merge_after_it(slurm, fake_server, recipe
     copy = load_recipe(out / "recipe.yaml")  # the tasks' recipe: same search configuration
     assert copy.n == 4 and copy.search_key == base_recipe(n=4).search_key
     run = store.client().get_run(parent)
-    assert run.data.tags[N.TAG_ROLE] == "parent" and run.data.tags[N.TAG_SEARCH_KEY] == copy.search_key
+    assert run.data.tags[names.TAG_ROLE] == "parent" and run.data.tags[names.TAG_SEARCH_KEY] == copy.search_key
     again = launch(str(recipe_file), ["n=4"], 3)  # the same configuration finds the same parent
     assert again.parent_run_id == parent
 

@@ -5,7 +5,7 @@ import pytest
 from fakes import FakePolicy, FakePRM
 from typer.testing import CliRunner
 
-from ttc_mlops import names as N
+from ttc_mlops import names
 from ttc_mlops.cli import app
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe
 from ttc_mlops.data import builtin_problems
@@ -52,8 +52,8 @@ def test_merge_logs_records_recipe_and_tags_on_the_parent(mlflow_store):
     result = merge(pid, recipe())
     log_merge(result)
     tags = store.client().get_run(pid).data.tags
-    assert tags[N.TAG_MERGED] == "complete" and tags[N.TAG_MERGED_PROBLEMS] == "7"
-    assert dicts(store.load_records(pid, N.MERGED_RECORDS)) == dicts(result.records)
+    assert tags[names.TAG_MERGED] == "complete" and tags[names.TAG_MERGED_PROBLEMS] == "7"
+    assert dicts(store.load_records(pid, names.MERGED_RECORDS)) == dicts(result.records)
     # the parent can now be named by id alone; its recipe comes back from the run
     assert resolve_parent(None, pid) == (pid, recipe())
 
@@ -73,7 +73,7 @@ def test_merge_names_a_missing_chunk_and_writes_nothing(mlflow_store):
     message = str(err.value)
     assert "4 of 7 problems covered exactly once by 2 chunk run(s)" in message
     assert "missing 3 problem(s) of rows 4:7 (no chunk run): builtin/004, builtin/005, builtin/006" in message
-    assert store.load_records(a.parent_run_id, N.MERGED_RECORDS) is None  # nothing written
+    assert store.load_records(a.parent_run_id, names.MERGED_RECORDS) is None  # nothing written
 
     partial = merge(a.parent_run_id, recipe(), allow_partial=True)
     assert partial.partial and len(partial.records) == 4
@@ -119,17 +119,17 @@ def test_bad_input_is_named_and_nothing_is_written(mlflow_store):
     pid = run(recipe()).parent_run_id
     # a corrupt record file
     chunk = store.find_chunk_run(pid, 0, 7)
-    path = store.client().download_artifacts(chunk.info.run_id, f"records/{N.chunk_artifact(0, 7)}")
+    path = store.client().download_artifacts(chunk.info.run_id, f"records/{names.chunk_artifact(0, 7)}")
     with open(path, "wb") as f:
         f.write(b"\x1f\x8b not gzip at all")
-    c.log_artifact(chunk.info.run_id, path, N.RECORDS_DIR)
+    c.log_artifact(chunk.info.run_id, path, names.RECORDS_DIR)
     with pytest.raises(MergeError, match=f"chunk run {chunk.info.run_id} \\(0:7\\): record file .* is corrupt"):
         merge(pid, recipe())
 
     # records of another dataset under a chunk of this parent
     other = run(recipe(experiment_name="o", num_samples=7, dataset_name=_other_dataset(mlflow_store)))
-    records = store.load_records(other.run_id, N.chunk_artifact(0, 7))
-    store.log_records(chunk.info.run_id, records, N.chunk_artifact(0, 7))
+    records = store.load_records(other.run_id, names.chunk_artifact(0, 7))
+    store.log_records(chunk.info.run_id, records, names.chunk_artifact(0, 7))
     with pytest.raises(MergeError, match="record 'other/0' is not in dataset builtin:math-mini"):
         merge(pid, recipe())
 
@@ -137,8 +137,8 @@ def test_bad_input_is_named_and_nothing_is_written(mlflow_store):
     foreign = store.create_chunk_run(pid, recipe(n=2, chunk=0, num_chunks=7), 0, 1, 7)
     with pytest.raises(MergeError, match=f"chunk run {foreign} \\(0:1\\) was run with another recipe.*n=2 \\(parent: 4\\)"):
         merge(pid, recipe())
-    assert store.load_records(pid, N.MERGED_RECORDS) is None
-    assert N.TAG_MERGED not in c.get_run(pid).data.tags
+    assert store.load_records(pid, names.MERGED_RECORDS) is None
+    assert names.TAG_MERGED not in c.get_run(pid).data.tags
 
 
 def _other_dataset(store_uri):
@@ -157,7 +157,7 @@ def test_cli_merge_exits_non_zero_naming_the_missing_rows(mlflow_store, tmp_path
     assert out.exit_code == 1 and "rows 3:7 (no chunk run)" in out.output
     out = cli.invoke(app, ["merge", "--parent-run-id", pid, "--allow-partial"])
     assert out.exit_code == 0, out.output
-    assert store.client().get_run(pid).data.tags[N.TAG_MERGED] == "partial"
+    assert store.client().get_run(pid).data.tags[names.TAG_MERGED] == "partial"
     out = cli.invoke(app, ["merge"])
     assert out.exit_code == 2 and "exactly one of RECIPE or --parent-run-id" in out.output
 

@@ -4,7 +4,7 @@ weights, weight 0 is never drawn, references survive a Gibbs sweep, records igno
 import pytest
 from fakes import FakePolicy, FakePRM, StepPolicy, StreamingPolicy
 
-from ttc_mlops import names as N
+from ttc_mlops import names
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe, RecipeError, build_recipe
 from ttc_mlops.data import Problem, builtin_problems
 from ttc_mlops.records import Record
@@ -159,7 +159,7 @@ def test_bad_particle_settings_are_refused_by_name():
     r = build_recipe({"approach": "particle_filtering"})
     assert {"pf_temperature", "pg_iterations"} <= set(r.params()) and "beam_width" not in r.params()
     assert "pf_temperature" not in build_recipe({"approach": "beam_search"}).params()
-    assert N.run_name(build_recipe({"approach": "particle_filtering", "pg_iterations": 3})).endswith("-n4-pg3")
+    assert names.run_name(build_recipe({"approach": "particle_filtering", "pg_iterations": 3})).endswith("-n4-pg3")
 
 
 class Dying(FakePolicy):
@@ -191,4 +191,4 @@ def test_a_killed_particle_filter_resumes_to_the_same_records(mlflow_store):
                       progress=False)
     assert resumed.resumed_from == 2
     assert [x.to_dict() for x in resumed.records] == [x.to_dict() for x in fresh.records]
-    assert resumed.metrics[N.M_GENERATE_CALLS] == fresh.metrics[N.M_GENERATE_CALLS]
+    assert resumed.metrics[names.M_GENERATE_CALLS] == fresh.metrics[names.M_GENERATE_CALLS]

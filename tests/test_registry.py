@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from fakes import FakePolicy, FakePRM
 
-from ttc_mlops import names as N
+from ttc_mlops import names
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe
 from ttc_mlops.data import builtin_problems
 from ttc_mlops.pipeline import store
@@ -48,7 +48,7 @@ def round_trip(model):
     assert better.registered == (name, "2")
     best = model_version_by_alias(name)
     assert str(best.version) == "2" and float(best.tags["acc_weighted"]) == 1.0
-    assert best.tags[N.TAG_N] == "2" and best.tags[N.TAG_PRM] == str(model)
+    assert best.tags[names.TAG_N] == "2" and best.tags[names.TAG_PRM] == str(model)
     assert "seed: 2" in best.tags["recipe"] and best.run_id == better.parent_run_id
     # evaluating the same parent again registers nothing new
     again = evaluate_parent(better.parent_run_id, base(model, seed=2), workers=1)
@@ -108,4 +108,4 @@ def test_a_whole_set_ttc_run_ends_merged_evaluated_and_registered(mlflow_store, 
     c = store.client()
     [version] = c.search_model_versions(f"name = '{name}'")
     assert sorted(m.step for m in c.get_metric_history(version.run_id, "acc_weighted")) == [1, 2]
-    assert c.get_run(version.run_id).data.tags[N.TAG_MERGED] == "complete"
+    assert c.get_run(version.run_id).data.tags[names.TAG_MERGED] == "complete"

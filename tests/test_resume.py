@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ttc_mlops import names as N
+from ttc_mlops import names
 from ttc_mlops.config import load_recipe
 from ttc_mlops.pipeline import store
 from ttc_mlops.pipeline.run_chunk import run_chunk
@@ -37,17 +37,17 @@ def ttc_run(experiment: str, *extra: str) -> subprocess.Popen:
 def chunk_run(experiment: str):
     exp = store.client().get_experiment_by_name(experiment)
     runs = [] if exp is None else store.client().search_runs(
-        [exp.experiment_id], filter_string=f"tags.`{N.TAG_ROLE}` = '{N.ROLE_CHUNK}'")
+        [exp.experiment_id], filter_string=f"tags.`{names.TAG_ROLE}` = '{names.ROLE_CHUNK}'")
     return runs[0] if runs else None
 
 
 def checkpointed(experiment: str) -> bool:
     run = chunk_run(experiment)
-    return run is not None and bool(store.client().list_artifacts(run.info.run_id, N.RECORDS_DIR))
+    return run is not None and bool(store.client().list_artifacts(run.info.run_id, names.RECORDS_DIR))
 
 
 def records_of(experiment: str, start: int = 0, end: int = 4):
-    return [r.to_dict() for r in store.load_records(chunk_run(experiment).info.run_id, N.chunk_artifact(start, end))]
+    return [r.to_dict() for r in store.load_records(chunk_run(experiment).info.run_id, names.chunk_artifact(start, end))]
 
 
 def test_kill_resume_rechunk_and_rerun_give_identical_records(mlflow_store):
@@ -60,7 +60,7 @@ def test_kill_resume_rechunk_and_rerun_give_identical_records(mlflow_store):
         time.sleep(0.2)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    saved = store.load_records(chunk_run("killed").info.run_id, N.chunk_artifact(0, 4))
+    saved = store.load_records(chunk_run("killed").info.run_id, names.chunk_artifact(0, 4))
     assert len(saved) == 2
 
     resumed = ttc_run("killed", "--chunk", "0", "--num-chunks", "1")

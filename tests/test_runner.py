@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from fakes import FakePolicy, FakePRM
 
-from ttc_mlops import names as N
+from ttc_mlops import names
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe, RecipeError
 from ttc_mlops.data import builtin_problems
 from ttc_mlops.pipeline import store
@@ -23,17 +23,17 @@ def test_chunk_run_logs_params_tags_records_and_metrics(mlflow_store):
     c = store.client()
     run = c.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags[N.TAG_PARENT] == result.parent_run_id
-    assert run.data.tags[N.TAG_STRATEGY] == "best_of_n"
+    assert run.data.tags[names.TAG_PARENT] == result.parent_run_id
+    assert run.data.tags[names.TAG_STRATEGY] == "best_of_n"
     assert run.data.params["n"] == "4" and run.data.params["agg_strategy"] == "last"
-    assert run.data.metrics[N.M_PROBLEMS] == 6
-    assert run.data.metrics[N.M_ACC_SELECTED] == 1.0
-    assert run.data.metrics[N.M_UNGRADED] == 0
-    records = store.load_records(result.run_id, N.chunk_artifact(0, 6))
+    assert run.data.metrics[names.M_PROBLEMS] == 6
+    assert run.data.metrics[names.M_ACC_SELECTED] == 1.0
+    assert run.data.metrics[names.M_UNGRADED] == 0
+    records = store.load_records(result.run_id, names.chunk_artifact(0, 6))
     assert [r.problem_id for r in records] == [p.problem_id for p in PROBLEMS]
     parent = c.get_run(result.parent_run_id)
-    assert parent.data.tags[N.TAG_ROLE] == "parent"
-    assert parent.data.tags[N.TAG_SEARCH_KEY] == recipe().search_key
+    assert parent.data.tags[names.TAG_ROLE] == "parent"
+    assert parent.data.tags[names.TAG_SEARCH_KEY] == recipe().search_key
 
 
 def test_finished_chunk_is_not_rerun(mlflow_store):
@@ -48,13 +48,13 @@ def test_a_finished_chunk_with_a_truncated_records_artifact_is_repaired_on_rerun
     import gzip
 
     first = run_chunk(recipe(), FakePolicy(SCRIPT), FakePRM(), progress=False)
-    name = N.chunk_artifact(0, 6)
-    local = Path(store.client().download_artifacts(first.run_id, f"{N.RECORDS_DIR}/{name}", str(tmp_path)))
+    name = names.chunk_artifact(0, 6)
+    local = Path(store.client().download_artifacts(first.run_id, f"{names.RECORDS_DIR}/{name}", str(tmp_path)))
     lines = gzip.decompress(local.read_bytes()).splitlines(keepends=True)
     cut = tmp_path / "cut" / name  # four whole records, then half of the fifth: an upload cut short
     cut.parent.mkdir()
     cut.write_bytes(gzip.compress(b"".join(lines[:4]) + lines[4][: len(lines[4]) // 2]))
-    store.client().log_artifact(first.run_id, str(cut), N.RECORDS_DIR)
+    store.client().log_artifact(first.run_id, str(cut), names.RECORDS_DIR)
 
     policy = FakePolicy(SCRIPT)
     again = run_chunk(recipe(), policy, FakePRM(), progress=False)
@@ -85,9 +85,9 @@ def test_killed_chunk_resumes_with_the_same_records(mlflow_store):
     fresh = run_chunk(recipe(experiment_name="u"), FakePolicy(SCRIPT), FakePRM(), progress=False)
     assert [r.to_dict() for r in resumed.records] == [r.to_dict() for r in fresh.records]
     # the metrics are totals over the chunk's work, the killed process's included
-    for key in (N.M_GENERATE_CALLS, N.M_GENERATED_TOKENS, N.M_COMPLETION_TOKENS, N.M_PROBLEMS):
+    for key in (names.M_GENERATE_CALLS, names.M_GENERATED_TOKENS, names.M_COMPLETION_TOKENS, names.M_PROBLEMS):
         assert resumed.metrics[key] == fresh.metrics[key], key
-    assert resumed.metrics[N.M_GENERATE_CALLS] == 3 and resumed.metrics[N.M_WALL_S] > 0
+    assert resumed.metrics[names.M_GENERATE_CALLS] == 3 and resumed.metrics[names.M_WALL_S] > 0
 
 
 def test_chunks_share_one_parent(mlflow_store):
@@ -111,7 +111,7 @@ def test_output_dir_gets_a_local_copy(mlflow_store, tmp_path):
     from ttc_mlops.records import read_records
 
     run_chunk(recipe(output_dir=str(tmp_path / "out")), FakePolicy(SCRIPT), FakePRM(), progress=False)
-    assert len(read_records(tmp_path / "out" / N.chunk_artifact(0, 6))) == 6
+    assert len(read_records(tmp_path / "out" / names.chunk_artifact(0, 6))) == 6
 
 
 def test_the_bar_moves_within_a_search_batch():
@@ -166,8 +166,8 @@ def test_a_chunk_whose_records_were_all_checkpointed_finishes_without_a_model(ml
     assert not again.skipped and again.resumed_from == 6
     run = store.client().get_run(again.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics[N.M_PROBLEMS] == 6 and run.data.metrics[N.M_GENERATE_CALLS] == 3
-    assert run.data.metrics[N.M_POLICY_PARAMS] == 1000  # the checkpoint's counters carry what FLOPs need
+    assert run.data.metrics[names.M_PROBLEMS] == 6 and run.data.metrics[names.M_GENERATE_CALLS] == 3
+    assert run.data.metrics[names.M_POLICY_PARAMS] == 1000  # the checkpoint's counters carry what FLOPs need
 
 
 def test_an_unwritable_output_dir_is_refused_before_any_run(mlflow_store, tmp_path):
@@ -186,4 +186,4 @@ def test_the_notebook_path_gives_the_records_of_a_chunk_run(mlflow_store):
     records = ttc.run_search(r, ttc.load_problems(r), FakePolicy(SCRIPT), FakePRM())
     assert [x.to_dict() for x in records] == [x.to_dict() for x in chunk.records]
     # the naive vote at N picks the selected completion: evaluate and the chunk's metric agree
-    assert ttc.evaluate(records, r).at()["acc_naive"] == chunk.metrics[N.M_ACC_SELECTED] > 0
+    assert ttc.evaluate(records, r).at()["acc_naive"] == chunk.metrics[names.M_ACC_SELECTED] > 0

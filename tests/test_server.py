@@ -28,7 +28,7 @@ def mlflow_run(entry: str, *params: str) -> subprocess.CompletedProcess:
 def test_chunks_merge_and_evaluate_entry_points_against_a_server(mlflow_server):
     import mlflow.pyfunc
 
-    from ttc_mlops import names as N
+    from ttc_mlops import names
     from ttc_mlops.pipeline import model, store
 
     r = Recipe(model_path=EMBEDDED_MODEL, prm_path=EMBEDDED_MODEL, dataset_name=BUILTIN_DATASET, num_samples=4,
@@ -39,20 +39,20 @@ def test_chunks_merge_and_evaluate_entry_points_against_a_server(mlflow_server):
     done = mlflow_run("merge", f"parent_run_id={pid}", "allow_partial=true")  # rows 2:4 are missing
     assert done.returncode == 0, done.stderr[-3000:]
     assert "missing 2 problem(s) of rows 2:4 (no chunk run)" in done.stdout
-    assert c.get_run(pid).data.tags[N.TAG_MERGED] == "partial"
+    assert c.get_run(pid).data.tags[names.TAG_MERGED] == "partial"
 
     run_chunk(r.model_copy(update={"chunk": 1, "num_chunks": 2}), FakePolicy(SCRIPT), FakePRM(), progress=False)
     for entry in ("merge", "evaluate"):
         done = mlflow_run(entry, f"parent_run_id={pid}")
         assert done.returncode == 0, done.stderr[-3000:]
     parent = c.get_run(pid)
-    assert parent.data.tags[N.TAG_MERGED] == "complete"
+    assert parent.data.tags[names.TAG_MERGED] == "complete"
     assert sorted(m.step for m in c.get_metric_history(pid, "acc_weighted")) == [1, 2, 4]
     assert parent.data.metrics["acc_weighted"] == 1.0
     # the entry points' own runs nest under the parent they worked on
-    steps = c.search_runs([parent.info.experiment_id], filter_string=f"tags.`{N.TAG_ROLE}` = '{N.ROLE_STEP}'")
-    assert len(steps) == 3 and all(s.data.tags[N.TAG_PARENT] == pid for s in steps)
-    assert sorted(s.data.tags[N.TAG_RUN_NAME].split(":")[0] for s in steps) == ["evaluate", "merge", "merge"]
+    steps = c.search_runs([parent.info.experiment_id], filter_string=f"tags.`{names.TAG_ROLE}` = '{names.ROLE_STEP}'")
+    assert len(steps) == 3 and all(s.data.tags[names.TAG_PARENT] == pid for s in steps)
+    assert sorted(s.data.tags[names.TAG_RUN_NAME].split(":")[0] for s in steps) == ["evaluate", "merge", "merge"]
 
     version = model.model_version_by_alias("ttc-SmolLM2-135M-Instruct-best_of_n")
     assert version.run_id == pid and float(version.tags["acc_weighted"]) == 1.0

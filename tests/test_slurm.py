@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from ttc_mlops import names as N
+from ttc_mlops import names
 from ttc_mlops.config import load_recipe
 from ttc_mlops.data import builtin_problems
 from ttc_mlops.pipeline import store
@@ -127,14 +127,14 @@ def job_logs(cwd: Path, parent: str) -> str:
 
 def chunk_runs_by_rows(parent: str) -> dict[str, object]:
     runs = store.chunk_runs(parent)
-    rows = [r.data.tags[N.TAG_ROWS] for r in runs]
+    rows = [r.data.tags[names.TAG_ROWS] for r in runs]
     assert len(rows) == len(set(rows)), f"duplicate chunk runs: {sorted(rows)}"
-    return {r.data.tags[N.TAG_ROWS]: r for r in runs}
+    return {r.data.tags[names.TAG_ROWS]: r for r in runs}
 
 
 def merged_ids(parent: str) -> list[str]:
-    records = store.load_records(parent, N.MERGED_RECORDS)
-    assert records is not None, f"parent {parent} has no {N.MERGED_RECORDS}"
+    records = store.load_records(parent, names.MERGED_RECORDS)
+    assert records is not None, f"parent {parent} has no {names.MERGED_RECORDS}"
     return [r.problem_id for r in records]
 
 
@@ -147,7 +147,7 @@ def tiny_overrides(tiny_llama_dir, **kw) -> list[str]:
 def test_array_job_then_merge_and_evaluate_on_the_embedded_recipe(cluster, server, tmp_path):
     # The submitting shell sits inside another run (as under `mlflow run`): no task may write to it.
     shell_exp = store.ensure_experiment("launching-shell")
-    shell_run = server.create_run(shell_exp, tags={N.TAG_ROLE: "parent", N.TAG_SEARCH_KEY: "another"})
+    shell_run = server.create_run(shell_exp, tags={names.TAG_ROLE: "parent", names.TAG_SEARCH_KEY: "another"})
     shell_id = shell_run.info.run_id
     before = server.get_run(shell_id).data
 
@@ -162,14 +162,14 @@ def test_array_job_then_merge_and_evaluate_on_the_embedded_recipe(cluster, serve
 
     chunks = chunk_runs_by_rows(parent)
     assert sorted(chunks) == ["0:1", "1:2", "2:3", "3:4"]
-    assert all(r.info.status == "FINISHED" and r.data.metrics[N.M_PROBLEMS] == 1 for r in chunks.values())
+    assert all(r.info.status == "FINISHED" and r.data.metrics[names.M_PROBLEMS] == 1 for r in chunks.values())
     assert merged_ids(parent) == [p.problem_id for p in builtin_problems()[:4]]
     run = server.get_run(parent)
-    assert run.data.tags[N.TAG_MERGED] == "complete"
-    for metric in N.VOTING_METRICS:
+    assert run.data.tags[names.TAG_MERGED] == "complete"
+    for metric in names.VOTING_METRICS:
         assert sorted(m.step for m in server.get_metric_history(parent, metric)) == [1, 2], metric
     recipe = load_recipe(RECIPE, sets)
-    versions = server.search_model_versions(f"name = '{N.registered_model_name(recipe)}'")
+    versions = server.search_model_versions(f"name = '{names.registered_model_name(recipe)}'")
     assert parent in {v.run_id for v in versions}
     # environment hygiene: the shell's run got no tags, children or metrics from the tasks
     after = server.get_run(shell_id).data
@@ -193,7 +193,7 @@ def test_eight_tasks_at_once_one_cancelled_then_only_missing_completes(cluster, 
     while not saved:
         assert time.monotonic() < deadline, job_logs(tmp_path, parent)
         run = chunk_runs_by_rows(parent).get("4:8")
-        saved = (run and store.load_records(run.info.run_id, N.chunk_artifact(4, 8))) or []
+        saved = (run and store.load_records(run.info.run_id, names.chunk_artifact(4, 8))) or []
         time.sleep(0.2)
     cluster.run("scancel", f"{array}_1", cwd=tmp_path)
     states = cluster.states(array)
@@ -202,7 +202,7 @@ def test_eight_tasks_at_once_one_cancelled_then_only_missing_completes(cluster, 
     assert len(tasks) == k and max(s for s, _ in tasks) < min(e for _, e in tasks), tasks  # all K ran at once
     assert cluster.states(merge)[merge] == "CANCELLED"  # afterok never holds: no merge of a partial parent
     killed = chunk_runs_by_rows(parent)["4:8"]
-    checkpoint = store.load_records(killed.info.run_id, N.chunk_artifact(4, 8))
+    checkpoint = store.load_records(killed.info.run_id, names.chunk_artifact(4, 8))
     assert killed.info.status != "FINISHED" and 0 < len(checkpoint) < per_chunk, (killed.info.status, len(checkpoint))
 
     # the merge job alone (submitted by hand from the repository root) refuses and names the missing chunk
@@ -210,7 +210,7 @@ def test_eight_tasks_at_once_one_cancelled_then_only_missing_completes(cluster, 
                           parent, cwd=REPO, check=False)
     assert refused.returncode != 0
     assert "4:8" in (tmp_path / "merge-alone.out").read_text()
-    assert store.load_records(parent, N.MERGED_RECORDS) is None
+    assert store.load_records(parent, names.MERGED_RECORDS) is None
 
     out = cluster.ttc("launch", str(RECIPE), "--chunks", str(k), "--only-missing", *sets, cwd=tmp_path).stdout
     again, array2, merge2 = launched(out)
@@ -223,23 +223,23 @@ def test_eight_tasks_at_once_one_cancelled_then_only_missing_completes(cluster, 
     assert chunks["4:8"].info.run_id == killed.info.run_id
     log = next((tmp_path / "slurm-logs" / parent).glob(f"ttc-chunks-*_{array2}_1.out")).read_text()
     assert f"from {len(checkpoint)} saved problems" in log
-    merged = store.load_records(parent, N.MERGED_RECORDS)
+    merged = store.load_records(parent, names.MERGED_RECORDS)
     assert [r.problem_id for r in merged] == [p.problem_id for p in builtin_problems()[: k * per_chunk]]
     by_id = {r.problem_id: r.to_dict() for r in merged}
     assert all(by_id[r.problem_id] == r.to_dict() for r in checkpoint)  # what was saved is what was merged
-    assert server.get_run(parent).data.tags[N.TAG_MERGED] == "complete"
+    assert server.get_run(parent).data.tags[names.TAG_MERGED] == "complete"
 
     # load: every task's params, metrics and records arrived; one parent; metrics never one per request
     assert len(chunks) == k and all(r.info.status == "FINISHED" for r in chunks.values())
     params = len(load_recipe(RECIPE).params())  # the fields its strategy reads
     for rows, run in chunks.items():
         start, end = map(int, rows.split(":"))
-        assert run.data.metrics[N.M_PROBLEMS] == per_chunk and run.data.metrics[N.M_COMPLETION_TOKENS] > 0
-        assert {"gen_s", "prm_s", N.M_WALL_S, N.M_TOKENS_PER_S} <= set(run.data.metrics)
+        assert run.data.metrics[names.M_PROBLEMS] == per_chunk and run.data.metrics[names.M_COMPLETION_TOKENS] > 0
+        assert {"gen_s", "prm_s", names.M_WALL_S, names.M_TOKENS_PER_S} <= set(run.data.metrics)
         assert len(run.data.params) == params
-        assert len(store.load_records(run.info.run_id, N.chunk_artifact(start, end))) == per_chunk
+        assert len(store.load_records(run.info.run_id, names.chunk_artifact(start, end))) == per_chunk
     experiment = server.get_experiment_by_name("slurm-fault").experiment_id
-    parents = server.search_runs([experiment], f"tags.`{N.TAG_ROLE}` = 'parent'")
+    parents = server.search_runs([experiment], f"tags.`{names.TAG_ROLE}` = 'parent'")
     assert [p.info.run_id for p in parents] == [parent]
     spans = sorted((r.info.start_time, r.info.end_time) for r in chunks.values())
     overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)

@@ -8,7 +8,7 @@ from typing import get_args
 
 import yaml
 
-from ttc_mlops import optimal
+from ttc_mlops import routing
 from ttc_mlops.config import STRATEGY_FIELDS, Recipe, load_recipe
 from ttc_mlops.strategies import ROUTES, STRATEGIES, Strategy
 
@@ -42,7 +42,7 @@ def test_every_strategy_has_a_function_an_entry_point_and_an_embedded_recipe():
 def test_routes_and_route_fields_come_from_the_registry():
     assert set(ROUTES) == {n for n, s in STRATEGIES.items() if s.route} and "compute_optimal" not in ROUTES
     for name in ROUTES:
-        assert set(STRATEGIES[name].fields) <= set(optimal.ROUTE_FIELDS), name
+        assert set(STRATEGIES[name].fields) <= set(routing.ROUTE_FIELDS), name
 
 
 def test_adding_a_strategy_is_one_registration(tmp_path):

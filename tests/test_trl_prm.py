@@ -98,7 +98,7 @@ def test_ttc_run_beam_search_with_a_trl_prm_scores_as_the_saved_model(trl_prm, t
     import yaml
     from typer.testing import CliRunner
 
-    from ttc_mlops import names as N
+    from ttc_mlops import names
     from ttc_mlops.cli import app
     from ttc_mlops.pipeline import store
     from ttc_mlops.prm import split_steps
@@ -115,8 +115,8 @@ def test_ttc_run_beam_search_with_a_trl_prm_scores_as_the_saved_model(trl_prm, t
 
     c = store.client()
     runs = c.search_runs([c.get_experiment_by_name("trl-prm").experiment_id])
-    chunk = next(r for r in runs if r.data.tags.get(N.TAG_ROLE) == "chunk")
-    records = store.load_records(chunk.info.run_id, N.chunk_artifact(0, 2))
+    chunk = next(r for r in runs if r.data.tags.get(names.TAG_ROLE) == "chunk")
+    records = store.load_records(chunk.info.run_id, names.chunk_artifact(0, 2))
     assert len(records) == 2 and all(r.completions for r in records)
     for record in records:
         for completion, scores in zip(record.completions, record.step_scores):

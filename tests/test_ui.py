@@ -13,7 +13,7 @@ import subprocess
 import pytest
 from fakes import FakePolicy, FakePRM
 
-from ttc_mlops import names as N
+from ttc_mlops import names
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe
 from ttc_mlops.data import builtin_problems
 from ttc_mlops.pipeline.evaluate import evaluate_parent
@@ -52,14 +52,14 @@ def test_the_run_page_shows_accuracy_problems_and_search_trees(mlflow_server, tm
     run_url = f"{mlflow_server}/#/experiments/{exp}/runs/{pid}"
 
     overview = page(run_url, tmp_path / "run.png")
-    for text in ("acc_weighted", "acc_naive", "pass", "beam_search", N.EVAL_PROBLEMS):  # metrics and the description
+    for text in ("acc_weighted", "acc_naive", "pass", "beam_search", names.EVAL_PROBLEMS):  # metrics and the description
         assert text in overview, text
     assert "beam_width" in overview  # a beam search shows its beam settings
 
-    problems = page(f"{run_url}/artifacts/{N.EVAL_PROBLEMS}", tmp_path / "problems.png")
+    problems = page(f"{run_url}/artifacts/{names.EVAL_PROBLEMS}", tmp_path / "problems.png")
     assert all(p.problem_id in problems for p in PROBLEMS) and "selected" in problems
 
-    tree_page = f"{N.EVAL_DIR}/search-0000-0003.html"
+    tree_page = f"{names.EVAL_DIR}/search-0000-0003.html"
     listing = page(f"{run_url}/artifacts/{tree_page}", tmp_path / "tree-in-ui.png")
     assert "mlflow-html-iframe" in listing  # the UI shows the page in its frame
     # what the frame shows: the artifact as stored, rendered (the server sends it as a download)

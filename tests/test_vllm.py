@@ -159,15 +159,15 @@ def test_dvts_end_to_end_with_vllm(mlflow_store, tmp_path):
     for bad in ("Traceback", "Aborted", "core dumped", "terminate called"):
         assert bad not in done.stderr
 
-    from ttc_mlops import names as N
+    from ttc_mlops import names
     from ttc_mlops.pipeline import store
 
     c = store.client()
     runs = c.search_runs([c.get_experiment_by_name("e2e-vllm").experiment_id])
-    chunk = next(r for r in runs if r.data.tags.get(N.TAG_ROLE) == "chunk")
+    chunk = next(r for r in runs if r.data.tags.get(names.TAG_ROLE) == "chunk")
     assert chunk.data.params["backend"] == "vllm" and chunk.data.params["approach"] == "dvts"
     assert chunk.data.params["prm_backend"] == "vllm"
-    (record,) = store.load_records(chunk.info.run_id, N.chunk_artifact(0, 1))
+    (record,) = store.load_records(chunk.info.run_id, names.chunk_artifact(0, 1))
     assert len(record.completions) == 4
     assert all(t is not None and t > 0 for t in record.completion_tokens)
     assert all(0.0 <= s <= 1.0 for steps in record.step_scores for s in steps)

@@ -178,20 +178,20 @@ def run(recipe: str = typer.Argument(..., help="Recipe YAML."),
 
 
 def _summary(recipe, result) -> None:
-    from . import names as N
+    from . import names
     from .pipeline.store import tracking_uri
 
     m = result.metrics
     if result.skipped:
         typer.echo(f"chunk already finished in run {result.run_id}: nothing to do")
-    acc = m.get(N.M_ACC_SELECTED)
+    acc = m.get(names.M_ACC_SELECTED)
     rows = [
         ("strategy", f"{recipe.approach} (n={recipe.n}, model={recipe.model_path})"),
         ("problems", f"{len(result.records)}" + (f" ({result.resumed_from} from checkpoint)" if result.resumed_from and not result.skipped else "")),
         ("accuracy (selected)", "n/a" if acc is None else f"{acc:.3f}"),
-        ("completion tokens", f"{m.get(N.M_COMPLETION_TOKENS, 0):.0f}"),
-        ("tokens/s", f"{m.get(N.M_TOKENS_PER_S, 0):.1f}"),
-        ("wall time", f"{m.get(N.M_WALL_S, 0):.1f} s"),
+        ("completion tokens", f"{m.get(names.M_COMPLETION_TOKENS, 0):.0f}"),
+        ("tokens/s", f"{m.get(names.M_TOKENS_PER_S, 0):.1f}"),
+        ("wall time", f"{m.get(names.M_WALL_S, 0):.1f} s"),
         ("chunk run", result.run_id),
         ("parent run", result.parent_run_id),
         ("tracking", tracking_uri()),
@@ -240,7 +240,7 @@ def _merge_and_report(parent_id: str, recipe, allow_partial: bool, push: bool) -
 
 
 def _evaluate_and_report(parent_id: str, recipe) -> None:
-    from . import names as N
+    from . import names
     from .pipeline.evaluate import evaluate_parent
     from .plots import format_table
     from .voting import EvaluateError
@@ -251,16 +251,16 @@ def _evaluate_and_report(parent_id: str, recipe) -> None:
         _fail(str(err), code=1)
     ev = result.evaluation
     overall = [r for r in ev.rows if r["level"] == "all"]
-    rules = [m for m in N.VOTING_METRICS if m in overall[0]]
+    rules = [m for m in names.VOTING_METRICS if m in overall[0]]
     typer.echo(format_table(["n", *rules], [[str(r["n"]), *[f"{r[m]:.3f}" for m in rules]] for r in overall]))
     if ev.undecided:
-        typer.echo(f"{ev.undecided} answer class(es) the grader could not decide, counted wrong ({N.M_UNDECIDED})")
+        typer.echo(f"{ev.undecided} answer class(es) the grader could not decide, counted wrong ({names.M_UNDECIDED})")
     typer.echo(f"{ev.problems} problems, {ev.distinct_answers} distinct answers; metrics on parent run {parent_id}"
                + (" (unchanged: evaluated before)" if result.already else ""))
     if result.registered:
         name, version = result.registered
-        best = (f"best: models:/{name}@{N.BEST_ALIAS} = version {result.best}" if result.best
-                else f"no `{N.BEST_ALIAS}` alias: no version scored above 0")
+        best = (f"best: models:/{name}@{names.BEST_ALIAS} = version {result.best}" if result.best
+                else f"no `{names.BEST_ALIAS}` alias: no version scored above 0")
         typer.echo(f"registered: models:/{name}/{version} ({best})")
 
 
@@ -379,25 +379,14 @@ def optimal_command(experiment: Optional[str] = typer.Option(None, help="Experim
             cross_validate: bool = typer.Option(True, "--cross-validate/--no-cross-validate",
                                                 help="Choose on one half of the problems, score on the other (off: "
                                                      "chosen and scored on the same problems, biased upwards)."),
-            output: str = typer.Option("compute_optimal.png", help="Where to write the PNG."),
-            fetch_table: Optional[str] = typer.Option(None, "--fetch-table", metavar="RUN_ID",
-                                                      help="Only fetch the table of this `ttc optimal` run to where "
-                                                           "`optimal_table: RUN_ID` reads it, then exit.")) -> None:
+            output: str = typer.Option("compute_optimal.png", help="Where to write the PNG.")) -> None:
     """Compute-optimal scaling: per difficulty bin and budget the best strategy, against every fixed one; log the table to deploy."""
-    from .pipeline.optimal import deploy_command, optimal
-    from .pipeline.optimal import fetch_table as fetch
+    from .pipeline.routing_table import build_routing_table, deploy_command
 
-    if fetch_table is not None:
-        _store_ready()
-        try:
-            typer.echo(f"table of {fetch_table}: {fetch(fetch_table)}")
-        except LookupError as err:
-            _fail(str(err), code=1)
-        return
     experiment = _experiment(experiment)
     try:
-        done = optimal(experiment, model, difficulty, budget, rule, bins, cross_validate, output)
-    except LookupError as err:  # OptimalError, or the store's: the experiment, a run, an artifact
+        done = build_routing_table(experiment, model, difficulty, budget, rule, bins, cross_validate, output)
+    except LookupError as err:  # RoutingError, or the store's: the experiment, a run, an artifact
         _fail(str(err), code=1)
     typer.echo(f"accuracy ({rule}) against budget ({budget}):")
     typer.echo(done.curve_text)
@@ -407,6 +396,19 @@ def optimal_command(experiment: Optional[str] = typer.Option(None, help="Experim
                f"best-of-N parent {done.difficulty_run}); table kept at {done.table_file}")
     if difficulty == "model":
         typer.echo(f"deploy: {deploy_command(done.run_id, budget)}")
+
+
+@app.command("fetch-table")
+@_plain_errors
+def fetch_table_command(run_id: str = typer.Argument(..., metavar="RUN_ID", help="A `ttc optimal` run.")) -> None:
+    """Fetch the routing table of a `ttc optimal` run to where `optimal_table: RUN_ID` reads it."""
+    from .pipeline.routing_table import fetch_table
+
+    _store_ready()
+    try:
+        typer.echo(f"table of {run_id}: {fetch_table(run_id)}")
+    except LookupError as err:
+        _fail(str(err), code=1)
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ class Recipe(BaseModel):
 
     # --- compute-optimal routing (approach: compute_optimal; Snell et al. 2024, `ttc optimal`)
     # The (difficulty bin -> strategy, settings) table to apply: the run id of a `ttc optimal` run
-    # (read from the copy it keeps under $TTC_CACHE/optimal/; `ttc optimal --fetch-table ID` fetches
+    # (read from the copy it keeps under $TTC_CACHE/optimal/; `ttc fetch-table ID` fetches
     # it), or a path to its table.json. Routes run with the table's sampling settings; the recipe's
     # own temperature, max_tokens, ... apply only where a hand-written table leaves them out.
     optimal_table: str | None = None

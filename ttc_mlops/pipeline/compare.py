@@ -12,7 +12,7 @@ table are logged to a `ttc.role=compare` run of the experiment.
 
 from __future__ import annotations
 
-from .. import names as N
+from .. import names
 from ..plots import RULE_TITLES, Curve, compare_figure, format_table, table
 from . import store
 
@@ -28,17 +28,17 @@ def collect(experiment: str, model: str | None = None, allow_mixed: bool = False
     if not runs:
         raise LookupError(f"experiment={experiment!r} has no evaluated parent runs"
                           + (f" of model={model!r}" if model else "") + ": run `ttc evaluate` first")
-    benchmarks = {run.data.tags.get(N.TAG_DATASET, "?") for run in runs}
+    benchmarks = {run.data.tags.get(names.TAG_DATASET, "?") for run in runs}
     curves: dict[tuple[str, str, str, str], Curve] = {}
     for run in runs:
         tags = run.data.tags
-        label = N.model_label_of(tags.get(N.TAG_MODEL, "?"))
-        benchmark = tags.get(N.TAG_DATASET, "?")
+        label = names.model_label_of(tags.get(names.TAG_MODEL, "?"))
+        benchmark = tags.get(names.TAG_DATASET, "?")
         if len(benchmarks) > 1:  # allowed mixed: a line per benchmark, never one line across them
             label = f"{label} on {benchmark.rstrip('/').split('/')[-1]}"  # MATH-500, builtin:gsm8k, aime_2024
-        strategy = tags.get(N.TAG_STRATEGY, "?")
-        big_n = int(tags.get(N.TAG_N, 0))
-        problem_set = (int(tags.get(N.TAG_MERGED_PROBLEMS, 0)), tags.get(N.TAG_PROBLEM_SET, "?"))
+        strategy = tags.get(names.TAG_STRATEGY, "?")
+        big_n = int(tags.get(names.TAG_N, 0))
+        problem_set = (int(tags.get(names.TAG_MERGED_PROBLEMS, 0)), tags.get(names.TAG_PROBLEM_SET, "?"))
         for rule in RULE_TITLES:
             if rule not in run.data.metrics:
                 continue
@@ -50,9 +50,9 @@ def collect(experiment: str, model: str | None = None, allow_mixed: bool = False
                     curve.points[n], curve.source[n] = value, rank
     found = sorted({ps for c in curves.values() for ps in c.problem_sets})
     if len(found) > 1 and not allow_mixed:
-        lines = "\n  ".join(f"{r.data.tags.get(N.TAG_RUN_NAME, r.info.run_id)} ({r.info.run_id}): "
-                            f"{r.data.tags.get(N.TAG_DATASET, '?')}, {r.data.tags.get(N.TAG_MERGED_PROBLEMS, '?')} "
-                            f"problems, set {r.data.tags.get(N.TAG_PROBLEM_SET, '?')}" for r in runs)
+        lines = "\n  ".join(f"{r.data.tags.get(names.TAG_RUN_NAME, r.info.run_id)} ({r.info.run_id}): "
+                            f"{r.data.tags.get(names.TAG_DATASET, '?')}, {r.data.tags.get(names.TAG_MERGED_PROBLEMS, '?')} "
+                            f"problems, set {r.data.tags.get(names.TAG_PROBLEM_SET, '?')}" for r in runs)
         raise MixedProblemsError(f"experiment={experiment!r}: its evaluated runs graded {len(found)} different problem "
                                  f"sets; compare runs of one set (--model), or pass --allow-mixed to draw them anyway:"
                                  f"\n  {lines}")
@@ -66,8 +66,8 @@ def compare(experiment: str, model: str | None, output: str, allow_mixed: bool =
     fig = compare_figure(curves, f"{experiment}" + (f" ({model})" if model else ""))
     fig.savefig(output, dpi=120)
     header, rows = table(curves)
-    run_id = store.create_compare_run(experiment, {N.TAG_MODEL: model} if model else {})
-    store.log_figure(run_id, fig, N.COMPARE_PLOT)
-    store.log_table(run_id, [dict(zip(header, r)) for r in rows], N.COMPARE_TABLE)
+    run_id = store.create_compare_run(experiment, {names.TAG_MODEL: model} if model else {})
+    store.log_figure(run_id, fig, names.COMPARE_PLOT)
+    store.log_table(run_id, [dict(zip(header, r)) for r in rows], names.COMPARE_TABLE)
     store.set_status(run_id, "FINISHED")
     return curves, format_table(header, rows), run_id

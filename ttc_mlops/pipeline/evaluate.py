@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .. import names as N
-from ..optimal import budget_share
+from .. import names
+from ..routing import budget_share
 from ..plots import run_figure
 from ..records import records_digest
 from ..report import pages, search_html
@@ -40,41 +40,41 @@ def evaluate_parent(parent_id: str, recipe, register: bool = True, workers: int 
     """Evaluate the parent's merged records, log metrics (step = n), table and figure, then register."""
     run = store.get_run(parent_id)
     try:
-        records = store.load_records(parent_id, N.MERGED_RECORDS)
+        records = store.load_records(parent_id, names.MERGED_RECORDS)
     except ValueError as err:
         raise EvaluateError(f"parent run {parent_id}: {err}") from None
     if records is None:
-        raise EvaluateError(f"parent run {parent_id} has no merged records ({N.RECORDS_DIR}/"
-                            f"{N.MERGED_RECORDS}): run `ttc merge --parent-run-id {parent_id}` first")
+        raise EvaluateError(f"parent run {parent_id} has no merged records ({names.RECORDS_DIR}/"
+                            f"{names.MERGED_RECORDS}): run `ttc merge --parent-run-id {parent_id}` first")
     tags = run.data.tags
-    partial = tags.get(N.TAG_MERGED) == N.MERGED_PARTIAL
+    partial = tags.get(names.TAG_MERGED) == names.MERGED_PARTIAL
     evaluation = evaluate_records(records, recipe.agg_strategy, recipe.apply_voting, recipe.n, workers)
     digest = records_digest(records)
-    already = tags.get(N.TAG_EVALUATED) == digest
+    already = tags.get(names.TAG_EVALUATED) == digest
     if already:
         log.info("parent %s: these merged records were evaluated before; metrics not logged again", parent_id)
     else:
         store.log_step_metrics(parent_id, evaluation.metrics)
-        store.log_metrics(parent_id, {N.M_UNDECIDED: evaluation.undecided})
-        store.log_table(parent_id, evaluation.rows, N.EVAL_TABLE)
-        store.log_table(parent_id, evaluation.problems_table, N.EVAL_PROBLEMS)
+        store.log_metrics(parent_id, {names.M_UNDECIDED: evaluation.undecided})
+        store.log_table(parent_id, evaluation.rows, names.EVAL_TABLE)
+        store.log_table(parent_id, evaluation.problems_table, names.EVAL_PROBLEMS)
         rows = {row["problem_id"]: row for row in evaluation.problems_table}
         search_pages = pages(records)
         for name, page in search_pages:
-            store.log_text(parent_id, search_html(page, rows, f"{N.run_name(recipe)}: {name}"), f"{N.EVAL_DIR}/{name}")
-        store.log_figure(parent_id, run_figure(evaluation.rows, title=N.run_name(recipe)), N.EVAL_PLOT)
-        store.set_tags(parent_id, {N.TAG_EVALUATED: digest, N.TAG_GROUP: f"{recipe.model_label}/{recipe.approach}",
-                                   N.TAG_NOTE: description(recipe, evaluation, [name for name, _ in search_pages])})
+            store.log_text(parent_id, search_html(page, rows, f"{names.run_name(recipe)}: {name}"), f"{names.EVAL_DIR}/{name}")
+        store.log_figure(parent_id, run_figure(evaluation.rows, title=names.run_name(recipe)), names.EVAL_PLOT)
+        store.set_tags(parent_id, {names.TAG_EVALUATED: digest, names.TAG_GROUP: f"{recipe.model_label}/{recipe.approach}",
+                                   names.TAG_NOTE: description(recipe, evaluation, [name for name, _ in search_pages])})
     flops = flops_per_problem(parent_id, records, sorted(evaluation.metrics))
-    if flops and (not already or N.M_FLOPS_PER_PROBLEM not in run.data.metrics):
-        store.log_step_metrics(parent_id, {n: {N.M_FLOPS_PER_PROBLEM: v} for n, v in flops.items()})
+    if flops and (not already or names.M_FLOPS_PER_PROBLEM not in run.data.metrics):
+        store.log_step_metrics(parent_id, {n: {names.M_FLOPS_PER_PROBLEM: v} for n, v in flops.items()})
     registered = best = None
     if register and partial:
         log.warning("parent %s was merged partially: not registered", parent_id)
     elif register:
-        primary = N.M_ACC_WEIGHTED if recipe.apply_voting else N.M_ACC_NAIVE
+        primary = names.M_ACC_WEIGHTED if recipe.apply_voting else names.M_ACC_NAIVE
         name, version, created, best = register_version(parent_id, recipe, evaluation.at(), primary)
-        store.set_tags(parent_id, {N.TAG_REGISTERED: f"{name}/{version}"})
+        store.set_tags(parent_id, {names.TAG_REGISTERED: f"{name}/{version}"})
         registered = (name, version)
         log.info("%s version %s of %s", "registered" if created else "already registered as", version, name)
     return EvaluateResult(parent_id, evaluation, partial, already, registered, best)
@@ -88,27 +88,27 @@ def flops_per_problem(parent_id: str, records, ns: list[int]) -> dict[int, float
     whose completions form one group. The estimate at n < N assumes every sample (subtree) costs the
     same and shares nothing with the others; with prefix reuse the prompt is run once for all of
     them, so at n < N it overstates a little. Empty where a chunk logged no `flops` (older runs)."""
-    runs = sorted(store.chunk_runs(parent_id), key=lambda r: (r.data.tags.get(N.TAG_ROWS, ""),
+    runs = sorted(store.chunk_runs(parent_id), key=lambda r: (r.data.tags.get(names.TAG_ROWS, ""),
                                                               r.info.status != "FINISHED", r.info.start_time))
     taken = {}
     for r in runs:
-        taken.setdefault(r.data.tags.get(N.TAG_ROWS), r)
-    if not taken or not records or any(N.M_FLOPS not in r.data.metrics for r in taken.values()):
-        log.info("parent %s: a chunk run logged no %s; %s not logged", parent_id, N.M_FLOPS, N.M_FLOPS_PER_PROBLEM)
+        taken.setdefault(r.data.tags.get(names.TAG_ROWS), r)
+    if not taken or not records or any(names.M_FLOPS not in r.data.metrics for r in taken.values()):
+        log.info("parent %s: a chunk run logged no %s; %s not logged", parent_id, names.M_FLOPS, names.M_FLOPS_PER_PROBLEM)
         return {}
-    per_problem = sum(r.data.metrics[N.M_FLOPS] for r in taken.values()) / len(records)
+    per_problem = sum(r.data.metrics[names.M_FLOPS] for r in taken.values()) / len(records)
     return {n: per_problem * budget_share(records, n) for n in ns}
 
 
 def description(recipe, evaluation: Evaluation, search_pages: list[str]) -> str:
     """The parent's description in the UI (markdown): accuracy at every n and where to read more."""
-    rules = [m for m in N.VOTING_METRICS if m in evaluation.at()]
+    rules = [m for m in names.VOTING_METRICS if m in evaluation.at()]
     lines = [f"**{recipe.approach}** over `{recipe.model_path}`, PRM `{recipe.prm_path}`, on {evaluation.problems} "
              f"problems of `{recipe.dataset_name}`.", "", "| n | " + " | ".join(rules) + " |",
              "|---|" + "---|" * len(rules)]
     lines += [f"| {n} | " + " | ".join(f"{evaluation.at(n)[m]:.3f}" for m in rules) + " |" for n in sorted(evaluation.metrics)]
-    lines += ["", f"Per problem (gold, selected answer, verdict, score, tokens): `{N.EVAL_PROBLEMS}` in Artifacts. "
-              f"Each problem's completions and search tree: " + ", ".join(f"`{N.EVAL_DIR}/{p}`" for p in search_pages)
+    lines += ["", f"Per problem (gold, selected answer, verdict, score, tokens): `{names.EVAL_PROBLEMS}` in Artifacts. "
+              f"Each problem's completions and search tree: " + ", ".join(f"`{names.EVAL_DIR}/{p}`" for p in search_pages)
               + ". The full recipe: `recipe.yaml`."]
     if evaluation.undecided:
         lines.append(f"{evaluation.undecided} answer classes could not be graded (counted wrong).")

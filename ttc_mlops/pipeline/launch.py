@@ -27,7 +27,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import names as N
+from .. import names
 from ..config import Recipe, load_recipe, recipe_yaml
 from ..data import chunk_bounds
 from . import store
@@ -230,12 +230,12 @@ def finished_chunks(parent_id: str, bounds: list[tuple[int, int]]) -> set[int]:
     """Indices of the chunks (rows `bounds[i]`) that have a finished chunk run under the parent."""
     runs = store.chunk_runs(parent_id)
     wanted = {f"{s}:{e}" for s, e in bounds}
-    stray = sorted({r.data.tags.get(N.TAG_ROWS) for r in runs} - wanted)
+    stray = sorted({r.data.tags.get(names.TAG_ROWS) for r in runs} - wanted)
     if stray:
         raise LaunchError(f"parent run {parent_id} has chunk runs for rows {stray}, which a split into "
                           f"{len(bounds)} chunks does not produce ({sorted(wanted)}); launch with the --chunks "
                           f"of the first launch so finished chunks are reused")
-    done = {r.data.tags.get(N.TAG_ROWS) for r in runs if r.info.status == "FINISHED"}
+    done = {r.data.tags.get(names.TAG_ROWS) for r in runs if r.info.status == "FINISHED"}
     return {i for i, (s, e) in enumerate(bounds) if f"{s}:{e}" in done}
 
 

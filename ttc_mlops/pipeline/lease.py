@@ -20,13 +20,13 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .. import names as N
+from .. import names
 from . import store
 
 log = logging.getLogger(__name__)
 
-TAG_HOST, TAG_PID, TAG_TASK = N.TAG_LEASE_HOST, N.TAG_LEASE_PID, N.TAG_LEASE_TASK
-TAG_STARTED, TAG_RENEWED = N.TAG_LEASE_STARTED, N.TAG_LEASE_RENEWED
+TAG_HOST, TAG_PID, TAG_TASK = names.TAG_LEASE_HOST, names.TAG_LEASE_PID, names.TAG_LEASE_TASK
+TAG_STARTED, TAG_RENEWED = names.TAG_LEASE_STARTED, names.TAG_LEASE_RENEWED
 
 
 class ChunkBusy(Exception):

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .. import names as N
+from .. import names
 from ..config import CHUNK_FIELDS, Recipe, RecipeError, build_recipe, read_yaml, recipe_yaml, yaml_problem
 from ..data import Problem, load_dataset_problems
 from ..records import Record, problem_set_digest, records_digest
@@ -71,19 +71,19 @@ def strip_chunk_fields(recipe: Recipe) -> Recipe:
 
 def parent_recipe(parent_id: str, overrides: list[str] = ()) -> Recipe:
     """The configuration of a parent run: its own recipe.yaml (written by merge) or a chunk's."""
-    text = store.load_run_text(parent_id, N.RECIPE_ARTIFACT)
+    text = store.load_run_text(parent_id, names.RECIPE_ARTIFACT)
     source = f"run {parent_id}"
     if text is None:
         chunks = sorted(store.chunk_runs(parent_id), key=lambda r: r.info.start_time)
         if not chunks:
-            raise MergeError(f"parent run {parent_id} has no chunk runs (tag {N.TAG_ROLE}={N.ROLE_CHUNK} with "
-                             f"{N.TAG_PARENT}={parent_id}): run its chunks first (`ttc run ... --parent-run-id {parent_id}`)")
+            raise MergeError(f"parent run {parent_id} has no chunk runs (tag {names.TAG_ROLE}={names.ROLE_CHUNK} with "
+                             f"{names.TAG_PARENT}={parent_id}): run its chunks first (`ttc run ... --parent-run-id {parent_id}`)")
         source = f"chunk run {chunks[0].info.run_id}"
-        text = store.load_run_text(chunks[0].info.run_id, N.RECIPE_ARTIFACT)
+        text = store.load_run_text(chunks[0].info.run_id, names.RECIPE_ARTIFACT)
         if text is None:
-            raise MergeError(f"{source} of parent {parent_id} has no {N.RECIPE_ARTIFACT}: cannot tell its recipe")
-    data = _stored_yaml(text, f"{N.RECIPE_ARTIFACT} of {source}")
-    recipe = strip_chunk_fields(build_recipe(data, overrides, source=f"{N.RECIPE_ARTIFACT} of {source}"))
+            raise MergeError(f"{source} of parent {parent_id} has no {names.RECIPE_ARTIFACT}: cannot tell its recipe")
+    data = _stored_yaml(text, f"{names.RECIPE_ARTIFACT} of {source}")
+    recipe = strip_chunk_fields(build_recipe(data, overrides, source=f"{names.RECIPE_ARTIFACT} of {source}"))
     return recipe
 
 
@@ -101,13 +101,13 @@ def resolve_parent(recipe: Recipe | None, parent_run_id: str | None, overrides: 
         run = store.get_run(parent_run_id)
     except LookupError as err:
         raise MergeError(str(err)) from None
-    if run.data.tags.get(N.TAG_ROLE) != N.ROLE_PARENT:
-        raise MergeError(f"parent_run_id={parent_run_id} is not a parent run ({N.TAG_ROLE}="
-                         f"{run.data.tags.get(N.TAG_ROLE)!r}, expected {N.ROLE_PARENT!r})")
+    if run.data.tags.get(names.TAG_ROLE) != names.ROLE_PARENT:
+        raise MergeError(f"parent_run_id={parent_run_id} is not a parent run ({names.TAG_ROLE}="
+                         f"{run.data.tags.get(names.TAG_ROLE)!r}, expected {names.ROLE_PARENT!r})")
     recipe = parent_recipe(parent_run_id, overrides)
-    key = run.data.tags.get(N.TAG_SEARCH_KEY)
+    key = run.data.tags.get(names.TAG_SEARCH_KEY)
     if key != recipe.search_key:
-        raise MergeError(f"parent_run_id={parent_run_id} has {N.TAG_SEARCH_KEY}={key}, but its recipe "
+        raise MergeError(f"parent_run_id={parent_run_id} has {names.TAG_SEARCH_KEY}={key}, but its recipe "
                          f"(with the --set overrides) has {recipe.search_key}: --set may only change fields that "
                          f"do not decide the records")
     return parent_run_id, recipe
@@ -122,35 +122,35 @@ def collect_chunks(parent_id: str, recipe: Recipe, problems: list[Problem]) -> l
     """Every chunk run of the parent with its records, checked to be of this recipe and dataset."""
     runs = store.chunk_runs(parent_id)
     if not runs:
-        raise MergeError(f"parent run {parent_id} has no chunk runs (tag {N.TAG_ROLE}={N.ROLE_CHUNK} with "
-                         f"{N.TAG_PARENT}={parent_id}): nothing to merge")
+        raise MergeError(f"parent run {parent_id} has no chunk runs (tag {names.TAG_ROLE}={names.ROLE_CHUNK} with "
+                         f"{names.TAG_PARENT}={parent_id}): nothing to merge")
     by_id = {p.problem_id: p for p in problems}
     # A re-run of the same rows in a new run: keep one per rows (finished first, then the oldest).
-    runs.sort(key=lambda r: (r.data.tags.get(N.TAG_ROWS, ""), r.info.status != "FINISHED", r.info.start_time))
+    runs.sort(key=lambda r: (r.data.tags.get(names.TAG_ROWS, ""), r.info.status != "FINISHED", r.info.start_time))
     chunks, seen_rows = [], set()
     for run in runs:
         rid, tags = run.info.run_id, run.data.tags
-        rows = tags.get(N.TAG_ROWS)
+        rows = tags.get(names.TAG_ROWS)
         try:
             start, end = (int(x) for x in rows.split(":"))
         except (AttributeError, ValueError):
-            raise MergeError(f"chunk run {rid} has {N.TAG_ROWS}={rows!r}, expected 'start:end'") from None
+            raise MergeError(f"chunk run {rid} has {names.TAG_ROWS}={rows!r}, expected 'start:end'") from None
         if rows in seen_rows:
             log.warning("chunk run %s repeats rows %s of another chunk run; ignored", rid, rows)
             continue
         seen_rows.add(rows)
-        text = store.load_run_text(rid, N.RECIPE_ARTIFACT)
+        text = store.load_run_text(rid, names.RECIPE_ARTIFACT)
         if text is not None:
             theirs = strip_chunk_fields(build_recipe(_stored_yaml(text, f"chunk run {rid}"), source=f"chunk run {rid}"))
             if theirs.search_key != recipe.search_key:
                 raise MergeError(f"chunk run {rid} ({rows}) was run with another recipe than parent {parent_id}: "
                                  f"{_recipe_diff(recipe, theirs)}")
-        total = tags.get(N.TAG_TOTAL)
+        total = tags.get(names.TAG_TOTAL)
         if total is not None and int(total) != len(problems):
             raise MergeError(f"chunk run {rid} ({rows}) was cut from a problem set of {total} problems, but "
                              f"{recipe.dataset_name} (num_samples={recipe.num_samples}) has {len(problems)}: another dataset")
         try:
-            records = store.load_records(rid, N.chunk_artifact(start, end)) or []
+            records = store.load_records(rid, names.chunk_artifact(start, end)) or []
         except ValueError as err:
             raise MergeError(f"chunk run {rid} ({rows}): {err}") from None
         for r in records:
@@ -248,16 +248,16 @@ def merge(parent_id: str, recipe: Recipe, allow_partial: bool = False) -> MergeR
 def log_merge(result: MergeResult) -> None:
     """Write the merged records, the recipe and the coverage tags to the parent."""
     pid = result.parent_run_id
-    store.log_records(pid, result.records, N.MERGED_RECORDS)
-    store.log_text(pid, recipe_yaml(result.recipe), N.RECIPE_ARTIFACT)
+    store.log_records(pid, result.records, names.MERGED_RECORDS)
+    store.log_text(pid, recipe_yaml(result.recipe), names.RECIPE_ARTIFACT)
     if result.problems_report:
-        store.log_text(pid, "\n".join(result.problems_report) + "\n", N.MERGE_REPORT)
+        store.log_text(pid, "\n".join(result.problems_report) + "\n", names.MERGE_REPORT)
     store.set_tags(pid, {
-        N.TAG_MERGED: N.MERGED_PARTIAL if result.partial else N.MERGED_COMPLETE,
-        N.TAG_MERGED_PROBLEMS: len(result.records),
-        N.TAG_TOTAL: result.total,
-        N.TAG_MERGED_DIGEST: result.digest,
-        N.TAG_PROBLEM_SET: problem_set_digest(r.problem_id for r in result.records),
+        names.TAG_MERGED: names.MERGED_PARTIAL if result.partial else names.MERGED_COMPLETE,
+        names.TAG_MERGED_PROBLEMS: len(result.records),
+        names.TAG_TOTAL: result.total,
+        names.TAG_MERGED_DIGEST: result.digest,
+        names.TAG_PROBLEM_SET: problem_set_digest(r.problem_id for r in result.records),
     })
 
 
@@ -272,7 +272,7 @@ def hub_rows(records: list[Record]) -> list[dict[str, Any]]:
 
 
 def hub_config_name(recipe: Recipe) -> str:
-    return f"{N.run_name(recipe)}--{recipe.search_key}"
+    return f"{names.run_name(recipe)}--{recipe.search_key}"
 
 
 def push_to_hub(result: MergeResult) -> str:

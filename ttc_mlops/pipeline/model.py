@@ -22,7 +22,7 @@ import mlflow
 import mlflow.pyfunc
 import pandas as pd
 
-from .. import names as N
+from .. import names
 from ..config import Recipe, recipe_yaml
 from . import store
 
@@ -94,7 +94,7 @@ def load_search(model_uri: str, allow_code: bool = False) -> "TTCSearchModel":
     name, number = get_model_name_and_version(store.client(), model_uri)
     version = store.client().get_model_version(name, number)
     with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/artifacts/{N.RECIPE_ARTIFACT}", dst_path=tmp)
+        local = mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/artifacts/{names.RECIPE_ARTIFACT}", dst_path=tmp)
         text = Path(local).read_text()
         model = TTCSearchModel()
         model.recipe = load_recipe(local)
@@ -150,9 +150,9 @@ def register_version(parent_id: str, recipe: Recipe, metrics: dict[str, float],
     from mlflow.types import ColSpec, Schema
 
     c = store.client()
-    name = N.registered_model_name(recipe)
+    name = names.registered_model_name(recipe)
     try:
-        c.create_registered_model(name, tags={N.TAG_MODEL: recipe.model_path, N.TAG_STRATEGY: recipe.approach},
+        c.create_registered_model(name, tags={names.TAG_MODEL: recipe.model_path, names.TAG_STRATEGY: recipe.approach},
                                   description=f"{recipe.approach} over {recipe.model_path}; one version per evaluated configuration")
     except mlflow.exceptions.MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -165,22 +165,22 @@ def register_version(parent_id: str, recipe: Recipe, metrics: dict[str, float],
                                outputs=Schema([ColSpec("string", "problem"), ColSpec("string", "answer"),
                                                ColSpec("string", "completion"), ColSpec("double", "score")]))
     with tempfile.TemporaryDirectory() as tmp:
-        recipe_file = Path(tmp) / N.RECIPE_ARTIFACT
+        recipe_file = Path(tmp) / names.RECIPE_ARTIFACT
         recipe_file.write_text(yaml_text)
-        model_dir = Path(tmp) / N.MODEL_ARTIFACT
+        model_dir = Path(tmp) / names.MODEL_ARTIFACT
         # models from code: the version holds this package's loader file and the recipe, never a pickle
         mlflow.pyfunc.save_model(str(model_dir), python_model=str(MODEL_CODE), artifacts={"recipe": str(recipe_file)},
                                  signature=signature, input_example=pd.DataFrame({"problem": ["What is $2 + 3$?"]}),
                                  pip_requirements=[f"mlflow=={mlflow.__version__}", "ttc_mlops"])
-        c.log_artifacts(parent_id, str(model_dir), N.MODEL_ARTIFACT)
+        c.log_artifacts(parent_id, str(model_dir), names.MODEL_ARTIFACT)
     parent = c.get_run(parent_id)
-    source = f"{parent.info.artifact_uri}/{N.MODEL_ARTIFACT}"
-    tags = {"recipe": yaml_text[:MAX_TAG_CHARS], N.TAG_SEARCH_KEY: recipe.search_key, N.TAG_PRM: recipe.prm_path,
-            N.TAG_N: str(recipe.n), N.TAG_DATASET: recipe.dataset_name, "agg_strategy": recipe.agg_strategy,
-            **{k: parent.data.tags[k] for k in (N.TAG_PROBLEM_SET, N.TAG_MERGED_PROBLEMS) if k in parent.data.tags},
+    source = f"{parent.info.artifact_uri}/{names.MODEL_ARTIFACT}"
+    tags = {"recipe": yaml_text[:MAX_TAG_CHARS], names.TAG_SEARCH_KEY: recipe.search_key, names.TAG_PRM: recipe.prm_path,
+            names.TAG_N: str(recipe.n), names.TAG_DATASET: recipe.dataset_name, "agg_strategy": recipe.agg_strategy,
+            **{k: parent.data.tags[k] for k in (names.TAG_PROBLEM_SET, names.TAG_MERGED_PROBLEMS) if k in parent.data.tags},
             **{k: f"{v:.6g}" for k, v in metrics.items() if v is not None}}
     mv = c.create_model_version(name, source, run_id=parent_id, tags=tags,
-                                description=f"{N.run_name(recipe)} on {recipe.dataset_name} (PRM {recipe.prm_path}, N={recipe.n})")
+                                description=f"{names.run_name(recipe)} on {recipe.dataset_name} (PRM {recipe.prm_path}, N={recipe.n})")
     # Two evaluations of one parent at once both found no version and both created one: the first
     # created (the lowest number) stays, the others are deleted by whoever made them. A version is
     # numbered when it is created, so the later creator always sees the earlier one here.
@@ -208,23 +208,23 @@ def update_best_alias(name: str, primary: str) -> str | None:
     versions = [v for v in c.search_model_versions(f"name = '{name}'") if primary in v.tags]
 
     def problem_set(v) -> tuple[int, str | None]:  # versions registered before these tags: a set of their own
-        return int(v.tags.get(N.TAG_MERGED_PROBLEMS, 0) or 0), v.tags.get(N.TAG_PROBLEM_SET)
+        return int(v.tags.get(names.TAG_MERGED_PROBLEMS, 0) or 0), v.tags.get(names.TAG_PROBLEM_SET)
 
     if versions:
         chosen = problem_set(max(versions, key=lambda v: (problem_set(v)[0], int(v.version))))
         others = len({problem_set(v) for v in versions}) - 1
         if others:
             log.info("%s: %s compared among the versions graded on %d problems (set %s); %d other problem set(s) "
-                     "left out", name, N.BEST_ALIAS, chosen[0], chosen[1], others)
+                     "left out", name, names.BEST_ALIAS, chosen[0], chosen[1], others)
         versions = [v for v in versions if problem_set(v) == chosen]
     scored = [(float(v.tags[primary]), -int(v.version), v.version) for v in versions]
     if not scored or max(scored)[0] <= 0:
-        log.info("no version of %s has %s above 0: alias %r not set", name, primary, N.BEST_ALIAS)
+        log.info("no version of %s has %s above 0: alias %r not set", name, primary, names.BEST_ALIAS)
         return None
     best = max(scored)[2]
-    c.set_registered_model_alias(name, N.BEST_ALIAS, str(best))
+    c.set_registered_model_alias(name, names.BEST_ALIAS, str(best))
     return str(best)
 
 
-def model_version_by_alias(name: str, alias: str = N.BEST_ALIAS):
+def model_version_by_alias(name: str, alias: str = names.BEST_ALIAS):
     return store.client().get_model_version_by_alias(name, alias)

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import names as N
+from .. import names
 from ..config import Recipe, RecipeError
 from ..data import Problem, load_dataset_problems, row_range
 from ..records import Record, write_records
@@ -101,7 +101,7 @@ def run_chunk(recipe: Recipe, policy=None, prm=None, progress: bool = True) -> C
     problems = all_problems[start:end]
     experiment_id = store.ensure_experiment(store.experiment_for(recipe))
     parent_id = store.find_or_create_parent(recipe, experiment_id)
-    artifact = N.chunk_artifact(start, end)
+    artifact = names.chunk_artifact(start, end)
 
     existing = store.find_chunk_run(parent_id, start, end)
     rows = f"{start}:{end}"
@@ -133,7 +133,7 @@ def run_chunk(recipe: Recipe, policy=None, prm=None, progress: bool = True) -> C
                                        progress=progress)
     except BaseException as err:
         if isinstance(err, Stopped):
-            store.set_tags(run_id, {N.TAG_STOPPED_BY: err.signal})
+            store.set_tags(run_id, {names.TAG_STOPPED_BY: err.signal})
         store.set_status(run_id, "FAILED")  # the checkpointed records stay on the run
         raise
     finally:
@@ -181,7 +181,7 @@ def _search(recipe: Recipe, problems: list[Problem], done: list[Record], run_id:
             policy, prm, progress: bool) -> tuple[list[Record], dict]:
     """The core's run loop over the chunk's problems, checkpointing records and usage after every
     batch; a chunk whose every record was checkpointed finishes here without loading a model."""
-    counters = f"{N.RECORDS_DIR}/{N.chunk_counters_artifact(artifact)}"
+    counters = f"{names.RECORDS_DIR}/{names.chunk_counters_artifact(artifact)}"
     usage = _usage(run_id, counters) if done else Usage()
 
     def checkpoint(records: list[Record]) -> None:

@@ -19,7 +19,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from .. import names as N
+from .. import names
 from ..config import Recipe, RecipeError, recipe_yaml
 from ..records import Record, read_records_tolerant, write_records
 
@@ -197,12 +197,12 @@ def recipe_params(recipe: Recipe) -> list[Param]:
 
 def config_tags(recipe: Recipe) -> dict[str, str]:
     return {
-        N.TAG_SEARCH_KEY: recipe.search_key,
-        N.TAG_STRATEGY: recipe.approach,
-        N.TAG_MODEL: recipe.model_path,
-        N.TAG_PRM: recipe.prm_path,
-        N.TAG_DATASET: recipe.dataset_name,
-        N.TAG_N: str(recipe.n),
+        names.TAG_SEARCH_KEY: recipe.search_key,
+        names.TAG_STRATEGY: recipe.approach,
+        names.TAG_MODEL: recipe.model_path,
+        names.TAG_PRM: recipe.prm_path,
+        names.TAG_DATASET: recipe.dataset_name,
+        names.TAG_N: str(recipe.n),
     }
 
 
@@ -226,16 +226,16 @@ def experiment_for(recipe: Recipe) -> str:
         name = client().get_experiment(launched.info.experiment_id).name
         if name != DEFAULT_EXPERIMENT:
             return name
-    return N.experiment_name(recipe)
+    return names.experiment_name(recipe)
 
 
 def mark_launched_failed(message: str) -> None:
     """A run `mlflow run` started whose recipe failed before any work: say so in its name and tags
     (a failed `-P set=...` typo is otherwise an unnamed FAILED run)."""
     launched = _launched()
-    if launched is not None and launched.data.tags.get(N.TAG_ROLE) is None:
-        set_tags(launched.info.run_id, {N.TAG_ROLE: N.ROLE_FAILED, N.TAG_ERROR: message[:MAX_PARAM_CHARS],
-                                        N.TAG_RUN_NAME: "failed preflight: " + message.splitlines()[0][:200]})
+    if launched is not None and launched.data.tags.get(names.TAG_ROLE) is None:
+        set_tags(launched.info.run_id, {names.TAG_ROLE: names.ROLE_FAILED, names.TAG_ERROR: message[:MAX_PARAM_CHARS],
+                                        names.TAG_RUN_NAME: "failed preflight: " + message.splitlines()[0][:200]})
 
 
 # --- parent runs
@@ -250,14 +250,14 @@ def check_parent_run(recipe: Recipe) -> None:
     except mlflow.exceptions.MlflowException as err:
         raise RecipeError(f"parent_run_id={recipe.parent_run_id!r}: no such run in {tracking_uri()} "
                           f"({err.message.splitlines()[0]})") from None
-    role, key = run.data.tags.get(N.TAG_ROLE), run.data.tags.get(N.TAG_SEARCH_KEY)
-    if role not in (None, N.ROLE_PARENT):
-        raise RecipeError(f"parent_run_id={recipe.parent_run_id!r} is a {role} run ({N.TAG_ROLE}={role}), not a parent: "
-                          f"give the parent's id" + (f" ({run.data.tags[N.TAG_PARENT]})" if N.TAG_PARENT in run.data.tags
+    role, key = run.data.tags.get(names.TAG_ROLE), run.data.tags.get(names.TAG_SEARCH_KEY)
+    if role not in (None, names.ROLE_PARENT):
+        raise RecipeError(f"parent_run_id={recipe.parent_run_id!r} is a {role} run ({names.TAG_ROLE}={role}), not a parent: "
+                          f"give the parent's id" + (f" ({run.data.tags[names.TAG_PARENT]})" if names.TAG_PARENT in run.data.tags
                                                       else ""))
     if key is not None and key != recipe.search_key:
         raise RecipeError(f"parent_run_id={recipe.parent_run_id!r} belongs to another search configuration "
-                          f"({N.TAG_SEARCH_KEY}={key}; this recipe's is {recipe.search_key}): leave parent_run_id out, "
+                          f"({names.TAG_SEARCH_KEY}={key}; this recipe's is {recipe.search_key}): leave parent_run_id out, "
                           f"or run the recipe that parent was made for")
 
 
@@ -265,7 +265,7 @@ def _parents(experiment_ids: list[str], key: str) -> list:
     """Parent runs of search key `key` in these experiments, oldest first."""
     runs = client().search_runs(
         experiment_ids,
-        filter_string=f"tags.`{N.TAG_SEARCH_KEY}` = '{key}' and tags.`{N.TAG_ROLE}` = '{N.ROLE_PARENT}'",
+        filter_string=f"tags.`{names.TAG_SEARCH_KEY}` = '{key}' and tags.`{names.TAG_ROLE}` = '{names.ROLE_PARENT}'",
         max_results=50,
     )
     return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
@@ -289,23 +289,23 @@ def find_or_create_parent(recipe: Recipe, experiment_id: str, adopt: bool = True
     if recipe.parent_run_id:
         check_parent_run(recipe)  # it exists, is a parent, and of this configuration
         run = c.get_run(recipe.parent_run_id)
-        if N.TAG_SEARCH_KEY not in run.data.tags:  # a run made by hand becomes the parent
-            _log_config(run.info.run_id, recipe, {N.TAG_ROLE: N.ROLE_PARENT})
+        if names.TAG_SEARCH_KEY not in run.data.tags:  # a run made by hand becomes the parent
+            _log_config(run.info.run_id, recipe, {names.TAG_ROLE: names.ROLE_PARENT})
         return run.info.run_id
     launched = _launched() if adopt else None
-    if launched is not None and launched.data.tags.get(N.TAG_ROLE) in (None, N.ROLE_PARENT) \
-            and launched.data.tags.get(N.TAG_SEARCH_KEY) in (None, recipe.search_key):
+    if launched is not None and launched.data.tags.get(names.TAG_ROLE) in (None, names.ROLE_PARENT) \
+            and launched.data.tags.get(names.TAG_SEARCH_KEY) in (None, recipe.search_key):
         if launched.info.experiment_id == experiment_id:
-            _log_config(launched.info.run_id, recipe, {N.TAG_ROLE: N.ROLE_PARENT, N.TAG_RUN_NAME: N.run_name(recipe)})
+            _log_config(launched.info.run_id, recipe, {names.TAG_ROLE: names.ROLE_PARENT, names.TAG_RUN_NAME: names.run_name(recipe)})
             return launched.info.run_id
         # `mlflow run` put its run in another experiment (Default): it becomes a pointer to the parent
         parent = find_or_create_parent(recipe.model_copy(), experiment_id, adopt=False)
-        _point_to(launched, parent, experiment_id, N.run_name(recipe))
+        _point_to(launched, parent, experiment_id, names.run_name(recipe))
         return parent
     found = _parents([experiment_id], recipe.search_key)
     if found:
         return found[0].info.run_id
-    run = c.create_run(experiment_id, tags={N.TAG_ROLE: N.ROLE_PARENT, N.TAG_RUN_NAME: N.run_name(recipe),
+    run = c.create_run(experiment_id, tags={names.TAG_ROLE: names.ROLE_PARENT, names.TAG_RUN_NAME: names.run_name(recipe),
                                             **config_tags(recipe)})
     _log_config(run.info.run_id, recipe, {})
     c.set_terminated(run.info.run_id, "FINISHED")
@@ -319,8 +319,8 @@ def find_or_create_parent(recipe: Recipe, experiment_id: str, adopt: bool = True
 def _point_to(launched, parent_id: str, experiment_id: str, name: str) -> None:
     where = client().get_experiment(experiment_id).name
     set_tags(launched.info.run_id, {
-        N.TAG_ROLE: N.ROLE_LAUNCHER, N.TAG_POINTS_TO: parent_id, N.TAG_RUN_NAME: f"-> {name} (experiment {where})",
-        N.TAG_NOTE: f"`mlflow run` started this run here; the search logs to its parent run {parent_id} in the "
+        names.TAG_ROLE: names.ROLE_LAUNCHER, names.TAG_POINTS_TO: parent_id, names.TAG_RUN_NAME: f"-> {name} (experiment {where})",
+        names.TAG_NOTE: f"`mlflow run` started this run here; the search logs to its parent run {parent_id} in the "
                     f"recipe's experiment {where!r} (experiment id {experiment_id}). Pass `--experiment-name {where}` "
                     f"to `mlflow run` to have no pointer run."})
 
@@ -335,10 +335,10 @@ def find_parent(recipe: Recipe):
         found = _parents([e.experiment_id for e in client().search_experiments()], recipe.search_key)
         where = sorted({client().get_experiment(r.info.experiment_id).name for r in found})
         if len(where) > 1:
-            raise LookupError(f"no parent run with {N.TAG_SEARCH_KEY}={recipe.search_key} in experiment {name!r}, "
+            raise LookupError(f"no parent run with {names.TAG_SEARCH_KEY}={recipe.search_key} in experiment {name!r}, "
                               f"but one in each of {where}: say which with --set experiment_name=... or --parent-run-id")
     if not found:
-        raise LookupError(f"no parent run with {N.TAG_SEARCH_KEY}={recipe.search_key} in experiment {name!r} "
+        raise LookupError(f"no parent run with {names.TAG_SEARCH_KEY}={recipe.search_key} in experiment {name!r} "
                           f"({tracking_uri()}): run the recipe first (`ttc run`)")
     return found[0]
 
@@ -356,8 +356,8 @@ def adopt_launched_run(parent_id: str, step: str) -> None:
     named for what it did."""
     launched = os.environ.get("MLFLOW_RUN_ID")
     if launched and launched != parent_id:
-        parent_name = get_run(parent_id).data.tags.get(N.TAG_RUN_NAME, parent_id)
-        set_tags(launched, {N.TAG_ROLE: N.ROLE_STEP, N.TAG_PARENT: parent_id, N.TAG_RUN_NAME: f"{step}: {parent_name}"})
+        parent_name = get_run(parent_id).data.tags.get(names.TAG_RUN_NAME, parent_id)
+        set_tags(launched, {names.TAG_ROLE: names.ROLE_STEP, names.TAG_PARENT: parent_id, names.TAG_RUN_NAME: f"{step}: {parent_name}"})
 
 
 def evaluated_parents(experiment: str, model: str | None = None) -> list:
@@ -367,11 +367,11 @@ def evaluated_parents(experiment: str, model: str | None = None) -> list:
     if exp is None:
         known = sorted(e.name for e in c.search_experiments())
         raise LookupError(f"experiment={experiment!r} does not exist in {tracking_uri()} (experiments: {known})")
-    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{N.TAG_ROLE}` = '{N.ROLE_PARENT}'",
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{names.TAG_ROLE}` = '{names.ROLE_PARENT}'",
                          max_results=10000)
-    runs = [r for r in runs if N.TAG_EVALUATED in r.data.tags]
+    runs = [r for r in runs if names.TAG_EVALUATED in r.data.tags]
     if model is not None:
-        runs = [r for r in runs if model in (r.data.tags.get(N.TAG_MODEL), N.model_label_of(r.data.tags.get(N.TAG_MODEL, "")))]
+        runs = [r for r in runs if model in (r.data.tags.get(names.TAG_MODEL), names.model_label_of(r.data.tags.get(names.TAG_MODEL, "")))]
     return runs
 
 
@@ -379,14 +379,14 @@ def experiments_with_parents() -> list[str]:
     c = client()
     found = []
     for exp in c.search_experiments():
-        if c.search_runs([exp.experiment_id], filter_string=f"tags.`{N.TAG_ROLE}` = '{N.ROLE_PARENT}'", max_results=1):
+        if c.search_runs([exp.experiment_id], filter_string=f"tags.`{names.TAG_ROLE}` = '{names.ROLE_PARENT}'", max_results=1):
             found.append(exp.name)
     return sorted(found)
 
 
 def create_compare_run(experiment: str, tags: dict[str, str]) -> str:
     exp_id = ensure_experiment(experiment)
-    run = client().create_run(exp_id, tags={N.TAG_ROLE: N.ROLE_COMPARE, N.TAG_RUN_NAME: "compare", **tags})
+    run = client().create_run(exp_id, tags={names.TAG_ROLE: names.ROLE_COMPARE, names.TAG_RUN_NAME: "compare", **tags})
     return run.info.run_id
 
 
@@ -396,12 +396,12 @@ def chunk_runs(parent_id: str) -> list:
     c = client()
     experiment_id = c.get_run(parent_id).info.experiment_id
     return c.search_runs([experiment_id], max_results=10000,
-                         filter_string=f"tags.`{N.TAG_PARENT}` = '{parent_id}' and tags.`{N.TAG_ROLE}` = '{N.ROLE_CHUNK}'")
+                         filter_string=f"tags.`{names.TAG_PARENT}` = '{parent_id}' and tags.`{names.TAG_ROLE}` = '{names.ROLE_CHUNK}'")
 
 
 def find_chunk_run(parent_id: str, start: int, end: int):
     """The chunk run of rows [start, end), preferring a finished one."""
-    found = [r for r in chunk_runs(parent_id) if r.data.tags.get(N.TAG_ROWS) == f"{start}:{end}"]
+    found = [r for r in chunk_runs(parent_id) if r.data.tags.get(names.TAG_ROWS) == f"{start}:{end}"]
     found.sort(key=lambda r: (r.info.status != "FINISHED", r.info.start_time))
     return found[0] if found else None
 
@@ -409,17 +409,17 @@ def find_chunk_run(parent_id: str, start: int, end: int):
 def create_chunk_run(parent_id: str, recipe: Recipe, start: int, end: int, total: int) -> str:
     c = client()
     parent = c.get_run(parent_id)
-    tags = {N.TAG_ROLE: N.ROLE_CHUNK, N.TAG_PARENT: parent_id, N.TAG_ROWS: f"{start}:{end}",
-            N.TAG_PROBLEMS: str(end - start), N.TAG_TOTAL: str(total), N.TAG_RUN_NAME: N.chunk_run_name(start, end),
+    tags = {names.TAG_ROLE: names.ROLE_CHUNK, names.TAG_PARENT: parent_id, names.TAG_ROWS: f"{start}:{end}",
+            names.TAG_PROBLEMS: str(end - start), names.TAG_TOTAL: str(total), names.TAG_RUN_NAME: names.chunk_run_name(start, end),
             **config_tags(recipe)}
     run = c.create_run(parent.info.experiment_id, tags=tags)
     try:
         c.log_batch(run.info.run_id, params=recipe_params(recipe))
-        log_text(run.info.run_id, recipe_yaml(recipe), N.RECIPE_ARTIFACT)
+        log_text(run.info.run_id, recipe_yaml(recipe), names.RECIPE_ARTIFACT)
     except Exception as err:  # a full disk, a dropped server: the run says why instead of staying RUNNING
         found = describe_failure(err)
         try:
-            c.set_tag(run.info.run_id, N.TAG_ERROR, (found[0] if found else repr(err))[:500])
+            c.set_tag(run.info.run_id, names.TAG_ERROR, (found[0] if found else repr(err))[:500])
             c.set_terminated(run.info.run_id, "FAILED")
         except Exception:  # the store itself is gone: nothing more can be written
             pass
@@ -444,7 +444,7 @@ def log_text(run_id: str, text: str, artifact_file: str) -> None:
 def log_records(run_id: str, records: list[Record], name: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_records(records, Path(tmp) / name)
-        client().log_artifact(run_id, str(path), N.RECORDS_DIR)
+        client().log_artifact(run_id, str(path), names.RECORDS_DIR)
 
 
 def load_records(run_id: str, name: str) -> list[Record] | None:
@@ -459,13 +459,13 @@ def load_records(run_id: str, name: str) -> list[Record] | None:
 def load_records_tolerant(run_id: str, name: str) -> tuple[list[Record] | None, str | None]:
     """The run's records up to the first unreadable one, and what was wrong (None: nothing)."""
     c = client()
-    found = {Path(f.path).name for f in c.list_artifacts(run_id, N.RECORDS_DIR)}
+    found = {Path(f.path).name for f in c.list_artifacts(run_id, names.RECORDS_DIR)}
     if name not in found:
         return None, None
     with tempfile.TemporaryDirectory() as tmp:
-        local = c.download_artifacts(run_id, f"{N.RECORDS_DIR}/{name}", tmp)
+        local = c.download_artifacts(run_id, f"{names.RECORDS_DIR}/{name}", tmp)
         records, problem = read_records_tolerant(Path(local))
-    where = f"{N.RECORDS_DIR}/{name} of run {run_id}"
+    where = f"{names.RECORDS_DIR}/{name} of run {run_id}"
     return records, None if problem is None else f"record file {where} is corrupt at {problem}"
 
 

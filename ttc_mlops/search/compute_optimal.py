@@ -28,7 +28,7 @@ from pathlib import Path
 from ..config import RecipeError, build_recipe
 from ..data import Problem
 from ..difficulty import bin_of
-from ..optimal import check_table, route_for, table_path
+from ..routing import check_table, route_for, table_path
 from ..policy import Policy
 from ..prm import PRM
 from ..records import Record
@@ -80,7 +80,7 @@ def load_table(source: str | None) -> dict:
         path = table_path(source)
         if not path.is_file():
             raise RecipeError(f"optimal_table={source!r}: the table of this `ttc optimal` run is not on this machine "
-                              f"({path}); fetch it with `ttc optimal --fetch-table {source}`")
+                              f"({path}); fetch it with `ttc fetch-table {source}`")
     try:
         table = json.loads(path.read_text())
         check_table(table, source)

@@ -1,9 +1,9 @@
 """Compute-optimal scaling: per difficulty bin and budget, the best (strategy, settings), chosen on one half of the problems and scored on the other.
 
-    python -c "import ttc_mlops.optimal as o; print(o.folds({'a': 1, 'b': 1, 'c': 2, 'd': 2}))"
+    python -c "import ttc_mlops.routing as o; print(o.folds({'a': 1, 'b': 1, 'c': 2, 'd': 2}))"
 
 Pure computation over what a sweep measured (no model, no MLflow; `ttc optimal`,
-ttc_mlops.pipeline.optimal, feeds it from the evaluated parent runs). A *point* is one
+ttc_mlops.pipeline.routing_table, feeds it from the evaluated parent runs). A *point* is one
 configuration (strategy and settings) at one budget n, with its cost per problem (n, or FLOPs) and,
 per problem, whether the voting rule picked a right answer there.
 
@@ -190,7 +190,7 @@ class BudgetResult:
     fold_routes: list[dict[int, Choice]] = field(default_factory=list)  # chosen on fold 0, on fold 1
 
 
-def compute_optimal(points: list[Point], bins: dict[str, int], nbins: int,
+def route_budgets(points: list[Point], bins: dict[str, int], nbins: int,
                     cross_validate: bool = True) -> list[BudgetResult]:
     """The compute-optimal curve and table at every budget a point costs, and every fixed configuration's
     accuracy there. `bins`: problem id -> difficulty bin (1..nbins); every point must cover them all."""
@@ -319,7 +319,7 @@ TABLE_DIR = "optimal"  # under $TTC_CACHE: local copies of logged tables, by run
 
 def table_path(run_id: str):
     """Where the table of a `ttc optimal` run is kept on this machine (`ttc optimal` writes it there,
-    `ttc optimal --fetch-table RUN_ID` downloads it)."""
+    `ttc fetch-table RUN_ID` downloads it)."""
     from .models import cache_dir
 
     return cache_dir() / TABLE_DIR / f"{run_id}.json"

@@ -8,24 +8,24 @@ import pytest
 from fakes import FakePolicy, FakePRM
 from typer.testing import CliRunner
 
-from ttc_mlops import names as N
+from ttc_mlops import names
 from ttc_mlops.cli import app
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe
 from ttc_mlops.data import builtin_problems
 from ttc_mlops.difficulty import assign, bin_of, edges, measure
-from ttc_mlops.optimal import (
+from ttc_mlops.records import Record
+from ttc_mlops.routing import (
     Point,
     budget_share,
     check_table,
-    compute_optimal,
     config_key,
     deployable_table,
     folds,
     labels,
     outcomes,
+    route_budgets,
     route_for,
 )
-from ttc_mlops.records import Record
 from ttc_mlops.voting import grade
 
 BON = {"approach": "best_of_n"}
@@ -63,7 +63,7 @@ def sweep_records():
     return bon, beam2, beam4
 
 
-def sweep_points(rule=N.M_ACC_WEIGHTED):
+def sweep_points(rule=names.M_ACC_WEIGHTED):
     bon, beam2, beam4 = sweep_records()
     points = []
     for settings, records, run_id in ((BON, bon, "bon4"), (BEAM, beam2, "beam2"), (BEAM, beam4, "beam4")):
@@ -108,7 +108,7 @@ def test_the_known_optimum_gives_exactly_its_table_and_a_curve_above_every_fixed
     points = sweep_points()
     assert sorted((p.strategy, p.n) for p in points) == [("beam_search", 2), ("beam_search", 4), ("best_of_n", 1),
                                                         ("best_of_n", 2), ("best_of_n", 4)]
-    results = compute_optimal(points, {pid: b for pid, b in PROBLEMS}, 5)
+    results = route_budgets(points, {pid: b for pid, b in PROBLEMS}, 5)
     table = {r.budget: {b: (c.point.strategy, c.point.n) for b, c in r.routes.items()} for r in results}
     assert table == {
         1.0: {b: ("best_of_n", 1) for b in SCORE},  # nothing else is affordable
@@ -133,22 +133,22 @@ def test_without_cross_validation_the_selection_is_biased_upwards():
     bins = {f"p{i}": 1 + i % 5 for i in range(200)}
     points = [Point(f"config-{c}", {"approach": "best_of_n", "n": n, "temperature": c}, n, float(n),
                     {p: rng.random() < 0.5 for p in bins}) for c in range(10) for n in (1, 2, 4)]
-    biased = compute_optimal(points, bins, 5, cross_validate=False)
-    fair = compute_optimal(points, bins, 5, cross_validate=True)
+    biased = route_budgets(points, bins, 5, cross_validate=False)
+    fair = route_budgets(points, bins, 5, cross_validate=True)
     for b, f in zip(biased, fair):
         best_fixed = max(v for v in b.fixed.values() if v is not None)
         assert b.accuracy == b.in_sample == f.in_sample
         assert b.accuracy > best_fixed + 0.03 and b.accuracy > 0.58  # the maximum of noisy bin means
         assert abs(f.accuracy - 0.5) < 0.06 and b.accuracy - f.accuracy > 0.06
     with pytest.raises(ValueError, match="at least 2 problems"):
-        compute_optimal(points[:1], {"p0": 1}, 5)
+        route_budgets(points[:1], {"p0": 1}, 5)
 
 
 def test_points_must_cover_one_problem_set():
     points = sweep_points()
     points[0].correct.pop("b1-0")
     with pytest.raises(ValueError, match="no outcome for 1 of the 30 problems"):
-        compute_optimal(points, {pid: b for pid, b in PROBLEMS}, 5)
+        route_budgets(points, {pid: b for pid, b in PROBLEMS}, 5)
 
 
 def test_budget_share_keeps_whole_groups():
@@ -164,9 +164,9 @@ def test_budget_share_keeps_whole_groups():
 def test_the_deployable_table_routes_by_bin_within_what_is_left():
     points = sweep_points()
     bins = {pid: b for pid, b in PROBLEMS}
-    results = compute_optimal(points, bins, 5)
-    names = labels({p.config: {k: v for k, v in p.settings.items() if k != "n"} for p in points})
-    table = deployable_table(results, names, axis="n", rule=N.M_ACC_WEIGHTED, kind="model", nbins=5,
+    results = route_budgets(points, bins, 5)
+    config_labels = labels({p.config: {k: v for k, v in p.settings.items() if k != "n"} for p in points})
+    table = deployable_table(results, config_labels, axis="n", rule=names.M_ACC_WEIGHTED, kind="model", nbins=5,
                              thresholds=[0.9, 0.8, 0.6, 0.4], probe={**BON, "max_tokens": 8}, probe_cost=1.0,
                              about={"run_id": "r"})
     check_table(json.loads(json.dumps(table)), "t.json")
@@ -211,7 +211,7 @@ def finish(r, result, flops=None):
     from ttc_mlops.pipeline.merge import log_merge, merge
 
     if flops is not None:  # what the chunk's accounting logs on a real model
-        store.log_metrics(result.run_id, {N.M_FLOPS: flops})
+        store.log_metrics(result.run_id, {names.M_FLOPS: flops})
     log_merge(merge(result.parent_run_id, r))
     return evaluate_parent(result.parent_run_id, r, workers=1)
 
@@ -221,10 +221,10 @@ def test_evaluate_logs_flops_per_problem_at_every_n(mlflow_store):
 
     r, res = run_parent(n=4)
     finish(r, res, flops=6 * 4e9)  # 6 problems x 4 samples x 1e9
-    assert store.metric_steps(res.parent_run_id, N.M_FLOPS_PER_PROBLEM) == {1: 1e9, 2: 2e9, 4: 4e9}
+    assert store.metric_steps(res.parent_run_id, names.M_FLOPS_PER_PROBLEM) == {1: 1e9, 2: 2e9, 4: 4e9}
     r, res = run_parent(approach="beam_search", n=4, beam_width=2, num_iterations=3)
     finish(r, res, flops=6e9)
-    steps = store.metric_steps(res.parent_run_id, N.M_FLOPS_PER_PROBLEM)
+    steps = store.metric_steps(res.parent_run_id, names.M_FLOPS_PER_PROBLEM)
     assert steps and all(v == 1e9 for v in steps.values())  # one group: never subsampled
 
 
@@ -249,20 +249,20 @@ def test_ttc_optimal_logs_curve_table_and_difficulty_then_compute_optimal_applie
 
     c = store.client()
     [run] = c.search_runs([c.get_experiment_by_name("opt").experiment_id],
-                          filter_string=f"tags.`{N.TAG_ROLE}` = '{N.ROLE_OPTIMAL}'")
+                          filter_string=f"tags.`{names.TAG_ROLE}` = '{names.ROLE_OPTIMAL}'")
     rid = run.info.run_id
-    assert {a.path for a in c.list_artifacts(rid, "optimal")} == {N.OPTIMAL_TABLE, N.OPTIMAL_CURVE, N.OPTIMAL_PLOT,
-                                                                  N.OPTIMAL_ROUTES}
-    assert sorted(store.metric_steps(rid, N.M_ACC_WEIGHTED)) == [1, 2, 4]  # beside the parents in the UI's chart
-    table = json.loads(store.load_run_text(rid, N.OPTIMAL_TABLE))
+    assert {a.path for a in c.list_artifacts(rid, "optimal")} == {names.OPTIMAL_TABLE, names.OPTIMAL_CURVE, names.OPTIMAL_PLOT,
+                                                                  names.OPTIMAL_ROUTES}
+    assert sorted(store.metric_steps(rid, names.M_ACC_WEIGHTED)) == [1, 2, 4]  # beside the parents in the UI's chart
+    table = json.loads(store.load_run_text(rid, names.OPTIMAL_TABLE))
     assert table["difficulty"]["kind"] == "model" and table["difficulty"]["probe"]["approach"] == "best_of_n"
     assert [row["budget"] for row in table["budgets"]] == [1.0, 2.0, 4.0]
-    difficulty = json.loads(store.load_run_text(sweep["best_of_n"], N.EVAL_DIFFICULTY))
+    difficulty = json.loads(store.load_run_text(sweep["best_of_n"], names.EVAL_DIFFICULTY))
     assert len(difficulty["problems"]) == 6 and difficulty["source_run"] == sweep["best_of_n"]
     pm = {d["problem_id"]: d["prm_mean"] for d in difficulty["problems"]}
     assert pm[PROBS[5].problem_id] > pm[PROBS[0].problem_id]  # the PRM scores rise with the index
     for pid in sweep.values():
-        assert json.loads(store.load_run_text(pid, N.EVAL_OUTCOMES))["problem_ids"]
+        assert json.loads(store.load_run_text(pid, names.EVAL_OUTCOMES))["problem_ids"]
     # the FLOPs axis, from evaluate's flops_per_problem
     out = cli.invoke(app, ["optimal", "--experiment", "opt", "--budget", "flops", "--output", str(tmp_path / "f.png")])
     assert out.exit_code == 0, out.output
@@ -274,14 +274,14 @@ def test_ttc_optimal_logs_curve_table_and_difficulty_then_compute_optimal_applie
     res = run_chunk(r, FakePolicy(script()), FakePRM(), progress=False)
     done = finish(r, res)
     assert done.registered == ("ttc-SmolLM2-135M-Instruct-compute_optimal", "1")
-    assert sorted(store.metric_steps(res.parent_run_id, N.M_ACC_WEIGHTED))[-1] <= 4
+    assert sorted(store.metric_steps(res.parent_run_id, names.M_ACC_WEIGHTED))[-1] <= 4
     for rec in res.records:
         route = route_of(rec)
         assert route["table"] == rid and 1 <= route["bin"] <= 5 and route["table_budget"] == 2.0
         assert len(rec.completions) == route["probe_completions"][1] <= 4
     # the table travels by run id: fetched again where the local copy is missing
     (tmp_path / "cache" / "optimal" / f"{rid}.json").unlink()
-    out = cli.invoke(app, ["optimal", "--fetch-table", rid])
+    out = cli.invoke(app, ["fetch-table", rid])
     assert out.exit_code == 0 and (tmp_path / "cache" / "optimal" / f"{rid}.json").is_file()
 
 
@@ -299,5 +299,5 @@ def test_ttc_optimal_names_what_is_missing(mlflow_store, tmp_path):
     assert out.exit_code == 1 and "2 different problem sets" in out.output
     out = cli.invoke(app, ["optimal", "--experiment", "opt", "--budget", "tokens"])
     assert out.exit_code == 1 and "budget='tokens'" in out.output
-    out = cli.invoke(app, ["optimal", "--fetch-table", "f" * 32])
+    out = cli.invoke(app, ["fetch-table", "f" * 32])
     assert out.exit_code == 1 and "neither a file nor a run" in out.output
