@@ -93,6 +93,7 @@ def test_a_hub_model_that_cannot_be_had_fails_before_anything_is_written(mlflow_
     assert nothing_written()
 
 
+@pytest.mark.slow
 def test_parent_run_ids_that_are_not_this_configurations_parent(mlflow_store):
     script = {p.problem: ["So \\boxed{1}[s=0.5]"] for p in builtin_problems()[:2]}
     r = Recipe(model_path=EMBEDDED_MODEL, prm_path=EMBEDDED_MODEL, dataset_name=BUILTIN_DATASET, num_samples=2, n=1,

@@ -176,6 +176,7 @@ def _key(case):
     (bench_grading.PEER_CASES, 313, False, 7),
     (bench_grading.FORMAT_CASES, 35, True, 4),  # preds are completions: always extracted
 ])
+@pytest.mark.slow
 def test_peer_suites_agree_but_for_the_listed_misses(path, size, completion, misses):
     cases = bench_grading.peer_cases(path)
     listed = {_key(c): c for c in map(json.loads, (DATA / "known_misses.jsonl").read_text().splitlines())}

@@ -57,6 +57,7 @@ def billion_laughs(levels: int = 9) -> str:
 # --- class 1: bounded input
 
 
+@pytest.mark.slow
 def test_a_billion_laughs_recipe_is_refused_at_once(tmp_path):
     path = tmp_path / "laughs.yaml"
     path.write_text(billion_laughs())
@@ -144,6 +145,7 @@ def test_a_bad_lease_setting_is_refused_before_any_run(mlflow_store, value):
     assert store.client().search_experiments(filter_string="name != 'Default'") == []
 
 
+@pytest.mark.slow
 def test_the_heartbeat_reads_its_lease_once(mlflow_store, monkeypatch):
     from ttc_mlops.pipeline.lease import Heartbeat
 
@@ -161,6 +163,7 @@ def test_the_heartbeat_reads_its_lease_once(mlflow_store, monkeypatch):
 
 @pytest.mark.parametrize("command", [["run", str(RECIPE)], ["merge", "--parent-run-id", "0" * 32],
                                      ["evaluate", "--parent-run-id", "0" * 32], ["compare", "--experiment", "x"]])
+@pytest.mark.slow
 def test_an_unreachable_server_is_reported_within_seconds(tmp_path, monkeypatch, command):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -261,6 +264,7 @@ def fill(path: Path) -> None:
             pass
 
 
+@pytest.mark.slow
 def test_a_store_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
     with tmpfs(tmp_path / "full") as full:
         fill(full)

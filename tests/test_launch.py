@@ -217,6 +217,7 @@ class Dying(FakePolicy):
         return super().generate(prompts, sampling, seeds)
 
 
+@pytest.mark.slow
 def test_only_missing_submits_unfinished_chunks(slurm, fake_server, recipe_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for i in (0, 2):

@@ -89,6 +89,7 @@ def test_a_plugin_family_is_found_built_and_scores(with_plugin, probe_dir):
     assert len(expected) == 2 and scores == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_ttc_validate_lists_the_families_it_finds(plugin_site, probe_dir):
     """A fresh `ttc` process sees the installed plugin; without it the family is unknown."""
     cmd = [sys.executable, "-m", "ttc_mlops.cli", "validate", str(RECIPE),

@@ -216,6 +216,7 @@ def finish(r, result, flops=None):
     return evaluate_parent(result.parent_run_id, r, workers=1)
 
 
+@pytest.mark.slow
 def test_evaluate_logs_flops_per_problem_at_every_n(mlflow_store):
     from ttc_mlops.pipeline import store
 
@@ -228,6 +229,7 @@ def test_evaluate_logs_flops_per_problem_at_every_n(mlflow_store):
     assert steps and all(v == 1e9 for v in steps.values())  # one group: never subsampled
 
 
+@pytest.mark.slow
 def test_ttc_optimal_logs_curve_table_and_difficulty_then_compute_optimal_applies_it(mlflow_store, tmp_path,
                                                                                      monkeypatch):
     from ttc_mlops.pipeline import store
@@ -285,6 +287,7 @@ def test_ttc_optimal_logs_curve_table_and_difficulty_then_compute_optimal_applie
     assert out.exit_code == 0 and (tmp_path / "cache" / "optimal" / f"{rid}.json").is_file()
 
 
+@pytest.mark.slow
 def test_ttc_optimal_names_what_is_missing(mlflow_store, tmp_path):
     cli = CliRunner()
     out = cli.invoke(app, ["optimal", "--experiment", "nope"])
