@@ -51,6 +51,7 @@ NON_RESULT_FIELDS = CHUNK_FIELDS + (
     "num_proc", "experiment_name", "search_batch_size", "prm_batch_size", "gpu_memory_utilization",
     "prm_gpu_memory_utilization",
     "prefix_cache_gib",
+    "trace_problems",  # what evaluate writes as MLflow traces, not what was searched
 )
 
 # Result fields added after the first tracking stores: in a search key only when not at their default.
@@ -183,6 +184,9 @@ class Recipe(BaseModel):
     # --- tracking and outputs
     experiment_name: str | None = None  # None: derived from the dataset name
     parent_run_id: str | None = None
+    # problems per configuration whose search evaluate writes as MLflow traces (a stable sample;
+    # every problem when there are fewer); 0 writes none. Records are never changed by it
+    trace_problems: int = Field(32, ge=0)
     output_dir: str | None = None
     num_proc: int | None = Field(None, ge=1)  # accepted for search-and-learn's recipes; ignored
     push_to_hub: bool = False

@@ -42,6 +42,25 @@ TAG_LEASE_STARTED, TAG_LEASE_RENEWED = "ttc.lease.started", "ttc.lease.renewed"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 TAG_NOTE = "mlflow.note.content"  # the run's description in the UI
+# the experiment's kind, as MLflow 3's UI reads it: "custom_model_development" opens the classic
+# "Machine learning" view (runs table, charts of accuracy against n) instead of the GenAI one
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+TAG_TRACED = "ttc.traced"  # "<merged digest>:<trace_problems>": what the parent's traces were written from
+
+# --- problem sets as MLflow datasets (the run's Datasets panel): name = dataset_name, digest =
+# problem_set_digest of the problem ids the run holds, input context DATASET_CONTEXT
+DATASET_CONTEXT = "eval"
+INPUT_TAG_PROBLEMS = "ttc.problems"  # problems in the logged set
+INPUT_TAG_RECORDS = "ttc.records"  # a parent's: the merged records digest that set came with
+
+# --- traces (one per sampled problem, on the parent; pipeline/traces.py): trace tags the UI searches
+TRACE_TAG_PROBLEM = "ttc.problem_id"
+TRACE_TAG_CORRECT = "ttc.correct"  # true | false | undecided | ungraded
+TRACE_TAG_LEVEL = "ttc.level"
+TRACE_TAG_STRATEGY = "ttc.strategy"
+TRACE_TAG_N = "ttc.n"
+TRACE_TAG_RECORDS = "ttc.records"  # the merged records digest the trace was written from
 
 ROLE_PARENT = "parent"  # one per search configuration
 ROLE_CHUNK = "chunk"  # one per slice of the problems, under its parent

@@ -6,7 +6,8 @@ For every (policy model, strategy) one line per voting rule, one panel per rule.
 runs of a strategy measured the same n (say N=16 and N=64 runs, both subsampled at n=4), the run
 with the larger N gives the point, then the newer one. Runs of different benchmarks (MATH-500,
 GSM8K, AIME: different problem sets) are never pooled: compare refuses them unless
-`allow_mixed`, and then each benchmark has lines of its own, named after it. The figure and its
+`allow_mixed`, and then each benchmark has lines of its own, named after it. Which problems a run
+graded is its logged MLflow dataset (`store.problem_set`, what the `best` alias compares too). The figure and its
 table are logged to a `ttc.role=compare` run of the experiment.
 """
 
@@ -38,7 +39,7 @@ def collect(experiment: str, model: str | None = None, allow_mixed: bool = False
             label = f"{label} on {benchmark.rstrip('/').split('/')[-1]}"  # MATH-500, builtin:gsm8k, aime_2024
         strategy = tags.get(names.TAG_STRATEGY, "?")
         big_n = int(tags.get(names.TAG_N, 0))
-        problem_set = (int(tags.get(names.TAG_MERGED_PROBLEMS, 0)), tags.get(names.TAG_PROBLEM_SET, "?"))
+        problem_set = store.problem_set(run).key  # the logged dataset (the tags for older runs), as `best` reads it
         for rule in RULE_TITLES:
             if rule not in run.data.metrics:
                 continue
@@ -51,8 +52,8 @@ def collect(experiment: str, model: str | None = None, allow_mixed: bool = False
     found = sorted({ps for c in curves.values() for ps in c.problem_sets})
     if len(found) > 1 and not allow_mixed:
         lines = "\n  ".join(f"{r.data.tags.get(names.TAG_RUN_NAME, r.info.run_id)} ({r.info.run_id}): "
-                            f"{r.data.tags.get(names.TAG_DATASET, '?')}, {r.data.tags.get(names.TAG_MERGED_PROBLEMS, '?')} "
-                            f"problems, set {r.data.tags.get(names.TAG_PROBLEM_SET, '?')}" for r in runs)
+                            f"{ps.name}, {ps.problems} problems, set {ps.digest}"
+                            for r, ps in ((r, store.problem_set(r)) for r in runs))
         raise MixedProblemsError(f"experiment={experiment!r}: its evaluated runs graded {len(found)} different problem "
                                  f"sets; compare runs of one set (--model), or pass --allow-mixed to draw them anyway:"
                                  f"\n  {lines}")

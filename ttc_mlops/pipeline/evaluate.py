@@ -5,14 +5,16 @@
 Reads the parent's `records/merged.jsonl.gz` only (never a model), so old runs can be graded again
 when the grader improves; the voting itself is `ttc_mlops.voting`. Logs the metrics (step = n), the
 table and figure of accuracy against n, a per-problem table (`eval/problems.json`) and each
-problem's search as pages (`eval/search-*.html`, ttc_mlops.report). Evaluating the same merged
-records twice logs nothing new.
+problem's search as pages (`eval/search-*.html`, ttc_mlops.report). The graded problems are the
+parent's input dataset (`store.log_problem_set`), and a sample of them (`trace_problems`) become
+MLflow traces on it (`traces.log_traces`). Evaluating the same merged records twice logs nothing
+new (an old run evaluated before traces existed gets its traces then).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import names
 from ..routing import budget_share
@@ -20,7 +22,7 @@ from ..plots import run_figure
 from ..records import records_digest
 from ..report import pages, search_html
 from ..voting import EvaluateError, Evaluation, evaluate_records
-from . import store
+from . import store, traces
 from .model import register_version
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class EvaluateResult:
     already: bool  # the same merged records were evaluated before: nothing was logged again
     registered: tuple[str, str] | None  # (registered model, version)
     best: str | None = None  # the version the `best` alias points to (None: not set, nothing scored above 0)
+    traces: list[str] = field(default_factory=list)  # the trace ids written this time (none: off, or written before)
 
 
 def evaluate_parent(parent_id: str, recipe, register: bool = True, workers: int | None = None) -> EvaluateResult:
@@ -65,6 +68,14 @@ def evaluate_parent(parent_id: str, recipe, register: bool = True, workers: int 
         store.log_figure(parent_id, run_figure(evaluation.rows, title=names.run_name(recipe)), names.EVAL_PLOT)
         store.set_tags(parent_id, {names.TAG_EVALUATED: digest, names.TAG_GROUP: f"{recipe.model_label}/{recipe.approach}",
                                    names.TAG_NOTE: description(recipe, evaluation, [name for name, _ in search_pages])})
+    store.log_problem_set(parent_id, recipe, [r.problem_id for r in records], digest)  # logged once per set
+    written = []
+    try:
+        written = traces.log_traces(parent_id, recipe, records, {row["problem_id"]: row for row in evaluation.problems_table},
+                                    digest)
+    except Exception as err:  # the metrics stand without them; the next evaluate tries again
+        log.warning("parent %s: traces not written (%s: %s); evaluate again to write them", parent_id,
+                    type(err).__name__, " ".join(str(err).split())[:300])
     flops = flops_per_problem(parent_id, records, sorted(evaluation.metrics))
     if flops and (not already or names.M_FLOPS_PER_PROBLEM not in run.data.metrics):
         store.log_step_metrics(parent_id, {n: {names.M_FLOPS_PER_PROBLEM: v} for n, v in flops.items()})
@@ -77,7 +88,7 @@ def evaluate_parent(parent_id: str, recipe, register: bool = True, workers: int 
         store.set_tags(parent_id, {names.TAG_REGISTERED: f"{name}/{version}"})
         registered = (name, version)
         log.info("%s version %s of %s", "registered" if created else "already registered as", version, name)
-    return EvaluateResult(parent_id, evaluation, partial, already, registered, best)
+    return EvaluateResult(parent_id, evaluation, partial, already, registered, best, written)
 
 
 def flops_per_problem(parent_id: str, records, ns: list[int]) -> dict[int, float]:

@@ -250,6 +250,7 @@ def log_merge(result: MergeResult) -> None:
     pid = result.parent_run_id
     store.log_records(pid, result.records, names.MERGED_RECORDS)
     store.log_text(pid, recipe_yaml(result.recipe), names.RECIPE_ARTIFACT)
+    store.log_problem_set(pid, result.recipe, [r.problem_id for r in result.records], result.digest)  # Datasets panel
     if result.problems_report:
         store.log_text(pid, "\n".join(result.problems_report) + "\n", names.MERGE_REPORT)
     store.set_tags(pid, {

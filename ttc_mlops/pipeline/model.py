@@ -177,7 +177,7 @@ def register_version(parent_id: str, recipe: Recipe, metrics: dict[str, float],
     source = f"{parent.info.artifact_uri}/{names.MODEL_ARTIFACT}"
     tags = {"recipe": yaml_text[:MAX_TAG_CHARS], names.TAG_SEARCH_KEY: recipe.search_key, names.TAG_PRM: recipe.prm_path,
             names.TAG_N: str(recipe.n), names.TAG_DATASET: recipe.dataset_name, "agg_strategy": recipe.agg_strategy,
-            **{k: parent.data.tags[k] for k in (names.TAG_PROBLEM_SET, names.TAG_MERGED_PROBLEMS) if k in parent.data.tags},
+            **_problem_set_tags(store.problem_set(parent)),
             **{k: f"{v:.6g}" for k, v in metrics.items() if v is not None}}
     mv = c.create_model_version(name, source, run_id=parent_id, tags=tags,
                                 description=f"{names.run_name(recipe)} on {recipe.dataset_name} (PRM {recipe.prm_path}, N={recipe.n})")
@@ -191,6 +191,11 @@ def register_version(parent_id: str, recipe: Recipe, metrics: dict[str, float],
         c.delete_model_version(name, mv.version)
         return name, str(first.version), False, update_best_alias(name, primary)
     return name, str(mv.version), True, update_best_alias(name, primary)
+
+
+def _problem_set_tags(ps) -> dict[str, str]:
+    """A version's record of the problems it was graded on (read where its run is gone)."""
+    return {names.TAG_PROBLEM_SET: ps.digest, names.TAG_MERGED_PROBLEMS: str(ps.problems)} if ps.digest != "?" else {}
 
 
 def _versions_of(name: str, parent_id: str) -> list:
@@ -207,8 +212,17 @@ def update_best_alias(name: str, primary: str) -> str | None:
     c = store.client()
     versions = [v for v in c.search_model_versions(f"name = '{name}'") if primary in v.tags]
 
-    def problem_set(v) -> tuple[int, str | None]:  # versions registered before these tags: a set of their own
-        return int(v.tags.get(names.TAG_MERGED_PROBLEMS, 0) or 0), v.tags.get(names.TAG_PROBLEM_SET)
+    runs: dict[str, tuple[int, str]] = {}
+
+    def problem_set(v) -> tuple[int, str]:
+        """The problems its run graded, decided as `ttc compare` decides it (`store.problem_set`: the
+        logged dataset, else the run's tags); a version whose run is gone, by the tags it was registered with."""
+        if v.run_id not in runs:
+            try:
+                runs[v.run_id] = store.problem_set(c.get_run(v.run_id)).key
+            except mlflow.exceptions.MlflowException:
+                runs[v.run_id] = store.tagged_problem_set(v.tags).key
+        return runs[v.run_id]
 
     if versions:
         chosen = problem_set(max(versions, key=lambda v: (problem_set(v)[0], int(v.version))))

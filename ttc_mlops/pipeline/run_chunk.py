@@ -122,6 +122,7 @@ def run_chunk(recipe: Recipe, policy=None, prm=None, progress: bool = True) -> C
     else:
         run_id = store.create_chunk_run(parent_id, recipe, start, end, len(all_problems))
         lease.acquire(store.get_run(run_id), rows)
+    store.log_problem_set(run_id, recipe, [p.problem_id for p in problems])  # its rows, in the Datasets panel
     heartbeat = lease.Heartbeat(run_id)
     done: list[Record] = []
     try:

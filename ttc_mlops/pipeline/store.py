@@ -8,12 +8,14 @@ artifacts come from `ttc_mlops.names` (the run layout is described there).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
@@ -175,14 +177,20 @@ def describe_failure(err: BaseException) -> tuple[str, bool] | None:
 
 
 def ensure_experiment(name: str) -> str:
+    """The experiment's id, created where missing. Its kind is set for MLflow 3's UI (the tag
+    `mlflow.experimentKind`, which the UI reads and its experiment-type selector writes): an
+    experiment of runs and accuracy charts, not a GenAI app, so it opens on the runs and their charts
+    (with traces logged and no kind, the UI infers GenAI). A kind someone chose in the UI is kept."""
     c = client()
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return c.create_experiment(name)
-    except mlflow.exceptions.MlflowException:  # created by a concurrent chunk meanwhile
-        return c.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        try:
+            exp = c.get_experiment(c.create_experiment(name, tags={names.TAG_EXPERIMENT_KIND: names.EXPERIMENT_KIND}))
+        except mlflow.exceptions.MlflowException:  # created by a concurrent chunk meanwhile
+            exp = c.get_experiment_by_name(name)
+    if names.TAG_EXPERIMENT_KIND not in exp.tags:  # made before the kind was set, or by hand
+        c.set_experiment_tag(exp.experiment_id, names.TAG_EXPERIMENT_KIND, names.EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def recipe_params(recipe: Recipe) -> list[Param]:
@@ -382,6 +390,91 @@ def experiments_with_parents() -> list[str]:
         if c.search_runs([exp.experiment_id], filter_string=f"tags.`{names.TAG_ROLE}` = '{names.ROLE_PARENT}'", max_results=1):
             found.append(exp.name)
     return sorted(found)
+
+
+# --- problem sets as MLflow datasets: what the Datasets panel shows, what "the same problems" means
+
+class ProblemSet(NamedTuple):
+    name: str  # the recipe's dataset_name (builtin:math500, a Hub id, a file)
+    problems: int
+    digest: str  # problem_set_digest of the problem ids ("?": unknown, an old run with neither)
+
+    @property
+    def key(self) -> tuple[int, str]:
+        """What two runs must share to have graded the same problems."""
+        return self.problems, self.digest
+
+
+def problem_dataset(recipe: Recipe, problem_ids: list[str]):
+    """The problems as an MLflow dataset entity: name = dataset_name, digest = the problem-set digest
+    of these ids (the `ttc.problem_set` tag's), source = the Hub dataset, the file, or this package
+    (built-in sets), and a schema of the problem columns. Metadata only: the rows stay where they are."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset
+    from mlflow.types import ColSpec, DataType, Schema
+
+    from .. import __version__
+    from ..data import is_local_dataset
+    from ..records import problem_set_digest
+
+    name = recipe.dataset_name
+    if name.startswith("builtin:"):
+        source = CodeDatasetSource({"ttc_mlops.builtin": name, "ttc_mlops.version": __version__})
+    elif is_local_dataset(name):
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice and says so
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+            source = resolve_dataset_source(Path(name).expanduser().resolve().as_uri())
+    else:
+        source = HuggingFaceDatasetSource(name, config_name=recipe.dataset_config, split=recipe.dataset_split)
+    schema = Schema([ColSpec(DataType.string, "problem_id"), ColSpec(DataType.string, "problem"),
+                     ColSpec(DataType.string, "answer", required=False), ColSpec(DataType.long, "level", required=False),
+                     ColSpec(DataType.string, "subject", required=False)])
+    d = MetaDataset(source, name=name, digest=problem_set_digest(problem_ids), schema=schema).to_dict()
+    return Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"], source=d["source"],
+                   schema=d.get("schema"), profile=json.dumps({"num_rows": len(problem_ids)}))
+
+
+def log_problem_set(run_id: str, recipe: Recipe, problem_ids: list[str], records: str | None = None) -> None:
+    """Log the problems a run holds as its input dataset (context "eval"): what `mlflow.log_input`
+    does, for a run that is not this process's active one. Logging the same set twice adds nothing.
+    `records`: a parent's merged records digest, so the set that was evaluated can be told apart
+    from one an earlier (partial) merge logged."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, names.DATASET_CONTEXT), InputTag(names.INPUT_TAG_PROBLEMS, str(len(problem_ids)))]
+    if records:
+        tags.append(InputTag(names.INPUT_TAG_RECORDS, records))
+    client().log_inputs(run_id, datasets=[DatasetInput(problem_dataset(recipe, problem_ids), tags)])
+
+
+def problem_set(run) -> ProblemSet:
+    """Which problems a run graded, the one answer `ttc compare` and the `best` alias both use: its
+    logged "eval" dataset (the one logged with the records that were evaluated, where a partial merge
+    logged another before), else, for runs from before datasets were logged, its tags
+    (`ttc.problem_set`, `ttc.merged_problems`)."""
+    tags = run.data.tags
+    found = [d for d in (run.inputs.dataset_inputs if run.inputs else [])
+             if {t.key: t.value for t in d.tags}.get("mlflow.data.context") == names.DATASET_CONTEXT]
+    if found:
+        graded = tags.get(names.TAG_EVALUATED) or tags.get(names.TAG_MERGED_DIGEST)
+        found.sort(key=lambda d: ({t.key: t.value for t in d.tags}.get(names.INPUT_TAG_RECORDS) != graded,
+                                  d.dataset.digest != tags.get(names.TAG_PROBLEM_SET)))
+        d = found[0]
+        problems = {t.key: t.value for t in d.tags}.get(names.INPUT_TAG_PROBLEMS)
+        if problems is None and d.dataset.profile:
+            problems = json.loads(d.dataset.profile).get("num_rows")
+        return ProblemSet(d.dataset.name, int(problems or 0), d.dataset.digest)
+    return tagged_problem_set(tags)
+
+
+def tagged_problem_set(tags: dict[str, str]) -> ProblemSet:
+    """The problem set as tags recorded it (a run or model version from before datasets were logged)."""
+    return ProblemSet(tags.get(names.TAG_DATASET, "?"), int(tags.get(names.TAG_MERGED_PROBLEMS, 0) or 0),
+                      tags.get(names.TAG_PROBLEM_SET, "?"))
 
 
 def create_compare_run(experiment: str, tags: dict[str, str]) -> str:
