@@ -9,7 +9,11 @@ heads itself (ttc_mlops/prm/vllm.py), so vLLM is asked for `Ttc<Arch>` (e.g. `Tt
 vLLM's own `<Arch>` whose `load_weights` skips every tensor outside `model.*` and `lm_head.*`.
 The classes are made on first use from whichever architectures vLLM knows, and registered in this
 process by `register` (the PRM backend calls it before it starts an engine, which on a CPU runs in
-this process; a GPU engine forked from it inherits the registry).
+this process; a GPU engine forked from it inherits the registry). `register` is also this package's
+vLLM general plugin (pyproject.toml, entry point group `vllm.general_plugins`): vLLM calls it in
+every process it starts, server and workers included, so `vllm serve` of such a checkpoint with
+`--hf-overrides '{"architectures": ["TtcQwen2ForCausalLM"]}'` finds the class. It registers names
+only (vLLM imports a class when a model asks for it) and may be called any number of times.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ def name_for(architecture: str) -> str:
 
 
 def register(architecture: str | None = None) -> None:
-    """Register `Ttc<architecture>` with vLLM (every causal LM vLLM knows when None)."""
+    """Register `Ttc<architecture>` with vLLM (every causal LM vLLM knows when None: the plugin's
+    call). Names only, each once: cheap, and a second call registers nothing."""
     from vllm import ModelRegistry
 
-    archs = [architecture] if architecture else [a for a in ModelRegistry.get_supported_archs() if a.endswith("ForCausalLM")]
+    known = set(ModelRegistry.get_supported_archs())
+    archs = [architecture] if architecture else sorted(a for a in known if a.endswith("ForCausalLM")
+                                                         and not a.startswith(PREFIX))  # not the Ttc ones
     for arch in archs:
-        if name_for(arch) not in ModelRegistry.get_supported_archs():
+        if name_for(arch) not in known:
             ModelRegistry.register_model(name_for(arch), f"{__name__}:{name_for(arch)}")
 
 
