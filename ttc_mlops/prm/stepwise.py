@@ -8,8 +8,9 @@ A family says what is scored: how a (problem, steps) pair becomes token ids plus
 position whose hidden state carries the step's score (`encode`), and how those hidden states become
 scores in [0, 1] (`step_scores`, the family's head). A backend says where the forward pass runs
 (`ForwardPass`): `TransformersForward` (prm/forward.py: this project's prefix store, batched by
-`prm_batch_size`) or `VLLMForward` (prm/vllm.py: vLLM's pooling runner in this process, its own
-automatic prefix caching). Both hand back the final hidden states at the read positions of the
+`prm_batch_size`), `VLLMForward` (prm/vllm.py: vLLM's pooling runner in this process, its own
+automatic prefix caching) or `RemoteForward` (prm/remote.py: the same on a vLLM server,
+`prm_base_url`). Each hands back the final hidden states at the read positions of the
 steps not scored yet; the family's head turns them into scores.
 
 A step's score depends only on the tokens up to its position, so scores are cached per step prefix,
@@ -208,9 +209,7 @@ def load_base(settings: PRMSettings):
     """(what `StepwisePRM.__init__` runs, tokenizer): on the transformers backend the base model
     without its LM head, on vLLM the engine's forward pass (no transformers model is loaded)."""
     if settings.backend == "vllm":
-        from .vllm import VLLMForward
-
-        return VLLMForward(settings), load_tokenizer(settings)
+        return vllm_forward(settings), load_tokenizer(settings)
     base, tokenizer, _ = load_base_model(settings)
     return base, tokenizer
 
@@ -221,12 +220,22 @@ def load_causal(settings: PRMSettings):
     from ..models import load_causal_lm
 
     if settings.backend == "vllm":
-        from .vllm import VLLMForward
-
-        return VLLMForward(settings), load_tokenizer(settings), None
+        return vllm_forward(settings), load_tokenizer(settings), None
     model, tokenizer, _ = load_causal_lm(settings)
     require_output_head(settings.path, model)
     return model.base_model, tokenizer, model
+
+
+def vllm_forward(settings: PRMSettings) -> ForwardPass:
+    """The vLLM backend's forward pass: a vLLM server's where `prm_base_url` names one
+    (prm/remote.py), else this process's engine (prm/vllm.py)."""
+    if settings.base_url:
+        from .remote import RemoteForward
+
+        return RemoteForward(settings)
+    from .vllm import VLLMForward
+
+    return VLLMForward(settings)
 
 
 def load_tokenizer(settings: PRMSettings):

@@ -46,13 +46,12 @@ class TRLPRM(StepwisePRM):
             import torch
             import transformers
 
-            from .stepwise import load_head, load_tokenizer
-            from .vllm import VLLMForward
+            from .stepwise import load_head, load_tokenizer, vllm_forward
 
             config = transformers.AutoConfig.from_pretrained(resolve_model(settings.path))
             _check_token_classifier(settings.path, (config.architectures or ["?"])[0], config,
                                     any(a.endswith("ForTokenClassification") for a in config.architectures or []))
-            super().__init__(settings, VLLMForward(settings), load_tokenizer(settings))
+            super().__init__(settings, vllm_forward(settings), load_tokenizer(settings))
             weights = load_head(settings.path, "score.")
             self.head = torch.nn.Linear(self.forward.hidden_size, 2, bias="bias" in weights)
             self.head.load_state_dict(weights)
