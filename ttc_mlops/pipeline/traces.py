@@ -5,7 +5,8 @@
 `ttc evaluate` writes one trace per problem of a stable sample (`trace_problems` of them, every
 problem when there are fewer), linked to the parent run, so the UI's Traces tab reads a search the
 way it reads an agent: a root span with the problem and gold answer as inputs, the selected answer
-and its verdict as outputs; under it one span per iteration (the partial solutions continued, every
+and its verdict as outputs (with each iteration's best step score and how many steps were kept and
+pruned, the search at a glance); under it one span per iteration (the partial solutions continued, every
 candidate step with its tokens, step score, aggregated score and whether it was kept or pruned) and
 a last `select` span. Trace tags (`ttc.correct`, `ttc.level`, `ttc.strategy`, `ttc.n`,
 `ttc.problem_id`) let the UI filter, e.g. `tags.ttc.correct = 'false' AND tags.ttc.level = '5'`.
@@ -78,6 +79,9 @@ def trace_spans(record: Record, row: dict | None, recipe) -> tuple[dict[str, Any
                        "notes": "; ".join(record.notes)},
     }
     children = _iteration_spans(record) if record.tree else [_sample_span(record)]
+    # the search at a glance where the UI opens a trace (its root): per iteration, its best step score and statuses
+    root["outputs"]["iterations"] = [{"span": c["name"], **{k: v for k, v in c["attributes"].items() if k != "tokens"}}
+                                     for c in children]
     children.append({
         "name": "select", "span_type": "RERANKER", "parent": None,
         "inputs": {"agg_scores": record.agg_scores, "finished": record.finished or None, "agg_strategy": record.agg_strategy},
