@@ -157,6 +157,7 @@ def run(recipe: str = typer.Argument(..., help="Recipe YAML."),
     from .pipeline.lease import ChunkBusy, lease_s
     from .pipeline.merge import strip_chunk_fields
     from .pipeline.run_chunk import Stopped, run_chunk
+    from .policy.openai import PolicyServerError
 
     try:
         lease_s()  # TTC_LEASE_S, checked before any run exists
@@ -170,6 +171,9 @@ def run(recipe: str = typer.Argument(..., help="Recipe YAML."),
         typer.secho(f"{err}: the chunk run is marked FAILED, what was checkpointed is kept; run the same command to "
                     f"resume", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(128 + getattr(signal, err.signal))
+    except PolicyServerError as err:  # backend openai: the server stopped answering mid-search
+        _fail(f"{err}: the chunk run is marked FAILED, what was checkpointed is kept; once the server answers, run "
+              f"the same command to resume", code=1)
     _summary(r, result)
     if all(getattr(r, k) is None for k in ("chunk", "num_chunks", "dataset_start", "dataset_end")):
         # the whole problem set in one process: finish the pipeline on its parent

@@ -53,6 +53,11 @@ NON_RESULT_FIELDS = CHUNK_FIELDS + (
     "prefix_cache_gib",
     "trace_problems",  # what evaluate writes as MLflow traces, not what was searched
     "prm_base_url", "prm_api_key_env",  # where the PRM runs, not what it scores
+    # where and how the policy's requests go (backend: openai), not what they sample: per-request
+    # seeds make a server's tokens independent of its address, its name for the weights (model_path
+    # names them) and the requests in flight; `backend` stays in the key (an SGLang server need not
+    # sample what in-process vLLM does)
+    "policy_base_url", "policy_api_key_env", "policy_model_name", "policy_concurrency",
 )
 
 # Result fields added after the first tracking stores: in a search key only when not at their default.
@@ -83,10 +88,14 @@ class ModelSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class PolicySettings(ModelSettings):
-    backend: str  # "auto" | "transformers" | "vllm"
+    backend: str  # "auto" | "transformers" | "vllm" | "openai"
     chat_template: str | None  # Jinja; None keeps the tokenizer's own
     gpu_memory_utilization: float  # vLLM's share of the card
     seed: int  # vLLM's engine seed (every request carries its own)
+    base_url: str | None = None  # backend openai: the server's API root (policy/openai.py)
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding its key
+    model_name: str | None = None  # the id it serves the weights under; None: model_path
+    concurrency: int = 16  # requests in flight at once
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,11 +161,18 @@ class Recipe(BaseModel):
     # TRL-trained PRMs (prm_family: trl): the text after every step, TRL's PRMConfig.step_separator;
     # None reads it from the checkpoint's training_args.bin, else TRL's default "\n"
     prm_step_separator: str | None = Field(None, min_length=1)
-    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    backend: Literal["auto", "transformers", "vllm", "openai"] = "auto"  # openai: a server at policy_base_url
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     trust_remote_code: bool = False  # remote model code runs only when the recipe says so
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)  # vLLM's share, the PRM gets the rest
+    # backend: openai: the API root of an OpenAI-compatible server running the policy (`vllm serve`,
+    # SGLang; docs/served.md), e.g. http://host:8000/v1. model_path still names the weights it serves:
+    # its tokenizer and chat template build the prompts here. Its key is read from policy_api_key_env
+    policy_base_url: str | None = None
+    policy_api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (never logged)
+    policy_model_name: str | None = None  # the id the server serves model_path under; None: model_path or its directory
+    policy_concurrency: int = Field(16, ge=1)  # requests in flight at once
     # where the PRM's forward pass runs: transformers (this project's prefix store), vLLM in this process
     # (its pooling runner and prefix caching), or auto: vLLM on a GPU where the family runs there, else
     # transformers (on a CPU, vLLM's PRM was no faster over wall time; docs/prms.md has the figures)
@@ -227,6 +243,7 @@ class Recipe(BaseModel):
         if self.prm_base_url is not None and self.prm_backend == "transformers":
             raise ValueError(f"prm_base_url={self.prm_base_url!r} runs the PRM on a vLLM server, but "
                              f"prm_backend='transformers' runs it here; set one of them")
+        _check_served_policy(self)
         if self.push_to_hub and not self.hub_dataset_id:
             raise ValueError("push_to_hub=true needs hub_dataset_id (org/name)")
         return self
@@ -269,7 +286,9 @@ class Recipe(BaseModel):
         return PolicySettings(path=self.model_path, dtype=self.dtype, device=self.device,
                               trust_remote_code=self.trust_remote_code, prefix_cache_gib=self.prefix_cache_gib,
                               backend=self.backend, chat_template=self.custom_chat_template,
-                              gpu_memory_utilization=self.gpu_memory_utilization, seed=self.seed)
+                              gpu_memory_utilization=self.gpu_memory_utilization, seed=self.seed,
+                              base_url=self.policy_base_url, api_key_env=self.policy_api_key_env,
+                              model_name=self.policy_model_name, concurrency=self.policy_concurrency)
 
     @property
     def prm_settings(self) -> PRMSettings:
@@ -279,6 +298,33 @@ class Recipe(BaseModel):
                            step_separator=self.prm_step_separator, backend=self.prm_backend,
                            gpu_memory_utilization=self.prm_gpu_memory_utilization,
                            base_url=self.prm_base_url, api_key_env=self.prm_api_key_env)
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_served_policy(r: "Recipe") -> None:
+    """backend openai and policy_base_url go together; the URL is http(s) and holds no credentials;
+    policy_api_key_env names a variable (its value is never echoed: it may be a key pasted there)."""
+    url = r.policy_base_url
+    if r.backend == "openai" and url is None:
+        raise ValueError("backend='openai' needs policy_base_url, the API root of the server running the policy "
+                         "(e.g. http://127.0.0.1:8000/v1)")
+    if url is not None and r.backend != "openai":
+        raise ValueError(f"policy_base_url={url!r} is read by backend='openai' only, but backend={r.backend!r}: "
+                         f"set backend=openai, or unset policy_base_url")
+    if url is not None:
+        scheme, _, rest = url.partition("://")
+        if "@" in rest.split("/")[0]:
+            shown = f"{scheme}://***@{rest.split('@', 1)[1]}"
+            raise ValueError(f"policy_base_url={shown!r} holds credentials: put the key in the environment variable "
+                             f"that policy_api_key_env names ({r.policy_api_key_env!r}), never in the recipe")
+        if scheme not in ("http", "https") or not rest or rest[0] in "/" or any(c.isspace() for c in url):
+            raise ValueError(f"policy_base_url={url!r} is not an http:// or https:// URL (expected e.g. "
+                             f"http://127.0.0.1:8000/v1)")
+    if not _ENV_NAME.match(r.policy_api_key_env):
+        raise ValueError("policy_api_key_env is not an environment variable name (letters, digits and _, not "
+                         "starting with a digit): it names the variable holding the key, never the key itself")
 
 
 def looks_like_model_ref(value: str) -> bool:

@@ -53,6 +53,10 @@ def preflight(recipe: Recipe, prompts: bool = True) -> list[Problem]:
         if not usable:
             raise RecipeError(f"backend='vllm' but vLLM cannot run here: {why}")
     check_model_ref("model_path", recipe.model_path)
+    if recipe.backend == "openai" and prompts:  # the recipe's own server answers, takes the key, serves the model
+        from ..policy.openai import check_server
+
+        check_server(recipe.policy_settings)
     check_model_ref("prm_path", recipe.prm_path)
     check_prm_backend(recipe)
     if recipe.output_dir:

@@ -9,7 +9,7 @@ out of `max_tokens` (a length stop is not an answer: search keeps the two apart)
 
 A step-level search feeds a backend through a `Stream` (`open_stream`): requests go in whenever a
 problem needs them, generations come back as they finish, so that one problem's long step does not
-hold up the others. A backend that can take requests while it decodes (vLLM's engine) has its own
+hold up the others. A backend that can take requests while it decodes (vLLM's engine, a server) has its own
 `stream()`; any other is driven in waves: every request added since the last wave in one
 `generate` call per sampling setting, which is exactly the batched search of one call per
 iteration.
@@ -130,6 +130,10 @@ def load_policy(settings) -> Policy:
     from ..config import RecipeError
 
     backend = settings.backend
+    if backend == "openai":
+        from .openai import OpenAIPolicy
+
+        return OpenAIPolicy(settings)
     if backend in ("auto", "vllm"):
         from . import vllm as vllm_backend
 
