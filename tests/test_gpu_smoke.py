@@ -44,3 +44,19 @@ def test_peak_rate_is_one_batched_call_of_problems_by_n_rows():
     rate = gpu_smoke.peak_rate(policy, Recipe(n=4), [Problem("a", "1+1?", "2"), Problem("b", "2+2?", "4")], 16)
     assert rate > 0
     assert [len(c) for c in policy.calls] == [8, 8]  # a warm-up call, then the measured one
+
+
+def test_both_prm_backends_where_vllm_can_run_and_transformers_alone_where_it_cannot(monkeypatch):
+    """Item 7 of issue 28: the vLLM PRM path is measured where vLLM runs; where it does not, the
+    random-weight transformers measurements stay what they were (one PRM backend, transformers)."""
+    from ttc_mlops.policy import vllm as vllm_backend
+
+    gpu_smoke = smoke()
+    recipe = Recipe()
+    monkeypatch.setattr(vllm_backend, "installed_build", lambda: None)
+    assert gpu_smoke.prm_backends("both", recipe) == ["transformers"]
+    monkeypatch.setattr(vllm_backend, "installed_build", lambda: "cpu")
+    assert gpu_smoke.prm_backends("both", recipe) == ["vllm", "transformers"]
+    assert gpu_smoke.prm_backends("both", recipe.model_copy(update={"device": "cuda"})) == ["transformers"]
+    for one in ("vllm", "transformers", "auto"):  # a backend asked for by name is measured alone
+        assert gpu_smoke.prm_backends(one, recipe) == [one]
