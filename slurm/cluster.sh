@@ -24,6 +24,15 @@ MERGE_SBATCH=(
     # --account=my-project
 )
 
+# The PRM server of `ttc launch --serve-prm` (one `vllm serve --runner pooling` for every task of the
+# sweep); without this array it gets the chunk tasks' options.
+SERVE_SBATCH=(
+    --cpus-per-task=1
+    --time=1-00:00:00
+    # --partition=gpu
+    # --gres=gpu:1
+)
+
 # Runs on the node at the start of every job, before `ttc`: make `ttc` runnable there. A job
 # starts with the submitting shell's environment (sbatch's default --export=ALL), so an activated
 # virtualenv already carries over; clusters that purge it need the lines below.
@@ -32,4 +41,11 @@ ttc_env() {
     # source ~/miniforge3/etc/profile.d/conda.sh && conda activate ttc
     # source ~/venvs/ttc/bin/activate
     export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}  # torch's CPU threads = the CPUs Slurm granted
+}
+
+# Runs on the PRM server's node before `vllm serve` (--serve-prm): vLLM must import there with the
+# interpreter `ttc launch` ran under. TTC_SERVE_HOST: the name other nodes reach it by (default: hostname).
+ttc_serve_env() {
+    ttc_env
+    # export TTC_SERVE_HOST=$(hostname -f)
 }

@@ -158,6 +158,7 @@ def run(recipe: str = typer.Argument(..., help="Recipe YAML."),
     from .pipeline.merge import strip_chunk_fields
     from .pipeline.run_chunk import Stopped, run_chunk
     from .policy.openai import PolicyServerError
+    from .prm.remote import PRMServerError
 
     try:
         lease_s()  # TTC_LEASE_S, checked before any run exists
@@ -172,6 +173,9 @@ def run(recipe: str = typer.Argument(..., help="Recipe YAML."),
                     f"resume", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(128 + getattr(signal, err.signal))
     except PolicyServerError as err:  # backend openai: the server stopped answering mid-search
+        _fail(f"{err}: the chunk run is marked FAILED, what was checkpointed is kept; once the server answers, run "
+              f"the same command to resume", code=1)
+    except PRMServerError as err:  # prm_base_url: the PRM server stopped answering mid-search
         _fail(f"{err}: the chunk run is marked FAILED, what was checkpointed is kept; once the server answers, run "
               f"the same command to resume", code=1)
     _summary(r, result)
@@ -339,8 +343,12 @@ def launch_command(recipe: str = typer.Argument(..., help="Recipe YAML."),
            max_parallel: Optional[int] = typer.Option(None, help="Array tasks running at once (--array=...%N)."),
            parent_run_id: Optional[str] = typer.Option(None, help="Launch under this parent run."),
            log_dir: str = typer.Option("slurm-logs", help="Slurm logs and the recipe copy go to LOG_DIR/<parent run id>/ (a shared filesystem)."),
-           cluster_file: Optional[str] = typer.Option(None, help="Cluster specifics (default: $TTC_CLUSTER or slurm/cluster.sh).")) -> None:
-    """Submit a recipe to Slurm: one array task per chunk, then a dependent merge + evaluate job."""
+           cluster_file: Optional[str] = typer.Option(None, help="Cluster specifics (default: $TTC_CLUSTER or slurm/cluster.sh)."),
+           serve_prm: bool = typer.Option(False, "--serve-prm", help="Serve the PRM once for the sweep (a `vllm serve --runner pooling` job every task scores through; stopped after merge)."),
+           serve_arg: list[str] = typer.Option([], "--serve-arg", help="Extra option for that `vllm serve`, e.g. --serve-arg=--enforce-eager (repeatable)."),
+           server_wait: int = typer.Option(3600, min=1, help="Seconds a task waits for the PRM server to be healthy (--serve-prm).")) -> None:
+    """Submit a recipe to Slurm: one array task per chunk, then a dependent merge + evaluate job
+    (with --serve-prm, first a PRM server job that every task scores through)."""
     import shlex
 
     from .config import RecipeError
@@ -350,11 +358,14 @@ def launch_command(recipe: str = typer.Argument(..., help="Recipe YAML."),
         _store_ready()
         done = launch(recipe, set_, chunks, only_missing=only_missing, sbatch_args=sbatch_arg,
                       merge_sbatch_args=merge_sbatch_arg, max_parallel=max_parallel, log_dir=log_dir,
-                      parent_run_id=parent_run_id, cluster_file=cluster_file)
+                      parent_run_id=parent_run_id, cluster_file=cluster_file, serve_prm=serve_prm,
+                      serve_args=serve_arg, server_wait_s=server_wait)
     except (RecipeError, LaunchError) as err:
         _fail(str(err))
-    jobs = ",".join(j for j in (done.array_job, done.merge_job) if j)
-    rows = [
+    jobs = ",".join(j for j in (done.server_job, done.array_job, done.merge_job) if j)
+    served = [("PRM server", f"job {done.server_job}: address in {done.log_dir}/prm-server.url once healthy; "
+                             f"stopped after merge (job {done.stop_job} if merge never runs)")] if done.server_job else []
+    rows = [*served,
         ("parent run", f"{done.parent_run_id} (experiment {done.experiment_id})"),
         ("chunks", f"job {done.array_job}: {len(done.chunks)} of {done.num_chunks} chunks of {done.problems} problems"
                    if done.array_job else f"none submitted: all {done.num_chunks} chunks finished"),
@@ -369,6 +380,19 @@ def launch_command(recipe: str = typer.Argument(..., help="Recipe YAML."),
                f"{done.tracking_uri.rstrip('/')}/#/experiments/{done.experiment_id}/runs/{done.parent_run_id}")
     typer.echo(f"if a task fails: ttc launch {recipe} --chunks {done.num_chunks} --only-missing"
                + "".join(f" --set {shlex.quote(s)}" for s in set_))
+
+
+@app.command("wait-server", hidden=True)
+def wait_server_command(url_file: str = typer.Argument(..., help="Where the PRM server job writes its address."),
+                        job: str = typer.Option("", help="The server's Slurm job: waiting stops if it ends."),
+                        timeout: float = typer.Option(3600, help="Seconds to wait at most.")) -> None:
+    """For slurm/chunks.sbatch under `ttc launch --serve-prm`: print the PRM server's URL once it is healthy."""
+    from .pipeline.launch import LaunchError, wait_for_server
+
+    try:
+        typer.echo(wait_for_server(url_file, job or None, timeout))
+    except LaunchError as err:
+        _fail(str(err))
 
 
 @app.command("optimal")

