@@ -486,6 +486,7 @@ def in_process():
 @pytest.mark.parametrize("approach, settings", [
     ("beam_search", {"n": 4, "beam_width": 2, "num_iterations": 3, "max_tokens": 24}),
     ("best_of_n", {"n": 3, "max_tokens": 32}),
+    ("dvts", {"n": 4, "beam_width": 2, "num_iterations": 2, "max_tokens": 24}),
 ])
 @real
 def test_a_search_through_the_server_gives_the_in_process_records(vllm_server, in_process, key, approach, settings):
@@ -586,3 +587,14 @@ def test_a_server_killed_mid_search_fails_the_chunk_and_the_rerun_resumes(vllm_s
     records = store.load_records(finished.info.run_id, artifact)
     assert len(records) == 3 and [r.to_dict() for r in records[: len(saved)]] == [r.to_dict() for r in saved]
     assert all(t > 0 for r in records for t in r.completion_tokens)
+    # the cost as for an in-process model: parameters from the local config, tokens from `usage`
+    from transformers import AutoConfig
+
+    from ttc_mlops.models import config_params
+
+    m = store.client().get_run(finished.info.run_id).data.metrics
+    assert m[names.M_POLICY_PARAMS] == config_params(AutoConfig.from_pretrained(vllm_server.model_dir))
+    tokens = m[names.M_PROMPT_TOKENS] + m[names.M_GENERATED_TOKENS]
+    assert m[names.M_POLICY_FLOPS] == pytest.approx(2 * m[names.M_POLICY_PARAMS] * tokens)
+    assert 0 < m[names.M_PROMPT_TOKENS] <= m[names.M_PROMPT_TOKENS_FULL]
+    assert m[names.M_GENERATED_TOKENS] >= sum(t for r in records for t in r.completion_tokens)
