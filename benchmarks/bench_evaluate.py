@@ -9,6 +9,14 @@ inverted fraction, a changed digit), scattered wrong numbers, and junk (no boxed
 LaTeX, words). Scores favour right answers a little. Prints the wall time of evaluate_records
 (extraction, grading on all cores, voting at n = 1, 2, 4, ..., N, per level) and the number of
 distinct answers graded; the target is under 60 s on a 2-core machine.
+
+    python benchmarks/bench_evaluate.py --tracing --problems 50 --n 16 --beam-width 4 --trace 50
+
+`--tracing` times the whole evaluate step (`evaluate_parent`: read the merged records from a SQLite
+tracking store, grade, vote, log metrics, tables, pages, the dataset) on beam-search records with
+step trees of realistic size (N completions, N candidate steps per iteration of ~60 tokens, the
+N / beam_width best kept), with `trace_problems` 0 and `--trace`, alternately, each on a fresh
+parent run holding the same records; it prints both wall times and the overhead of tracing.
 """
 
 from __future__ import annotations
@@ -87,6 +95,116 @@ def problem_records(index: int, row: dict, n: int) -> Record:
                   finish_reasons=["eos"] * n, selected=None, pred=None, approach="best_of_n", agg_strategy="last")
 
 
+STEP = ("## Step {k}: Work on the expression\n\nWe substitute $x = {v}$ into the equation and simplify both "
+        "sides, collecting the terms in $x$ on the left: ${v}x^2 + {k}x - {v} = 0$, so the discriminant is "
+        "${k}^2 + 4 \\cdot {v}^2$.\n\n")
+
+
+def beam_record(index: int, row: dict, n: int, beam_width: int, rng: random.Random) -> Record:
+    """A beam search's record of realistic size: every iteration N candidate steps (beam_width per
+    kept beam), the N / beam_width best kept, the rest pruned; the last iteration's N finish."""
+    from ttc_mlops.records import TreeNode
+
+    depth = rng.randint(6, 16)
+    tree, kept = [], [None]
+    for it in range(depth):
+        parents = kept if it else [None]
+        width = n if it == 0 else beam_width
+        nodes = []
+        for parent in parents:
+            for _ in range(width):
+                score = rng.random()
+                last = it == depth - 1
+                text = STEP.format(k=it + 1, v=rng.randint(2, 99)) if not last else \
+                    f"Therefore, the final answer is: $\\boxed{{{row['answer'] if rng.random() < 0.4 else rng.randint(0, 99)}}}$."
+                nodes.append(TreeNode(len(tree) + len(nodes), parent, it, text, "", rng.randint(40, 80),
+                                      "eos" if last else "stop", score, score, "finished" if last else "pruned"))
+        if it < depth - 1:
+            for node in sorted(nodes, key=lambda x: -x.agg)[: n // beam_width]:
+                node.status = "kept"
+            kept = [node.id for node in nodes if node.status == "kept"]
+        tree += nodes
+    by_id = {node.id: node for node in tree}
+
+    def path(node) -> str:
+        return (path(by_id[node.parent]) if node.parent is not None else "") + node.step
+
+    leaves = [node for node in tree if node.status == "finished"][:n]
+    for i, leaf in enumerate(leaves):
+        leaf.completion = i
+    scores = [[leaf.step_score] for leaf in leaves]
+    agg = [leaf.agg for leaf in leaves]
+    best = max(range(len(leaves)), key=lambda i: agg[i])
+    return Record(problem_id=row.get("unique_id", str(index)), problem=row["problem"], answer=row["answer"],
+                  level=row.get("level"), subject=row.get("subject"), completions=[path(leaf) for leaf in leaves],
+                  step_scores=scores, agg_scores=agg, completion_tokens=[rng.randint(300, 900) for _ in leaves],
+                  finish_reasons=["eos"] * len(leaves), selected=best, pred=None, approach="beam_search",
+                  agg_strategy="last", groups=[i // beam_width for i in range(len(leaves))], tree=tree,
+                  finished=[True] * len(leaves))
+
+
+def tracing_overhead(args, rows: list[dict]) -> None:
+    """evaluate_parent's wall time with and without traces, on fresh parents of the same records."""
+    import tempfile
+
+    import mlflow
+
+    from ttc_mlops import names
+    from ttc_mlops.config import EMBEDDED_MODEL, Recipe
+    from ttc_mlops.pipeline import store
+    from ttc_mlops.pipeline.evaluate import evaluate_parent
+
+    rng = random.Random(0)
+    records = [beam_record(i, row, args.n, args.beam_width, rng) for i, row in enumerate(rows)]
+    size = sum(len(json.dumps(r.to_dict())) for r in records) / len(records)
+    recipe = Recipe(approach="beam_search", n=args.n, beam_width=args.beam_width, model_path=EMBEDDED_MODEL,
+                    prm_path=EMBEDDED_MODEL, dataset_name="HuggingFaceH4/MATH-500", experiment_name="bench-tracing")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+        exp = store.ensure_experiment("bench-tracing")
+        times: dict[int, list[float]] = {0: [], args.trace: []}
+        cpus: dict[int, list[float]] = {0: [], args.trace: []}
+        writing: list[float] = []  # wall time inside traces.log_traces, of the traced evaluations
+        from ttc_mlops.pipeline import traces
+
+        def timed(*a, _log=traces.log_traces, **kw):
+            t = time.perf_counter()
+            try:
+                return _log(*a, **kw)
+            finally:
+                if a[1].trace_problems:
+                    writing.append(time.perf_counter() - t)
+
+        traces.log_traces = timed
+        for rep in range(-1, args.repeats):  # -1: a warm-up (imports, the grader's first calls), not counted
+            for k in ((0,) if rep < 0 else (0, args.trace) if rep % 2 == 0 else (args.trace, 0)):
+                pid = store.client().create_run(exp, tags={names.TAG_ROLE: names.ROLE_PARENT}).info.run_id
+                store.log_records(pid, records, names.MERGED_RECORDS)
+                store.set_tags(pid, {names.TAG_MERGED: names.MERGED_COMPLETE})
+                t0, c0 = time.perf_counter(), _cpu()
+                result = evaluate_parent(pid, recipe.model_copy(update={"trace_problems": k}), register=args.register,
+                                         workers=args.workers)
+                if rep >= 0:
+                    times[k].append(time.perf_counter() - t0)
+                    cpus[k].append(_cpu() - c0)
+                elif writing:
+                    writing.clear()
+                assert len(result.traces) == min(k, len(records)), (k, len(result.traces))
+    off, on = sorted(times[0])[len(times[0]) // 2], sorted(times[args.trace])[len(times[args.trace]) // 2]
+    nodes = sum(len(r.tree) for r in records) / len(records)
+    print(f"{len(records)} beam-search records (N={args.n}, beam_width={args.beam_width}, {nodes:.0f} tree nodes and "
+          f"{size / 1000:.0f} kB of JSON per record), register={args.register}: evaluate median of {args.repeats} "
+          f"{off:.2f} s without traces, {on:.2f} s tracing {min(args.trace, len(records))} problems: "
+          f"+{on - off:.2f} s ({100 * (on - off) / off:+.1f}%)")
+    print("  wall without: " + ", ".join(f"{t:.2f}" for t in times[0]) + " s; with: " + ", ".join(f"{t:.2f}" for t in times[args.trace]) + " s")
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    c_off, c_on, w = med(cpus[0]), med(cpus[args.trace]), med(writing)
+    print(f"  CPU (this process and the grading workers), median: {c_off:.2f} s without, {c_on:.2f} s with "
+          f"({100 * (c_on - c_off) / c_off:+.1f}%); writing the traces (traces.log_traces) took {w:.2f} s wall, "
+          f"{100 * w / off:.1f}% of evaluate without traces (each: " + ", ".join(f"{t:.2f}" for t in writing) + " s)")
+
+
 def _cpu() -> float:
     """CPU seconds of this process and of its finished children (the grading workers)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -99,9 +217,17 @@ def main(argv=None) -> None:
     ap.add_argument("--problems", type=int, default=500)
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--workers", type=int, default=None, help="grading processes (default: all cores)")
+    ap.add_argument("--tracing", action="store_true", help="time evaluate_parent with and without traces instead")
+    ap.add_argument("--beam-width", type=int, default=4)
+    ap.add_argument("--trace", type=int, default=50, help="trace_problems of the traced runs (--tracing)")
+    ap.add_argument("--repeats", type=int, default=3, help="evaluations of each kind, alternating (--tracing)")
+    ap.add_argument("--register", action="store_true", help="register a model version too, as `ttc evaluate` does")
     args = ap.parse_args(argv)
     load = os.getloadavg()[0]  # other work on the machine stretches the wall time, not the CPU time
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()][: args.problems]
+    if args.tracing:
+        print(f"load average before: {load:.1f}")
+        return tracing_overhead(args, rows)
     records = [problem_records(i, row, args.n) for i, row in enumerate(rows)]
     t0, cpu0 = time.perf_counter(), _cpu()
     ev = evaluate_records(records, "last", max_n=args.n, workers=args.workers)

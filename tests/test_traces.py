@@ -62,8 +62,9 @@ def test_a_trace_is_the_search_of_one_record_and_leaves_it_unchanged():
     assert [c["step_score"] for c in first["outputs"]["candidates"]] == [0.9, 0.2]
     assert first["outputs"]["status"] == {"kept": [0], "pruned": [1]}
     assert first["attributes"]["tokens"] == 7 and first["attributes"]["status.pruned"] == 1
-    # iteration 1 continued node 0: its prompt is the partial solution so far
-    assert children[1]["inputs"]["prompts"] == [{"node": 0, "partial_solution": "A.\n\n"}]
+    # iteration 1 continued node 0: its prompt is the problem and the steps so far
+    assert children[0]["inputs"]["prompts"] == [{"continues": None, "steps": []}]
+    assert children[1]["inputs"]["prompts"] == [{"continues": 0, "steps": [0]}]
     assert children[-1]["outputs"] == {"selected": 0, "answer": "5"}
 
 
@@ -98,7 +99,9 @@ def test_evaluate_writes_one_trace_per_sampled_problem_linked_to_the_parent(mlfl
     assert len(result.traces) == 4
     found = full_traces(pid)
     assert sorted(t.info.trace_id for t in found) == sorted(result.traces)
-    assert {t.info.trace_metadata["mlflow.sourceRun"] for t in found} == {pid}
+    assert all(t.info.tags["mlflow.traceName"] == t.info.tags[names.TRACE_TAG_PROBLEM] for t in found)
+    other = store.client().create_run(store.get_run(pid).info.experiment_id).info.run_id
+    assert full_traces(other) == []  # linked to their parent only
     sampled = {r.problem_id for r in traces.sample(merged, 4)}
     assert {t.info.tags[names.TRACE_TAG_PROBLEM] for t in found} == sampled
     trace = next(t for t in found if t.info.tags[names.TRACE_TAG_PROBLEM] == PROBLEMS[1].problem_id) \

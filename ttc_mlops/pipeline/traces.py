@@ -18,9 +18,11 @@ nothing, with other ones replaces them (tag `ttc.traced` says which were written
 
 Records keep no per-step timings: a span's start orders it among its siblings (1 microsecond
 apart) and its duration is 0. Speed: the spans are made in memory and the whole sample goes to the
-store in one `log_spans` call (one `start_trace` per trace for its tags and run link); through the
-span-by-span exporter of `MlflowClient.start_span` each span was one store transaction, about 10x
-slower (docs/benchmarks.md has the figures).
+store in one `log_spans` call, which creates every trace (its tags from the root span) in one
+transaction, then one `link_traces_to_run` per 100 traces ties them to the parent. Through
+`MlflowClient.start_trace` / `start_span` each span was a store transaction of its own (about 0.4 s
+a trace here), and a `start_trace` per trace still cost more than the rest of tracing together
+(docs/benchmarks.md has the figures).
 """
 
 from __future__ import annotations
@@ -37,8 +39,7 @@ from ..records import Record, TreeNode
 
 log = logging.getLogger(__name__)
 
-PREVIEW_CHARS = 1000  # the Traces table's request / response columns
-DELETE_BATCH = 100  # trace ids per delete call
+LINK_BATCH = 100  # trace ids per link / delete call (MLflow's limit for links)
 
 
 def sample(records: list[Record], k: int) -> list[Record]:
@@ -93,15 +94,16 @@ def trace_spans(record: Record, row: dict | None, recipe) -> tuple[dict[str, Any
 
 def _iteration_spans(record: Record) -> list[dict[str, Any]]:
     """One span per iteration (per sweep and iteration for particle Gibbs): the partial solutions it
-    continued (the prompts, minus the system prompt and problem every prompt shares), every step it
-    sampled with its score, and which were kept or pruned."""
+    continued, as the node ids of their steps (a prompt is the system prompt, the problem and the
+    text of those steps, each in the span of its own iteration; writing the texts out again here
+    doubled a trace's size), every step it sampled with its score, and which were kept or pruned."""
     by_id = {node.id: node for node in record.tree}
-    paths: dict[int, str] = {}
+    paths: dict[int, list[int]] = {}
 
-    def path(node_id: int) -> str:  # the partial solution ending at this node
+    def path(node_id: int) -> list[int]:  # the steps of the partial solution ending at this node
         if node_id not in paths:
             node = by_id[node_id]
-            paths[node_id] = (path(node.parent) if node.parent is not None else "") + node.step
+            paths[node_id] = (path(node.parent) if node.parent is not None else []) + [node_id]
         return paths[node_id]
 
     rounds: dict[tuple[int, int], list[TreeNode]] = defaultdict(list)
@@ -116,7 +118,7 @@ def _iteration_spans(record: Record) -> list[dict[str, Any]]:
         scores = [n.step_score for n in nodes if n.step_score is not None]
         spans.append({
             "name": f"iteration {iteration}" + (f" (sweep {sweep})" if sweep else ""), "span_type": "CHAIN", "parent": None,
-            "inputs": {"prompts": [{"node": p, "partial_solution": path(p) if p is not None else ""} for p in parents]},
+            "inputs": {"prompts": [{"continues": p, "steps": path(p) if p is not None else []} for p in parents]},
             "outputs": {"candidates": [_candidate(n) for n in nodes], "status": dict(status)},
             "attributes": {"iteration": iteration, "candidates": len(nodes), "tokens": sum(n.tokens for n in nodes),
                            "best_step_score": max(scores) if scores else None,
@@ -159,12 +161,13 @@ def trace_tags(record: Record, row: dict | None, recipe, records_digest: str) ->
             names.TRACE_TAG_RECORDS: records_digest}
 
 
-def build_traces(records: list[Record], rows: dict[str, dict], recipe, experiment_id: str, run_id: str,
-                 records_digest: str) -> list[tuple[Any, list[Any]]]:
-    """MLflow (TraceInfo, spans) per record, made in memory (an OpenTelemetry tracer of its own: nothing
-    is exported until `log_traces` sends them)."""
-    from mlflow.entities import LiveSpan, TraceInfo, TraceLocation, TraceState
-    from mlflow.tracing.constant import TRACE_SCHEMA_VERSION, TRACE_SCHEMA_VERSION_KEY, TraceMetadataKey
+def build_traces(records: list[Record], rows: dict[str, dict], recipe, records_digest: str) -> list[list[Any]]:
+    """Each record's trace as finished MLflow spans, root first, made in memory by an OpenTelemetry
+    tracer of this module's own (nothing is exported until `log_traces` sends them). The trace tags
+    ride on the root span as `mlflow.traceTag.<key>` attributes, which the store turns into tags when
+    it creates the trace from its spans (MLflow's OpenTelemetry ingest)."""
+    from mlflow.entities import LiveSpan
+    from mlflow.tracing.constant import SpanAttributeKey
     from mlflow.tracing.utils import generate_trace_id_v3
     from opentelemetry import trace as otel
     from opentelemetry.sdk.trace import TracerProvider
@@ -179,6 +182,8 @@ def build_traces(records: list[Record], rows: dict[str, dict], recipe, experimen
         root = tracer.start_span(root_data["name"], start_time=start)
         trace_id = generate_trace_id_v3(root)
         live_root = _fill(LiveSpan(root, trace_id, root_data["span_type"]), root_data)
+        for key, value in trace_tags(record, row, recipe, records_digest).items():
+            root.set_attribute(SpanAttributeKey.TRACE_TAG_PREFIX + key, value)
         context = otel.set_span_in_context(root)
         spans = []
         for j, child in enumerate(children):
@@ -186,24 +191,18 @@ def build_traces(records: list[Record], rows: dict[str, dict], recipe, experimen
             live = _fill(LiveSpan(otel_span, trace_id, child["span_type"]), child)
             otel_span.end(end_time=start + (j + 1) * 1000)
             spans.append(live.to_immutable_span())
-        end = start + (len(children) + 1) * 1000
-        root.end(end_time=end)
-        spans.insert(0, live_root.to_immutable_span())
-        info = TraceInfo(
-            trace_id=trace_id, trace_location=TraceLocation.from_experiment_id(experiment_id),
-            request_time=start // 1_000_000, execution_duration=(end - start) // 1_000_000, state=TraceState.OK,
-            request_preview=json.dumps(root_data["inputs"], ensure_ascii=False)[:PREVIEW_CHARS],
-            response_preview=json.dumps(root_data["outputs"], ensure_ascii=False)[:PREVIEW_CHARS],
-            trace_metadata={TraceMetadataKey.SOURCE_RUN: run_id, TRACE_SCHEMA_VERSION_KEY: str(TRACE_SCHEMA_VERSION)},
-            tags=trace_tags(record, row, recipe, records_digest))
-        built.append((info, spans))
+        root.end(end_time=start + (len(children) + 1) * 1000)
+        built.append([live_root.to_immutable_span(), *spans])
     return built
 
 
 def _fill(span, data: dict[str, Any]):
-    span.set_inputs(data["inputs"])
-    span.set_outputs(data["outputs"])
-    span.set_attributes({k: v for k, v in data["attributes"].items() if v is not None})
+    """Inputs, outputs and attributes as span attributes (`set_inputs` / `set_outputs` would also walk
+    every value looking for attachments: a third of the cost, and records hold none)."""
+    from mlflow.tracing.constant import SpanAttributeKey
+
+    span.set_attributes({SpanAttributeKey.INPUTS: data["inputs"], SpanAttributeKey.OUTPUTS: data["outputs"],
+                         **{k: v for k, v in data["attributes"].items() if v is not None}})
     return span
 
 
@@ -235,13 +234,15 @@ def log_traces(parent_id: str, recipe, records: list[Record], rows: dict[str, di
         return []
     experiment_id = run.info.experiment_id
     old = [t.info.trace_id for t in parent_traces(experiment_id, parent_id)]
-    for start in range(0, len(old), DELETE_BATCH):
-        store.client().delete_traces(experiment_id, trace_ids=old[start : start + DELETE_BATCH])
-    built = build_traces(sample(records, recipe.trace_problems), rows, recipe, experiment_id, parent_id, records_digest)
-    tracing = TracingClient(store.tracking_uri())
-    for info, _ in built:
-        tracing.start_trace(info)  # its tags, previews and link to the run
-    tracing.log_spans(experiment_id, [span for _, spans in built for span in spans])  # every span, one call
+    for start in range(0, len(old), LINK_BATCH):
+        store.client().delete_traces(experiment_id, trace_ids=old[start : start + LINK_BATCH])
+    built = build_traces(sample(records, recipe.trace_problems), rows, recipe, records_digest)
+    # every span of every trace in one call: the store creates the traces (tags from the roots) in one
+    # transaction, where a start_trace per trace was one commit each
+    TracingClient(store.tracking_uri()).log_spans(experiment_id, [span for spans in built for span in spans])
+    ids = [spans[0].trace_id for spans in built]
+    for start in range(0, len(ids), LINK_BATCH):  # the run's Traces tab, search_traces(run_id=...)
+        store.client().link_traces_to_run(ids[start : start + LINK_BATCH], parent_id)
     store.set_tags(parent_id, {names.TAG_TRACED: want})
     log.info("parent %s: %d traces written%s", parent_id, len(built), f" ({len(old)} older ones replaced)" if old else "")
-    return [info.trace_id for info, _ in built]
+    return ids
