@@ -126,11 +126,11 @@ def run_chunk(recipe: Recipe, policy=None, prm=None, progress: bool = True) -> C
     else:
         run_id = store.create_chunk_run(parent_id, recipe, start, end, len(all_problems))
         lease.acquire(store.get_run(run_id), rows)
-    store.log_problem_set(run_id, recipe, [p.problem_id for p in problems])  # its rows, in the Datasets panel
     heartbeat = lease.Heartbeat(run_id)
     done: list[Record] = []
     try:
         with stop_on_signals():
+            store.log_problem_set(run_id, recipe, [p.problem_id for p in problems])  # its rows, in the Datasets panel
             if existing is not None:
                 done = _checkpoint(run_id, artifact)
                 log.info("resuming rows %s in run %s from %d saved problems", rows, run_id, len(done))
