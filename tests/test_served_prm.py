@@ -108,6 +108,30 @@ def test_a_5xx_that_persists_fails_in_one_line_naming_url_and_status(stub):
     assert "after 2 retries" in msg and len(s.seen) == 3
 
 
+def test_a_cut_off_answer_is_retried_then_one_line():
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    answered = []
+
+    def serve():  # a body shorter than its Content-Length, then the connection drops
+        while True:
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"da")
+            conn.close()
+            answered.append(1)
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    with pytest.raises(remote.PRMServerError, match=rf"^PRM server {url}/pooling: no answer \(IncompleteRead.* after 2 retries$"):
+        remote.Client(url, "TTC_TEST_KEY", retries=2, backoff=0.01).request("/pooling", {})
+    assert len(answered) == 3
+    listener.close()
+
+
 def test_a_400_is_not_retried(stub):
     s = stub({"/pooling": [(400, {"error": {"message": "prompt too long"}})]})
     with pytest.raises(remote.PRMServerError, match="400 .*prompt too long"):
@@ -188,11 +212,11 @@ def test_a_family_that_cannot_run_on_vllm_is_refused_naming_family_and_url(monke
 
 # --- a real `vllm serve --runner pooling` of the embedded model (float32)
 
-def _start(embedded_dir, port: int, log_path):
+def start(prm_path: str, port: int, log_path):
     env = {**os.environ, "VLLM_API_KEY": KEY, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
            "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(os.sched_getaffinity(0))))}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    cmd = remote.serve_command(EMBEDDED_MODEL, port, host="127.0.0.1", dtype="float32")
+    cmd = remote.serve_command(prm_path, port, host="127.0.0.1", dtype="float32")
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -200,7 +224,7 @@ def _start(embedded_dir, port: int, log_path):
     return proc, url
 
 
-def _stop(proc):
+def stop(proc):
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and its engine-core child
         try:
@@ -215,10 +239,10 @@ def server(embedded_dir, tmp_path_factory):
     pytest.importorskip("vllm")
     log_dir = tmp_path_factory.mktemp("vllm-serve")
     port = free_port()
-    proc, url = _start(embedded_dir, port, log_dir / "serve.log")
-    state = {"proc": proc, "url": url, "port": port, "log": log_dir / "serve.log", "dir": embedded_dir}
+    proc, url = start(EMBEDDED_MODEL, port, log_dir / "serve.log")
+    state = {"proc": proc, "url": url, "port": port, "log": log_dir / "serve.log"}
     yield state
-    _stop(state["proc"])
+    stop(state["proc"])
 
 
 @pytest.fixture
@@ -232,29 +256,36 @@ def _prm(**kw):
     return load_prm(Recipe(prm_path=EMBEDDED_MODEL, dtype="float32", device="cpu", prm_batch_size=4, **kw).prm_settings)
 
 
-@pytest.mark.vllm
-@pytest.mark.server
-def test_served_scores_equal_in_process_vllm_and_transformers(server, key):
+def agree(served, others: dict, tol: float = 1e-4) -> dict[str, float]:
+    """Three search iterations (a beam grows by a step, its siblings are new): every served step score
+    within `tol` of each other backend's; the server runs each new sequence whole and says so; scores
+    already computed are not asked for again. Returns the largest difference per backend."""
     from test_vllm import PROBLEM, SIBLINGS, STEPS
 
-    served, in_process, hf = _prm(prm_base_url=server["url"]), _prm(prm_backend="vllm"), _prm(prm_backend="transformers")
-    assert isinstance(served.forward, remote.RemoteForward) and served.model is None
-    assert served.params == in_process.params and served.params is not None  # FLOPs counted the same way
-    worst = {"vllm": 0.0, "transformers": 0.0}
+    worst = dict.fromkeys(others, 0.0)
     for k in range(1, 4):
         comps = ["".join(STEPS[:k])] + ["".join(STEPS[: k - 1]) + s for s in SIBLINGS]
         full, ran = served.tokens_full, served.tokens_processed
         got = served.score([PROBLEM], [comps])[0]
-        for name, other in (("vllm", in_process), ("transformers", hf)):
+        for name, other in others.items():
             want = other.score([PROBLEM], [comps])[0]
             assert [len(s) for s in got] == [len(s) for s in want]
             for a, b in zip(got, want):
-                assert a == pytest.approx(b, abs=1e-4)
+                assert a == pytest.approx(b, abs=tol)
                 worst[name] = max([worst[name]] + [abs(x - y) for x, y in zip(a, b)])
-        # the server runs each new sequence whole (its /pooling reads no prefix cache) and says so
-        assert 0 < served.tokens_processed - ran <= served.tokens_full - full
+        assert 0 < served.tokens_processed - ran <= served.tokens_full - full  # usage.prompt_tokens, whole sequences
         ran = served.tokens_processed
         assert served.score([PROBLEM], [comps])[0] == got and served.tokens_processed == ran  # the score cache
+    return worst
+
+
+@pytest.mark.vllm
+@pytest.mark.server
+def test_served_scores_equal_in_process_vllm_and_transformers(server, key):
+    served, in_process, hf = _prm(prm_base_url=server["url"]), _prm(prm_backend="vllm"), _prm(prm_backend="transformers")
+    assert isinstance(served.forward, remote.RemoteForward) and served.model is None
+    assert served.params == in_process.params and served.params is not None  # FLOPs counted the same way
+    worst = agree(served, {"vllm": in_process, "transformers": hf})
     print(f"embedded rlhflow, float32: largest |served - in-process vLLM| {worst['vllm']:.2e}, "
           f"|served - transformers| {worst['transformers']:.2e}")
 
@@ -325,7 +356,7 @@ def test_a_killed_prm_server_fails_the_chunk_and_the_rerun_resumes(server, key, 
 
     with pytest.raises(RecipeError, match="no answer"):  # a rerun while it is down stops in preflight
         run_chunk(r, FakePolicy(SCRIPT), progress=False)
-    server["proc"], _ = _start(server["dir"], server["port"], server["log"])  # back, at the same address
+    server["proc"], _ = start(EMBEDDED_MODEL, server["port"], server["log"])  # back, at the same address
     result = run_chunk(r, FakePolicy(SCRIPT), progress=False)
     assert result.run_id == run.info.run_id and result.resumed_from == 4 and len(result.records) == len(PROBLEMS)
     assert store.get_run(run.info.run_id).info.status == "FINISHED"

@@ -20,14 +20,16 @@ already computed are still never asked for (`StepwisePRM`'s cache). PRM seconds 
 wall time per call (the network and the server's queue included).
 
 Requests: one per sequence, `prm_batch_size` in flight at once (the server batches what arrives
-together); a 429, a 5xx, a refused connection or a timeout is retried with exponential backoff
-(RETRIES times), anything else fails at once with one line naming the URL and the status. The key
-is read from the environment variable `prm_api_key_env` names, sent as a bearer token, never logged.
+together); a 429, a 5xx, a refused or dropped connection, a cut-off answer or a timeout is retried
+with exponential backoff (RETRIES times), anything else fails at once with one line naming the URL
+and the status. The key is read from the environment variable `prm_api_key_env` names, sent as a
+bearer token, never logged.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import os
@@ -98,7 +100,7 @@ class Client:
                     raise PRMServerError(f"PRM server {url}: {err.code} {err.reason}: {said}"
                                          + (f" (after {attempt} retries)" if attempt else "")) from None
                 why = f"{err.code} {err.reason}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
                 reason = getattr(err, "reason", err)
                 if attempt == self.retries:
                     raise PRMServerError(f"PRM server {url}: no answer ({reason})"
