@@ -120,6 +120,8 @@ def test_serve_prm_submits_the_server_first_and_a_stopper_after_merge(slurm, rec
 def test_serve_prm_refuses_a_recipe_with_its_own_server(slurm, recipe_file, fake_server):  # noqa: F811
     with pytest.raises(LaunchError, match="already sets prm_base_url='http://h:1'; drop one of them"):
         launch(str(recipe_file), ["prm_base_url=http://h:1"], 2, serve_prm=True)
+    with pytest.raises(LaunchError, match="prm_backend='transformers' runs it in every task"):
+        launch(str(recipe_file), ["prm_backend=transformers"], 2, serve_prm=True)
     assert slurm("sbatch") == []
 
 

@@ -182,7 +182,8 @@ def launch(recipe_path: str, overrides: list[str], chunks: int, *, only_missing:
 
 
 def _check_servable(recipe: Recipe) -> None:
-    """--serve-prm: the recipe runs its PRM here (no prm_base_url of its own) in a family vLLM runs."""
+    """--serve-prm: the recipe runs its PRM here (no prm_base_url of its own, no prm_backend:
+    transformers) in a family vLLM runs."""
     import dataclasses
 
     from ..prm import prm_backend
@@ -190,6 +191,9 @@ def _check_servable(recipe: Recipe) -> None:
     if recipe.prm_base_url:
         raise LaunchError(f"--serve-prm starts a PRM server for the sweep, but the recipe already sets "
                           f"prm_base_url={recipe.prm_base_url!r}; drop one of them")
+    if recipe.prm_backend == "transformers":
+        raise LaunchError("--serve-prm runs the PRM on a vLLM server, but prm_backend='transformers' runs it in every "
+                          "task; drop one of them")
     prm_backend(dataclasses.replace(recipe.prm_settings, base_url="http://<the --serve-prm job>"))
 
 
