@@ -30,15 +30,15 @@ SCRIPT = {p.problem: [f"Work it out.[s=0.6]\n\nStep two.[s=0.7]\n\nSo \\boxed{{{
                       "Guess.[s=0.5]\n\nSo \\boxed{0}[s=0.3]"] for p in PROBLEMS}
 
 
-def chromium(url: str, *args: str, size: str = "1500,1100") -> str:
+def chromium(url: str, *args: str, size: str = "1500,1100", budget_ms: int = 30000) -> str:
     cmd = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           f"--window-size={size}", "--virtual-time-budget=30000", *args, url]
+           f"--window-size={size}", f"--virtual-time-budget={budget_ms}", *args, url]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
 
 
-def page(url: str, shot, size: str = "1500,1100") -> str:
-    chromium(url, f"--screenshot={shot}", size=size)
-    return chromium(url, "--dump-dom", size=size)
+def page(url: str, shot, size: str = "1500,1100", budget_ms: int = 30000) -> str:
+    chromium(url, f"--screenshot={shot}", size=size, budget_ms=budget_ms)
+    return chromium(url, "--dump-dom", size=size, budget_ms=budget_ms)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs Debian's chromium)")
@@ -86,7 +86,8 @@ def test_the_run_page_shows_accuracy_problems_and_search_trees(mlflow_server, tm
     assert '"verdict": ' in listing
     # one trace opened: its iteration spans in the tree, the root's per-iteration step scores beside it
     one = store.client().get_trace(traced[0])
-    trace = page(f"{run_url}/traces{view}&selectedEvaluationId={traced[0]}", tmp_path / "trace.png", size="2400,1300")
+    trace = page(f"{run_url}/traces{view}&selectedEvaluationId={traced[0]}", tmp_path / "trace.png", size="2400,1300",
+                 budget_ms=60000)  # the trace drawer loads after the list: 30 s of virtual time left it out of the screenshot
     iterations = [s.name for s in one.data.spans if s.name.startswith("iteration")]
     assert iterations and all(name in trace for name in iterations) and "select" in trace
     best = next(s for s in one.data.spans if s.name == iterations[0]).attributes["best_step_score"]
