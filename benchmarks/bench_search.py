@@ -3,9 +3,10 @@
     python benchmarks/bench_search.py --problems 16 --n 4 --max-tokens 64 --strategies beam_search,dvts
 
 Prints, per strategy: problems/s of the batched search (all problems in one search batch, fed to
-the backend continuously where it can take requests while it runs), of the same search in lockstep
-waves (one generate call per iteration for all problems: how batched search ran before continuous
-feeding) and of the same function called on one problem at a time; their ratios; generated tokens/s
+the backend as it does by default: continuously on vLLM, in waves on transformers), of the same
+search scheduled the other way (vLLM in lockstep waves, one generate call per iteration for all
+problems; transformers fed continuously, `HFPolicy.continuous`) and of the same function called on
+one problem at a time; their ratios; generated tokens/s
 as a fraction of the backend's peak batched sampling rate (measured first, in the same process: one
 generate call of problems x n rows, --peak-tokens each, no stop, prompts already cached), of the
 peak at the search's own contexts, and of the ceiling over wall time that leaves while the PRM runs
@@ -55,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sequential", default="beam_search",
                     help="strategies also run one problem at a time (comma-separated; '' for none)")
     ap.add_argument("--lockstep", type=int, default=1,
-                    help="also run beam search / DVTS in lockstep waves (today's batched search before continuous "
-                    "feeding), on a backend that streams; 0 to skip")
+                    help="also run beam search / DVTS in lockstep waves on a backend that streams (vLLM), or "
+                    "fed continuously on one that runs in waves by default (transformers); 0 to skip")
     ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm", "auto"])
     ap.add_argument("--prm-backend", default="auto", choices=["auto", "transformers", "vllm"],
                     help="where the PRM's forward pass runs (the recipe's prm_backend)")
@@ -181,10 +182,15 @@ def main(argv=None) -> None:
     context_peak: dict[str, float] = {}
     for name in strategies:
         step_level = STRATEGIES[name].tree
+        # the transformers backend runs in waves unless told otherwise (HFPolicy.continuous): its
+        # continuous schedule is then the one compared against the batched run
+        continuous = getattr(policy, "continuous", None) is False and step_level and args.lockstep
         modes = (["batched"] + (["lockstep"] if streams and step_level and args.lockstep else [])
-                 + (["one-at-a-time"] if name in sequential else []))
+                 + (["continuous"] if continuous else []) + (["one-at-a-time"] if name in sequential else []))
         results = {}
         for mode in modes:
+            if mode == "continuous":
+                policy.continuous = True
             recording = Recording(policy)
             fed, scorer = metered(Lockstep(recording) if mode == "lockstep" else recording, prm)
             meter = fed.usage
@@ -199,6 +205,8 @@ def main(argv=None) -> None:
             prm_tokens = prm.tokens_processed - prm_before
             attended = getattr(prm, "attended", 0) - attended_before[0], getattr(prm, "attended_alone", 0) - attended_before[1]
             results[mode] = records
+            if mode == "continuous":
+                policy.continuous = False
             if mode == "batched":  # the rate the backend reaches on the contexts this search fed it
                 sent = recording.prompts
                 at = [round(i * (len(sent) - 1) / max(len(prompts) - 1, 1)) for i in range(len(prompts))]

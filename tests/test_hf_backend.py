@@ -148,6 +148,7 @@ def test_stream_admits_requests_mid_run_and_samples_what_generate_and_alone_samp
 
     joins = []
     monkeypatch.setattr(kvcache, "join_prompts", lambda *args, join=kvcache.join_prompts: joins.append(1) or join(*args))
+    monkeypatch.setattr(policy, "continuous", True, raising=False)  # off by default: searches run in waves
     stream = policy.stream()
     assert stream.continuous
     first = stream.add([a, a, b], s, [1, 2, 3])
@@ -180,6 +181,7 @@ def test_a_batch_fed_continuously_drops_positions_no_row_attends_to(policy, monk
     monkeypatch.setattr(kvcache, "trim_unattended", spy)
     long, short, late = (policy.chat_prompt("", q) for q in ("A much longer question " * 12, "Short", "Late"))
     quick, slow = Sampling(temperature=1.0, max_tokens=20), Sampling(temperature=1.0, max_tokens=48)
+    monkeypatch.setattr(policy, "continuous", True, raising=False)
     stream = policy.stream()
     (t_long,) = stream.add([long], quick, [1])
     (t_short,) = stream.add([short], slow, [2])
