@@ -56,6 +56,11 @@ def test_experiments_open_in_the_machine_learning_view(mlflow_store):
     older = store.client().create_experiment("older")  # made before the kind was set
     store.ensure_experiment("older")
     assert store.client().get_experiment(older).tags[names.TAG_EXPERIMENT_KIND] == "custom_model_development"
+    pid, _ = evaluated(register=False)
+    exp = store.get_run(pid).info.experiment_id
+    store.client().delete_experiment_tag(exp, names.TAG_EXPERIMENT_KIND)  # an experiment of older runs
+    evaluate_parent(pid, recipe(), register=False, workers=1)  # evaluating there again sets it
+    assert store.client().get_experiment(exp).tags[names.TAG_EXPERIMENT_KIND] == "custom_model_development"
     store.client().set_experiment_tag(older, names.TAG_EXPERIMENT_KIND, "genai_development")  # a user's choice
     store.ensure_experiment("older")
     assert store.client().get_experiment(older).tags[names.TAG_EXPERIMENT_KIND] == "genai_development"

@@ -68,6 +68,7 @@ def evaluate_parent(parent_id: str, recipe, register: bool = True, workers: int 
         store.log_figure(parent_id, run_figure(evaluation.rows, title=names.run_name(recipe)), names.EVAL_PLOT)
         store.set_tags(parent_id, {names.TAG_EVALUATED: digest, names.TAG_GROUP: f"{recipe.model_label}/{recipe.approach}",
                                    names.TAG_NOTE: description(recipe, evaluation, [name for name, _ in search_pages])})
+    store.ensure_experiment(store.client().get_experiment(run.info.experiment_id).name)  # its kind, for older ones
     store.log_problem_set(parent_id, recipe, [r.problem_id for r in records], digest)  # logged once per set
     written = []
     try:
