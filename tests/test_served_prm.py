@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from conftest import free_port, wait_healthy
 
+from ttc_mlops import serving
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe, RecipeError
 from ttc_mlops.prm import remote
 
@@ -105,7 +106,7 @@ def test_a_5xx_that_persists_fails_in_one_line_naming_url_and_status(stub):
         client.request("/pooling", {})
     msg = str(err.value)
     assert "\n" not in msg and f"{s.url}/pooling" in msg and "500" in msg and "engine dead see log" in msg
-    assert "after 2 retries" in msg and len(s.seen) == 3
+    assert msg.endswith("after 3 tries") and len(s.seen) == 3
 
 
 def test_a_cut_off_answer_is_retried_then_one_line():
@@ -126,7 +127,7 @@ def test_a_cut_off_answer_is_retried_then_one_line():
 
     threading.Thread(target=serve, daemon=True).start()
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    with pytest.raises(remote.PRMServerError, match=rf"^PRM server {url}/pooling: no answer \(IncompleteRead.* after 2 retries$"):
+    with pytest.raises(remote.PRMServerError, match=rf"^PRM server {url}/pooling failed: no answer \(IncompleteRead.*\), after 3 tries$"):
         remote.Client(url, "TTC_TEST_KEY", retries=2, backoff=0.01).request("/pooling", {})
     assert len(answered) == 3
     listener.close()
@@ -146,7 +147,7 @@ def test_preflight_401_is_one_line_naming_url_status_and_the_variable(stub, monk
     with pytest.raises(RecipeError) as err:
         remote.check_server(r.prm_settings, hidden_size=4)
     msg = str(err.value)
-    assert "\n" not in msg and s.url in msg and "401" in msg and "$VLLM_API_KEY (set)" in msg and "wrong" not in msg
+    assert "\n" not in msg and s.url in msg and "401" in msg and "the key in $VLLM_API_KEY was refused" in msg and "wrong" not in msg
 
 
 def test_preflight_names_what_the_server_serves_when_not_the_prm(stub):
@@ -176,7 +177,7 @@ def test_an_unreachable_server_fails_preflight_within_seconds():
     t = time.perf_counter()
     with pytest.raises(RecipeError, match=rf"prm_base_url='http://127.0.0.1:{port}': PRM server .* no answer"):
         remote.check_server(Recipe(prm_path="org/prm", prm_base_url=f"http://127.0.0.1:{port}").prm_settings, 4)
-    assert time.perf_counter() - t < remote.CHECK_TIMEOUT_S + 2
+    assert time.perf_counter() - t < serving.CHECK_TIMEOUT_S + 2
 
 
 def test_recipe_rules_and_search_key():
@@ -338,7 +339,7 @@ def test_a_killed_prm_server_fails_the_chunk_and_the_rerun_resumes(server, key, 
     from ttc_mlops.pipeline import store
     from ttc_mlops.pipeline.run_chunk import run_chunk
 
-    monkeypatch.setattr(remote, "BACKOFF_S", 0.2)  # 6 s of retries, not 15
+    monkeypatch.setattr(serving, "BACKOFF_S", 0.2)  # 6 s of retries, not 15
     r = Recipe(model_path=EMBEDDED_MODEL, prm_path=EMBEDDED_MODEL, dataset_name=BUILTIN_DATASET, num_samples=len(PROBLEMS),
                n=2, search_batch_size=2, dtype="float32", experiment_name="served-kill", prm_base_url=server["url"])
 
@@ -346,7 +347,7 @@ def test_a_killed_prm_server_fails_the_chunk_and_the_rerun_resumes(server, key, 
         os.killpg(server["proc"].pid, signal.SIGKILL)
         server["proc"].wait()
 
-    with pytest.raises(remote.PRMServerError, match=rf"PRM server {server['url']}/pooling: no answer .* after 5 retries"):
+    with pytest.raises(remote.PRMServerError, match=rf"PRM server {server['url']}/pooling failed: no answer .*, after 6 tries"):
         run_chunk(r, KillingPolicy(FakePolicy(SCRIPT), at=3, kill=kill), progress=False)
     exp = store.client().get_experiment_by_name("served-kill")
     [run] = store.client().search_runs([exp.experiment_id], filter_string=f"tags.`{names.TAG_ROLE}` = '{names.ROLE_CHUNK}'")
@@ -376,4 +377,4 @@ def test_a_wrong_key_is_one_line_through_ttc_validate(server, tmp_path):
                           timeout=300)
     assert done.returncode != 0
     lines = [line for line in done.stderr.strip().splitlines() if "401" in line]
-    assert len(lines) == 1 and f"{server['url']}/v1/models: 401" in lines[0] and "not-the-key" not in done.stderr
+    assert len(lines) == 1 and f"{server['url']}/v1/models failed: 401" in lines[0] and "not-the-key" not in done.stderr

@@ -157,8 +157,7 @@ def run(recipe: str = typer.Argument(..., help="Recipe YAML."),
     from .pipeline.lease import ChunkBusy, lease_s
     from .pipeline.merge import strip_chunk_fields
     from .pipeline.run_chunk import Stopped, run_chunk
-    from .policy.openai import PolicyServerError
-    from .prm.remote import PRMServerError
+    from .serving import ServerError
 
     try:
         lease_s()  # TTC_LEASE_S, checked before any run exists
@@ -172,10 +171,7 @@ def run(recipe: str = typer.Argument(..., help="Recipe YAML."),
         typer.secho(f"{err}: the chunk run is marked FAILED, what was checkpointed is kept; run the same command to "
                     f"resume", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(128 + getattr(signal, err.signal))
-    except PolicyServerError as err:  # backend openai: the server stopped answering mid-search
-        _fail(f"{err}: the chunk run is marked FAILED, what was checkpointed is kept; once the server answers, run "
-              f"the same command to resume", code=1)
-    except PRMServerError as err:  # prm_base_url: the PRM server stopped answering mid-search
+    except ServerError as err:  # backend openai or prm_base_url: a server stopped answering mid-search
         _fail(f"{err}: the chunk run is marked FAILED, what was checkpointed is kept; once the server answers, run "
               f"the same command to resume", code=1)
     _summary(r, result)

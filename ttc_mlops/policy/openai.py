@@ -21,41 +21,32 @@ string ended it (vLLM's `stop_reason`, SGLang's `matched_stop`, or the text endi
 
 Requests run `policy_concurrency` at a time on daemon threads; `stream()` is continuous (requests
 join the server's batch as a step-level search adds them). A 429, a 5xx, a refused connection or a
-timeout is retried RETRIES times with exponential backoff (BACKOFF_S, doubled each time, or the
-server's Retry-After), after which one `PolicyServerError` names the URL, the status and the
-tries; any other answer fails at once. The key is read from the environment variable
+timeout is retried with exponential backoff (ttc_mlops/serving.py, shared with the served PRM),
+after which one `PolicyServerError` names the URL, the status and the tries; any other answer fails
+at once. The key is read from the environment variable
 `policy_api_key_env` names and sent as a bearer token; it is never logged nor put in a message.
 `check_server` (preflight) asks `GET /models` within seconds, before any run exists.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import logging
-import os
 import queue
-import random
 import threading
-import time
 import urllib.error
-import urllib.request
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 
+from .. import serving
 from ..config import PolicySettings, RecipeError
+from ..serving import ServerError
 from . import Generation, Sampling, chat_prompt, check_seeds
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_S = 600.0  # one request: a long generation on a busy server takes minutes
-CHECK_TIMEOUT_S = 5.0  # preflight's request: an unreachable server is found in seconds
-RETRIES = 5  # tries after the first, for a 429, a 5xx, a refused connection or a timeout
-BACKOFF_S = 0.5  # the first wait; doubled after every retry (0.5 + 1 + 2 + 4 + 8 = 15.5 s in all)
-MAX_WAIT_S = 30.0  # the longest single wait, a server's Retry-After included
-RETRY_STATUS = {429, 500, 502, 503, 504}
 
 
-class PolicyServerError(RuntimeError):
+class PolicyServerError(ServerError):
     """A policy server that stopped answering (or answered what no generation can be read from):
     one line naming the URL, the status and the tries."""
 
@@ -64,90 +55,30 @@ def _root(base_url: str) -> str:
     return base_url.rstrip("/")
 
 
-def _headers(api_key_env: str) -> dict[str, str]:
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    key = os.environ.get(api_key_env)
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    return headers
+def request(url: str, api_key_env: str, body: dict, timeout: float = TIMEOUT_S, retries: int | None = None,
+            backoff: float | None = None) -> dict:
+    """POST `body` to `url` with serving.py's retries; a PolicyServerError after the last try."""
+    return serving.request(url, api_key_env, body, what="policy server", key_field="policy_api_key_env",
+                           error=PolicyServerError, timeout=timeout, retries=retries, backoff=backoff)
 
 
-def _error_text(err: urllib.error.HTTPError) -> str:
-    """What the server said with its status, on one bounded line (vLLM and OpenAI: {"error": {"message"}})."""
-    try:
-        body = json.loads(err.read() or b"{}")
-        detail = body.get("error", body.get("detail", body)) if isinstance(body, dict) else body
-        detail = detail.get("message", detail) if isinstance(detail, dict) else detail
-    except (ValueError, OSError):
-        detail = ""
-    text = " ".join(str(detail).split())[:300]
-    return f"{err.code} {err.reason}" + (f": {text}" if text else "")
-
-
-def _auth_hint(api_key_env: str) -> str:
-    if os.environ.get(api_key_env):
-        return f"the key in ${api_key_env} was refused: set it to the server's key (or policy_api_key_env to the variable holding it)"
-    return f"${api_key_env} is not set: set it to the server's key (or policy_api_key_env to the variable holding it)"
-
-
-def _call(url: str, api_key_env: str, body: dict | None, timeout: float) -> dict:
-    """One GET (body None) or POST, decoded. urllib's errors pass through."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers=_headers(api_key_env), method="GET" if body is None else "POST")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-def request(url: str, api_key_env: str, body: dict, timeout: float = TIMEOUT_S, retries: int = RETRIES,
-            backoff: float = BACKOFF_S) -> dict:
-    """POST `body` to `url`, retried as the module docstring says; a PolicyServerError after the
-    last try (raised outside any `except`, so no library error rides along as its context)."""
-    failure = ""
-    for attempt in range(retries + 1):
-        wait_s = backoff * 2**attempt
-        try:
-            return _call(url, api_key_env, body, timeout)
-        except urllib.error.HTTPError as err:
-            failure = _error_text(err)
-            if err.code in (401, 403):
-                failure += f" ({_auth_hint(api_key_env)})"
-                break
-            if err.code not in RETRY_STATUS:
-                break
-            after = err.headers.get("Retry-After") if err.headers else None
-            if after is not None and after.strip().isdigit():
-                wait_s = float(after)
-        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as err:
-            reason = getattr(err, "reason", None) or err  # a refused connection, a cut-off answer
-            failure = f"no answer ({'timed out after %g s' % timeout if isinstance(reason, TimeoutError) else reason})"
-        except ValueError:  # not JSON: a proxy's page, say
-            failure = "an answer that is not JSON"
-            break
-        if attempt < retries:
-            pause = min(wait_s, MAX_WAIT_S) * random.uniform(0.8, 1.0)  # spread, so retries do not arrive at once
-            log.warning("policy server %s: %s; retry %d of %d in %.1f s", url, failure, attempt + 1, retries, pause)
-            time.sleep(pause)
-    tries = attempt + 1
-    raise PolicyServerError(f"policy server {url} failed: {failure}, after {tries} {'try' if tries == 1 else 'tries'}")
-
-
-def served_models(settings: PolicySettings, timeout: float = CHECK_TIMEOUT_S) -> list[str]:
+def served_models(settings: PolicySettings, timeout: float = serving.CHECK_TIMEOUT_S) -> list[str]:
     """The model ids the server at `policy_base_url` serves (`GET /models`, one try), or a
     RecipeError on one line: unreachable, a refused key, not an OpenAI-compatible API root."""
     url = f"{_root(settings.base_url)}/models"
     where = f"policy_base_url={settings.base_url!r}"
     problem = None
     try:
-        body = _call(url, settings.api_key_env, None, timeout)
+        body = serving.call(url, settings.api_key_env, None, timeout)
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):
-            problem = f"{where}: GET {url} answered {err.code} {err.reason}; {_auth_hint(settings.api_key_env)}"
+            problem = f"{where}: GET {url} answered {err.code} {err.reason}; {serving.key_hint(settings.api_key_env, 'policy_api_key_env')}"
         elif err.code == 404:
             problem = (f"{where}: GET {url} answered 404 Not Found: not an OpenAI-compatible API root (expected the URL "
                        f"the server's /models and /completions hang under, e.g. http://host:8000/v1)")
         else:
-            problem = f"{where}: GET {url} answered {_error_text(err)}"
-    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as err:
+            problem = f"{where}: GET {url} answered {serving.error_text(err)}"
+    except serving.NO_ANSWER as err:
         reason = getattr(err, "reason", None) or err
         if isinstance(reason, TimeoutError):
             reason = f"no answer within {timeout:g} s"

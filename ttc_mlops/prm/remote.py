@@ -21,39 +21,32 @@ wall time per call (the network and the server's queue included).
 
 Requests: one per sequence, `prm_batch_size` in flight at once (the server batches what arrives
 together); a 429, a 5xx, a refused or dropped connection, a cut-off answer or a timeout is retried
-with exponential backoff (RETRIES times), anything else fails at once with one line naming the URL
-and the status. The key is read from the environment variable `prm_api_key_env` names, sent as a
+with exponential backoff (ttc_mlops/serving.py, shared with the served policy), anything else fails
+at once with one line naming the URL and the status. The key is read from the environment variable `prm_api_key_env` names, sent as a
 bearer token, never logged.
 """
 
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import logging
-import os
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
+from .. import serving
 from ..config import PRMSettings, RecipeError
+from ..serving import ServerError
 from .stepwise import ForwardPassBase, Row
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_S = 300.0  # one request (a long sequence on a busy server takes a while)
-CHECK_TIMEOUT_S = 5.0  # preflight's requests: an unreachable server is found in seconds
-RETRIES = 5  # attempts after the first, for a 429, a 5xx, a refused connection or a timeout
-BACKOFF_S = 0.5  # the first wait; doubled after every retry (0.5 + 1 + 2 + 4 + 8 = 15.5 s in all)
-RETRY_STATUS = {429, 500, 502, 503, 504}
 POOLER_CONFIG = '{"task": "token_embed", "pooling_type": "ALL"}'  # what VLLMForward configures in-process
 SERVE_HINT = f"vllm serve MODEL --runner pooling --pooler-config '{POOLER_CONFIG}'"
 
 
-class PRMServerError(RuntimeError):
+class PRMServerError(ServerError):
     """A PRM server that cannot score: one line naming the URL and what it answered."""
 
 
@@ -64,67 +57,18 @@ def server_root(base_url: str) -> str:
 
 
 class Client:
-    """JSON over HTTP to one vLLM server, with its key and the retry policy of the module docstring."""
+    """JSON over HTTP to one vLLM server, with its key and serving.py's retries."""
 
     def __init__(self, base_url: str, api_key_env: str, timeout: float | None = None, retries: int | None = None,
                  backoff: float | None = None):
         self.root, self.api_key_env = server_root(base_url), api_key_env
         self.timeout = TIMEOUT_S if timeout is None else timeout
-        self.retries = RETRIES if retries is None else retries
-        self.backoff = BACKOFF_S if backoff is None else backoff
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
+        self.retries, self.backoff = retries, backoff  # None: serving's defaults
 
     def request(self, path: str, body: dict | None = None) -> dict:
         """The decoded JSON answer to GET (body None) or POST `path`; a PRMServerError after the retries."""
-        url = self.root + path
-        data = None if body is None else json.dumps(body).encode()
-        wait = self.backoff
-        for attempt in range(self.retries + 1):
-            try:
-                req = urllib.request.Request(url, data=data, headers=self._headers(), method="GET" if data is None else "POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return json.loads(resp.read())
-            except urllib.error.HTTPError as err:
-                said = _error_message(err)
-                if err.code in (401, 403):
-                    raise PRMServerError(f"PRM server {url}: {err.code} {err.reason}: the key in ${self.api_key_env} "
-                                         f"({'set' if os.environ.get(self.api_key_env) else 'not set'}) is not one "
-                                         f"it accepts") from None
-                if err.code not in RETRY_STATUS or attempt == self.retries:
-                    raise PRMServerError(f"PRM server {url}: {err.code} {err.reason}: {said}"
-                                         + (f" (after {attempt} retries)" if attempt else "")) from None
-                why = f"{err.code} {err.reason}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
-                reason = getattr(err, "reason", err)
-                if attempt == self.retries:
-                    raise PRMServerError(f"PRM server {url}: no answer ({reason})"
-                                         + (f" after {attempt} retries" if attempt else "")) from None
-                why = str(reason)
-            log.warning("PRM server %s: %s; retrying in %.1f s (%d of %d)", url, why, wait, attempt + 1, self.retries)
-            time.sleep(wait)
-            wait *= 2
-        raise AssertionError("unreachable")
-
-
-def _error_message(err: urllib.error.HTTPError) -> str:
-    """The server's own message from an error answer (vLLM's {"error": {"message": ...}}), one line."""
-    try:
-        raw = err.read().decode(errors="replace")
-    except OSError:
-        return ""
-    try:
-        body = json.loads(raw)
-        said = body.get("error", body)
-        said = said.get("message", said) if isinstance(said, dict) else said
-    except (ValueError, AttributeError):
-        said = raw
-    return " ".join(str(said).split())[:300]
+        return serving.request(self.root + path, self.api_key_env, body, what="PRM server", key_field="prm_api_key_env",
+                               error=PRMServerError, timeout=self.timeout, retries=self.retries, backoff=self.backoff)
 
 
 def served_model(client: Client, prm_path: str) -> str:
@@ -166,11 +110,11 @@ def decode_states(item: dict, hidden_size: int):
 
 
 def check_server(settings: PRMSettings, hidden_size: int | None = None) -> str:
-    """Preflight: the server at `settings.base_url` answers within CHECK_TIMEOUT_S, accepts the key,
+    """Preflight: the server at `settings.base_url` answers within serving.CHECK_TIMEOUT_S, accepts the key,
     serves the PRM, and runs it for token_embed pooling (a 2-token request whose answer has the
     checkpoint's hidden size). Loads no weights. Returns the served name; a RecipeError in one line
     otherwise."""
-    client = Client(settings.base_url, settings.api_key_env, timeout=CHECK_TIMEOUT_S, retries=0)
+    client = Client(settings.base_url, settings.api_key_env, timeout=serving.CHECK_TIMEOUT_S, retries=0)
     where = f"prm_base_url={settings.base_url!r}"
     try:
         model = served_model(client, settings.path)
