@@ -207,6 +207,7 @@ def test_cli_prints_job_ids_and_how_to_follow(slurm, fake_server, recipe_file, t
     assert result.exit_code == 0, result.output
     assert "job 100: 4 of 4 chunks of 8 problems" in result.output and "job 101 (after 100 succeeds)" in result.output
     assert "squeue -j 100,101" in result.output and "--chunks 4 --only-missing" in result.output
+    assert "?workflowType=machine_learning" in result.output  # the parent's page, in the UI's training view
     assert "--qos=low" in slurm("sbatch")[0]["argv"]
 
 
@@ -237,6 +238,8 @@ def test_only_missing_submits_unfinished_chunks(slurm, fake_server, recipe_file,
     assert done.chunks == [1, 3] and done.finished_before == [0, 2]
     assert "--array=1,3" in slurm("sbatch")[0]["argv"]
     assert f"--dependency=afterok:{done.array_job}" in slurm("sbatch")[1]["argv"]
+    out = runner.invoke(app, ["launch", str(recipe_file), "--chunks", "4", "--only-missing"])
+    assert out.exit_code == 0 and "chunks [0, 2]: not submitted" in out.output, out.output
 
     for i in (1, 3):  # the resubmitted tasks finish; only merge + evaluate is left
         run_chunk(base_recipe(chunk=i, num_chunks=4), FakePolicy(SCRIPT), FakePRM(), progress=False)

@@ -347,6 +347,7 @@ def launch_command(recipe: str = typer.Argument(..., help="Recipe YAML."),
     (with --serve-prm, first a PRM server job that every task scores through)."""
     import shlex
 
+    from . import names
     from .config import RecipeError
     from .pipeline.launch import LaunchError, launch
 
@@ -365,6 +366,9 @@ def launch_command(recipe: str = typer.Argument(..., help="Recipe YAML."),
         ("parent run", f"{done.parent_run_id} (experiment {done.experiment_id})"),
         ("chunks", f"job {done.array_job}: {len(done.chunks)} of {done.num_chunks} chunks of {done.problems} problems"
                    if done.array_job else f"none submitted: all {done.num_chunks} chunks finished"),
+        *([("finished before", f"chunks {done.finished_before}: " + ("not submitted" if only_missing else
+                                                                     "their tasks skip them"))]
+          if done.finished_before and done.array_job else []),
         ("merge + evaluate", f"job {done.merge_job}" + (f" (after {done.array_job} succeeds)" if done.array_job else "")),
         ("logs", str(done.log_dir)),
         ("tracking", done.tracking_uri),
@@ -373,7 +377,7 @@ def launch_command(recipe: str = typer.Argument(..., help="Recipe YAML."),
     for k, v in rows:
         typer.echo(f"{k:<{width}}  {v}")
     typer.echo(f"follow: squeue -j {jobs}; tail -f {done.log_dir}/*.out; "
-               f"{done.tracking_uri.rstrip('/')}/#/experiments/{done.experiment_id}/runs/{done.parent_run_id}")
+               f"{names.run_url(done.tracking_uri, done.experiment_id, done.parent_run_id)}")
     typer.echo(f"if a task fails: ttc launch {recipe} --chunks {done.num_chunks} --only-missing"
                + "".join(f" --set {shlex.quote(s)}" for s in set_))
 

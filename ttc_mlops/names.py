@@ -169,3 +169,13 @@ OPTIMAL_CURVE = "optimal/curve.json"  # per budget: compute-optimal (cross-valid
 OPTIMAL_ROUTES = "optimal/routes.json"  # per (budget, bin): the chosen configuration, flat, for the UI's table view
 OPTIMAL_PLOT = "optimal/accuracy.png"
 M_OPTIMAL_IN_SAMPLE = "optimal_in_sample"  # a `ttc optimal` run, step = budget: chosen and scored on the same problems
+
+
+# MLflow 3.17's UI opens an experiment in its GenAI view unless the address asks for the "Model
+# training" one (the experiment kind tag alone does not switch it; docs/mlflow.md)
+UI_VIEW = "?workflowType=machine_learning"
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The UI page of a run, in the view where its metrics and charts are."""
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}{UI_VIEW}"
