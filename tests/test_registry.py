@@ -13,7 +13,6 @@ from ttc_mlops.data import builtin_problems
 from ttc_mlops.pipeline import store
 from ttc_mlops.pipeline.evaluate import evaluate_parent
 from ttc_mlops.pipeline.merge import log_merge, merge
-from ttc_mlops.pipeline.model import model_version_by_alias
 from ttc_mlops.pipeline.run_chunk import run_chunk
 
 PROBLEMS = builtin_problems()[:3]
@@ -43,10 +42,10 @@ def round_trip(model):
     name, v1 = worse.registered
     assert name == f"ttc-{base(model).model_label}-best_of_n" and v1 == "1"
     with pytest.raises(Exception, match="alias"):  # a version that got nothing right is never `best`
-        model_version_by_alias(name)
+        store.client().get_model_version_by_alias(name, names.BEST_ALIAS)
     better = evaluated(base(model, seed=2), right_wins=True)
     assert better.registered == (name, "2")
-    best = model_version_by_alias(name)
+    best = store.client().get_model_version_by_alias(name, names.BEST_ALIAS)
     assert str(best.version) == "2" and float(best.tags["acc_weighted"]) == 1.0
     assert best.tags[names.TAG_N] == "2" and best.tags[names.TAG_PRM] == str(model)
     assert "seed: 2" in best.tags["recipe"] and best.run_id == better.parent_run_id

@@ -29,7 +29,7 @@ def test_chunks_merge_and_evaluate_entry_points_against_a_server(mlflow_server):
     import mlflow.pyfunc
 
     from ttc_mlops import names
-    from ttc_mlops.pipeline import model, store
+    from ttc_mlops.pipeline import store
 
     r = Recipe(model_path=EMBEDDED_MODEL, prm_path=EMBEDDED_MODEL, dataset_name=BUILTIN_DATASET, num_samples=4,
                n=4, experiment_name="srv")
@@ -54,7 +54,7 @@ def test_chunks_merge_and_evaluate_entry_points_against_a_server(mlflow_server):
     assert len(steps) == 3 and all(s.data.tags[names.TAG_PARENT] == pid for s in steps)
     assert sorted(s.data.tags[names.TAG_RUN_NAME].split(":")[0] for s in steps) == ["evaluate", "merge", "merge"]
 
-    version = model.model_version_by_alias("ttc-SmolLM2-135M-Instruct-best_of_n")
+    version = store.client().get_model_version_by_alias("ttc-SmolLM2-135M-Instruct-best_of_n", names.BEST_ALIAS)
     assert version.run_id == pid and float(version.tags["acc_weighted"]) == 1.0
     model = mlflow.pyfunc.load_model("models:/ttc-SmolLM2-135M-Instruct-best_of_n@best")  # the policy loads on predict
     assert model.metadata.get_input_schema().input_names() == ["problem"]

@@ -238,7 +238,3 @@ def update_best_alias(name: str, primary: str) -> str | None:
     best = max(scored)[2]
     c.set_registered_model_alias(name, names.BEST_ALIAS, str(best))
     return str(best)
-
-
-def model_version_by_alias(name: str, alias: str = names.BEST_ALIAS):
-    return store.client().get_model_version_by_alias(name, alias)
