@@ -3,10 +3,10 @@
     python benchmarks/bench_search.py --problems 16 --n 4 --max-tokens 64 --strategies beam_search,dvts
 
 Prints, per strategy: problems/s of the batched search (all problems in one search batch, fed to
-the backend as it does by default: continuously on vLLM, in waves on transformers), of the same
-search scheduled the other way (vLLM in lockstep waves, one generate call per iteration for all
-problems; transformers fed continuously, `HFPolicy.continuous`) and of the same function called on
-one problem at a time; their ratios; generated tokens/s
+the backend as it does by default: continuously where it can take requests while it runs), of the
+same search scheduled the other way (lockstep waves, one generate call per iteration for all
+problems; or fed continuously, where a backend runs in waves unless told otherwise, as
+`HFPolicy.continuous = False`) and of the same function called on one problem at a time; their ratios; generated tokens/s
 as a fraction of the backend's peak batched sampling rate (measured first, in the same process: one
 generate call of problems x n rows, --peak-tokens each, no stop, prompts already cached), of the
 peak at the search's own contexts, and of the ceiling over wall time that leaves while the PRM runs
@@ -56,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sequential", default="beam_search",
                     help="strategies also run one problem at a time (comma-separated; '' for none)")
     ap.add_argument("--lockstep", type=int, default=1,
-                    help="also run beam search / DVTS in lockstep waves on a backend that streams (vLLM), or "
-                    "fed continuously on one that runs in waves by default (transformers); 0 to skip")
+                    help="also run beam search / DVTS in lockstep waves on a backend that streams, or fed "
+                    "continuously on one set to run in waves (HFPolicy.continuous = False); 0 to skip")
     ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm", "auto"])
     ap.add_argument("--prm-backend", default="auto", choices=["auto", "transformers", "vllm"],
                     help="where the PRM's forward pass runs (the recipe's prm_backend)")
@@ -182,8 +182,8 @@ def main(argv=None) -> None:
     context_peak: dict[str, float] = {}
     for name in strategies:
         step_level = STRATEGIES[name].tree
-        # the transformers backend runs in waves unless told otherwise (HFPolicy.continuous): its
-        # continuous schedule is then the one compared against the batched run
+        # a transformers backend set to run in waves (HFPolicy.continuous = False): its continuous
+        # schedule is then the one compared against the batched run
         continuous = getattr(policy, "continuous", None) is False and step_level and args.lockstep
         modes = (["batched"] + (["lockstep"] if streams and step_level and args.lockstep else [])
                  + (["continuous"] if continuous else []) + (["one-at-a-time"] if name in sequential else []))

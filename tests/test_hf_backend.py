@@ -148,7 +148,7 @@ def test_stream_admits_requests_mid_run_and_samples_what_generate_and_alone_samp
 
     joins = []
     monkeypatch.setattr(kvcache, "join_prompts", lambda *args, join=kvcache.join_prompts: joins.append(1) or join(*args))
-    monkeypatch.setattr(policy, "continuous", True, raising=False)  # off by default: searches run in waves
+    monkeypatch.setattr(policy, "continuous", True, raising=False)  # the default; waves without it
     stream = policy.stream()
     assert stream.continuous
     first = stream.add([a, a, b], s, [1, 2, 3])

@@ -112,17 +112,18 @@ def test_the_meter_counts_a_continuous_stream():
 
 
 @pytest.mark.parametrize("approach", ["beam_search", "dvts"])
-def test_the_transformers_backend_searches_in_waves_unless_continuous_and_either_gives_the_same_records(
+def test_the_transformers_backend_searches_continuously_or_in_waves_and_either_gives_the_same_records(
         tiny_llama_dir, approach):
-    """HFPolicy runs a step-level search in lockstep waves by default (no `stream`: faster on a CPU,
-    docs/benchmarks.md); with `continuous` set it feeds its decoding batch continuously. In float32
-    the records are the same, field by field."""
+    """HFPolicy feeds a step-level search continuously on a CPU by default; with `continuous` off it
+    has no `stream` and runs lockstep waves. In float32 the records are the same, field by field."""
     from ttc_mlops.policy import Streaming
     from ttc_mlops.policy.hf import HFPolicy
 
     r = Recipe(model_path=str(tiny_llama_dir), dtype="float32", device="cpu", approach=approach, n=4, beam_width=2,
                num_iterations=3, max_tokens=10, temperature=1.0, seed=5, sort_completed=True)
     policy = HFPolicy(r.policy_settings)
+    assert isinstance(policy, Streaming) and open_stream(policy).continuous
+    policy.continuous = False
     problems = [Problem("p", "What is 2+2?", "4"), Problem("q", "Name a prime number above ten, please.", "11")]
     assert not isinstance(policy, Streaming) and isinstance(open_stream(policy), Waves)
     waves = STRATEGIES[approach](problems, policy, FakePRM(), r)

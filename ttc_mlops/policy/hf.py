@@ -13,9 +13,8 @@ Prompts and the rows that stopped at a step are kept in a `PrefixStore` (`prefix
 next iteration's prompt is one of them plus its step, so only the step's last tokens run again.
 On a CPU, decoding steps attend over a cache that holds each distinct prompt once however many
 requests sample from it (`kvcache.share_prompts`), through batched matmuls instead of sdpa; with
-`continuous` set, `stream()` feeds that loop continuously: requests join the running batch as rows
-leave it, and come back as soon as they finish, each sampling what it would alone (off by default:
-lockstep waves measured faster on a CPU).
+`continuous` (the default), `stream()` feeds that loop continuously: requests join the running batch
+as rows leave it, and come back as soon as they finish, each sampling what it would alone.
 """
 
 from __future__ import annotations
@@ -73,21 +72,19 @@ class HFPolicy:
                 batch.step()
         return [self._finish(r.tokens, r.finish, sampling) for r in requests]
 
-    # Step-level search runs in lockstep waves (one `generate` call per iteration) unless this is
-    # set: feeding the decoding batch continuously (`stream`) measured slower on a CPU, where a
-    # decoding step's attention dominates and grows with the widest prompt and the oldest row in
-    # the batch, both of which continuous feeding widens (docs/benchmarks.md, "Continuous feeding
-    # on the transformers backend"). The records are the same either way in float32.
-    continuous = False
+    # On a CPU a step-level search feeds the decoding batch continuously (`stream`); False runs it in
+    # lockstep waves, one `generate` call per iteration (docs/benchmarks.md, "Continuous feeding on
+    # the transformers backend", compares the two). The records are the same either way in float32.
+    continuous = True
 
     def __getattr__(self, name: str):
-        """`stream` exists only with `continuous` set on a CPU (shared-prompt caches): requests then
+        """`stream` exists only with `continuous` on a CPU (shared-prompt caches): requests then
         join the running decoding batch as rows leave it (`HFStream`). Without it a policy is not
         `Streaming`, and a search runs in waves of `generate` calls (`open_stream`), metered as such."""
         if name == "stream" and self.continuous and self.__dict__.get("shared_prompts"):
             return lambda: HFStream(self)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}"
-                             + (" (set continuous=True, on a CPU, for a continuous stream)" if name == "stream" else ""))
+                             + (" (continuous=True, on a CPU, gives a continuous stream)" if name == "stream" else ""))
 
     def _requests(self, prompts: list[str], sampling: Sampling, seeds: list[int], first: int = 0) -> list[_Request]:
         """Requests with tickets from `first` on, each drawing from its own stream seeded with its seed."""
