@@ -108,13 +108,15 @@ def test_a_lease_from_a_lost_node_is_honoured_until_it_expires(mlflow_store):
     first.send_signal(signal.SIGKILL)
     first.wait()
     [run] = chunk_runs("node")
-    store.set_tags(run.info.run_id, {names.TAG_LEASE_HOST: "gpu-node-17", names.TAG_LEASE_RENEWED: f"{time.time():.3f}"})
-    env = {**os.environ, "TTC_LEASE_S": "3"}
-    refused = worker("node", env=env)
+    lost = {names.TAG_LEASE_HOST: "gpu-node-17"}
+    # renewed just now, a 600 s lease: still held however long the worker takes to start
+    store.set_tags(run.info.run_id, {**lost, names.TAG_LEASE_RENEWED: f"{time.time():.3f}"})
+    refused = worker("node", env={**os.environ, "TTC_LEASE_S": "600"})
     _, err = refused.communicate(timeout=120)
-    assert refused.returncode == 1 and "gpu-node-17" in err
-    time.sleep(3.5)
-    taken = worker("node", env=env)
+    assert refused.returncode == 1 and "gpu-node-17" in err, err[-1500:]
+    # renewed 10 s ago, a 3 s lease: expired
+    store.set_tags(run.info.run_id, {**lost, names.TAG_LEASE_RENEWED: f"{time.time() - 10:.3f}"})
+    taken = worker("node", env={**os.environ, "TTC_LEASE_S": "3"})
     out, err = taken.communicate(timeout=120)
     assert taken.returncode == 0 and "its lease expired" in err and "gpu-node-17" in err, err[-1500:]
 
