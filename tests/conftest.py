@@ -29,7 +29,12 @@ def mlflow_store(tmp_path, monkeypatch, _migrated_db):
     """A fresh MLflow SQLite store and artifact root for one test (a copy of the migrated template)."""
     import shutil
 
+    from ttc_mlops.pipeline import store
+
     shutil.copy(_migrated_db, tmp_path / "mlflow.db")
+    # this process is the store's only writer: no concurrent write to wait for (processes racing on
+    # a store, tests/test_faults.py's, are other processes and keep the real wait)
+    monkeypatch.setattr(store, "SETTLE_S", 0.0)
     with tracking_at(f"sqlite:///{tmp_path}/mlflow.db", monkeypatch, tmp_path) as uri:
         yield uri
 

@@ -116,7 +116,7 @@ def acquire(run, rows: str) -> str | None:
         taken = f"taking over rows {rows} from {holder.describe(now)}: {taken}"
         log.warning("%s", taken)
     store.set_tags(run.info.run_id, _mine(now))
-    time.sleep(0.2)  # two processes that started at once: the last writer holds it, the other sees so
+    time.sleep(store.SETTLE_S)  # two processes that started at once: the last writer holds it, the other sees so
     again = Holder.of(store.get_run(run.info.run_id).data.tags)
     if again is None or again.pid != os.getpid() or again.host != socket.gethostname():
         raise ChunkBusy(f"rows {rows}: {again.describe(time.time()) if again else 'another process'} started "

@@ -34,6 +34,12 @@ MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch
 _READY: set[str] = set()  # tracking URIs this process has opened once
 
 
+# How long a writer waits for a concurrent writer's run or tag to become visible before it reads
+# back who won (a parent's creation, a chunk's lease): processes racing on one store, as
+# tests/test_faults.py starts them.
+SETTLE_S = 0.2
+
+
 def client() -> MlflowClient:
     uri = tracking_uri()
     if uri not in _READY:
@@ -317,7 +323,7 @@ def find_or_create_parent(recipe: Recipe, experiment_id: str, adopt: bool = True
                                             **config_tags(recipe)})
     _log_config(run.info.run_id, recipe, {})
     c.set_terminated(run.info.run_id, "FINISHED")
-    time.sleep(0.2)  # let a concurrent creator's run become visible before choosing
+    time.sleep(SETTLE_S)  # let a concurrent creator's run become visible before choosing
     winner = _parents([experiment_id], recipe.search_key)[0].info.run_id
     if winner != run.info.run_id:
         c.delete_run(run.info.run_id)
