@@ -23,7 +23,7 @@ import pytest
 from conftest import free_port, wait_healthy
 
 from ttc_mlops import serving
-from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe, RecipeError
+from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe, RecipeError, build_recipe
 from ttc_mlops.prm import remote
 
 KEY = "served-prm-test-key"
@@ -188,6 +188,15 @@ def test_recipe_rules_and_search_key():
         Recipe(prm_base_url="http://host:8001", prm_backend="transformers")
     with pytest.raises(ValueError, match="prm_base_url"):
         Recipe(prm_base_url="host:8001")
+    # checked as policy_base_url is: no credentials in the URL, the key field names a variable
+    with pytest.raises(RecipeError) as err:
+        build_recipe({"prm_base_url": "http://user:sekrit@h:8001"})
+    assert "prm_base_url='http://***@h:8001' holds credentials" in str(err.value) and "sekrit" not in str(err.value)
+    for bad in ("", "sk-123 key"):
+        with pytest.raises(RecipeError) as err:
+            build_recipe({"prm_base_url": "http://h:8001", "prm_api_key_env": bad})
+        assert "prm_api_key_env is not an environment variable name" in str(err.value)
+        assert not bad or bad not in str(err.value)
     assert remote.server_root("http://h:1/v1/") == "http://h:1"
 
 

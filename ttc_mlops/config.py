@@ -183,8 +183,8 @@ class Recipe(BaseModel):
     # a vLLM server running the PRM's forward pass (`vllm serve PRM --runner pooling`, docs/served.md),
     # e.g. http://host:8001; None runs it in this process. Where it runs, not what it scores: a served
     # run joins the parent of the same recipe run in-process. Its key is read from prm_api_key_env
-    prm_base_url: str | None = Field(None, pattern=r"^https?://[^\s/]+")
-    prm_api_key_env: str = Field("VLLM_API_KEY", min_length=1)  # the environment variable holding it (never logged)
+    prm_base_url: str | None = None
+    prm_api_key_env: str = "VLLM_API_KEY"  # the environment variable holding it (never logged)
     search_batch_size: int = Field(25, ge=1)  # problems searched together (one generate call each step)
     prm_batch_size: int = Field(4, ge=1)  # sequences per PRM forward pass
     # GiB of keys/values the transformers policy and PRM each keep between calls, so a step-level
@@ -243,7 +243,7 @@ class Recipe(BaseModel):
         if self.prm_base_url is not None and self.prm_backend == "transformers":
             raise ValueError(f"prm_base_url={self.prm_base_url!r} runs the PRM on a vLLM server, but "
                              f"prm_backend='transformers' runs it here; set one of them")
-        _check_served_policy(self)
+        _check_served(self)
         if self.push_to_hub and not self.hub_dataset_id:
             raise ValueError("push_to_hub=true needs hub_dataset_id (org/name)")
         return self
@@ -303,27 +303,33 @@ class Recipe(BaseModel):
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def _check_served_policy(r: "Recipe") -> None:
-    """backend openai and policy_base_url go together; the URL is http(s) and holds no credentials;
-    policy_api_key_env names a variable (its value is never echoed: it may be a key pasted there)."""
-    url = r.policy_base_url
-    if r.backend == "openai" and url is None:
+def _check_served(r: "Recipe") -> None:
+    """backend openai and policy_base_url go together; each served model's URL and key variable are
+    checked alike (_check_server)."""
+    if r.backend == "openai" and r.policy_base_url is None:
         raise ValueError("backend='openai' needs policy_base_url, the API root of the server running the policy "
                          "(e.g. http://127.0.0.1:8000/v1)")
-    if url is not None and r.backend != "openai":
-        raise ValueError(f"policy_base_url={url!r} is read by backend='openai' only, but backend={r.backend!r}: "
-                         f"set backend=openai, or unset policy_base_url")
+    if r.policy_base_url is not None and r.backend != "openai":
+        raise ValueError(f"policy_base_url={r.policy_base_url!r} is read by backend='openai' only, but "
+                         f"backend={r.backend!r}: set backend=openai, or unset policy_base_url")
+    _check_server("policy_base_url", r.policy_base_url, "policy_api_key_env", r.policy_api_key_env,
+                  "http://127.0.0.1:8000/v1")
+    _check_server("prm_base_url", r.prm_base_url, "prm_api_key_env", r.prm_api_key_env, "http://127.0.0.1:8001")
+
+
+def _check_server(url_field: str, url: str | None, key_field: str, key_env: str, example: str) -> None:
+    """The URL is http(s) and holds no credentials; the key field names a variable (its value is
+    never echoed: it may be a key pasted there)."""
     if url is not None:
         scheme, _, rest = url.partition("://")
         if "@" in rest.split("/")[0]:
             shown = f"{scheme}://***@{rest.split('@', 1)[1]}"
-            raise ValueError(f"policy_base_url={shown!r} holds credentials: put the key in the environment variable "
-                             f"that policy_api_key_env names ({r.policy_api_key_env!r}), never in the recipe")
+            raise ValueError(f"{url_field}={shown!r} holds credentials: put the key in the environment variable "
+                             f"that {key_field} names ({key_env!r}), never in the recipe")
         if scheme not in ("http", "https") or not rest or rest[0] in "/" or any(c.isspace() for c in url):
-            raise ValueError(f"policy_base_url={url!r} is not an http:// or https:// URL (expected e.g. "
-                             f"http://127.0.0.1:8000/v1)")
-    if not _ENV_NAME.match(r.policy_api_key_env):
-        raise ValueError("policy_api_key_env is not an environment variable name (letters, digits and _, not "
+            raise ValueError(f"{url_field}={url!r} is not an http:// or https:// URL (expected e.g. {example})")
+    if not _ENV_NAME.match(key_env):
+        raise ValueError(f"{key_field} is not an environment variable name (letters, digits and _, not "
                          "starting with a digit): it names the variable holding the key, never the key itself")
 
 
