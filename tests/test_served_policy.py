@@ -14,19 +14,17 @@ vllm is not installed.
 """
 
 import importlib.util
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from conftest import REPO, free_port, wait_healthy
+from stub_server import Stub, stub_fixture
 
 from ttc_mlops.config import EMBEDDED_MODEL, Recipe, RecipeError, build_recipe
 from ttc_mlops.policy import Sampling
@@ -36,71 +34,7 @@ STOP = ("\n\n",)
 KEY = "sk-test-0123456789abcdef"  # a key as a test writes it: never to be seen in a message
 
 
-class Stub:
-    """A tiny HTTP server on 127.0.0.1 answering from `routes`: path -> fn(body, headers) -> (status,
-    json, headers). Counts hits per path and the most requests it held at once."""
-
-    def __init__(self, routes):
-        self.routes, self.hits, self.bodies, self.auth = routes, {}, [], []
-        self.inflight = self.most = 0
-        lock = threading.Lock()
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
-
-            def _answer(self, body):
-                with lock:
-                    stub.hits[self.path] = stub.hits.get(self.path, 0) + 1
-                    stub.inflight += 1
-                    stub.most = max(stub.most, stub.inflight)
-                    stub.auth.append(self.headers.get("Authorization"))
-                    if body is not None:
-                        stub.bodies.append(body)
-                try:
-                    status, payload, headers = stub.routes[self.path](body, self.headers)
-                finally:
-                    with lock:
-                        stub.inflight -= 1
-                raw = json.dumps(payload).encode() if not isinstance(payload, bytes) else payload
-                try:
-                    self.send_response(status)
-                    for k, v in {"Content-Type": "application/json", **headers}.items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(raw)))
-                    self.end_headers()
-                    self.wfile.write(raw)
-                except OSError:  # the client gave up (a timeout test)
-                    pass
-
-            def do_GET(self):
-                self._answer(None)
-
-            def do_POST(self):
-                self._answer(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def stub():
-    made = []
-
-    def make(routes):
-        made.append(Stub(routes))
-        return made[-1]
-
-    yield make
-    for s in made:
-        s.close()
+stub = stub_fixture(lambda routes: Stub(routes, prefix="/v1"))
 
 
 def _answers(*statuses, then=(200, {"ok": 1})):

@@ -9,18 +9,17 @@ The real server is started once for the module (and once more after the test tha
 """
 
 import base64
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 from conftest import free_port, wait_healthy
+from stub_server import Stub, scripted, stub_fixture
 
 from ttc_mlops import serving
 from ttc_mlops.config import BUILTIN_DATASET, EMBEDDED_MODEL, Recipe, RecipeError, build_recipe
@@ -31,53 +30,7 @@ KEY = "served-prm-test-key"
 
 # --- the client against a stub server: retries, errors, decoding (no model, no vllm)
 
-class Stub:
-    """An HTTP server on 127.0.0.1 answering from a script: per path, a list of (status, body) used
-    in turn (the last one repeats); it records every request's path and headers."""
-
-    def __init__(self, script: dict[str, list[tuple[int, dict]]]):
-        self.script, self.seen = script, []
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length)) if length else None
-                stub.seen.append((self.path, dict(self.headers), body))
-                answers = stub.script[self.path]
-                status, payload = answers.pop(0) if len(answers) > 1 else answers[0]
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = _answer
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def stub():
-    made = []
-
-    def make(script):
-        made.append(Stub(script))
-        return made[-1]
-
-    yield make
-    for s in made:
-        s.close()
+stub = stub_fixture(lambda script: Stub({path: scripted(answers) for path, answers in script.items()}))
 
 
 def _states_item(states: np.ndarray) -> dict:

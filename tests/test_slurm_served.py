@@ -134,9 +134,9 @@ def test_the_job_scripts_read_the_server_file(tmp_path):
 
 
 def test_wait_for_server_reads_the_file_then_health(tmp_path, slurm, monkeypatch):  # noqa: F811
-    from test_served_prm import Stub
+    from stub_server import Stub, scripted
 
-    stub = Stub({"/health": [(200, {})]})
+    stub = Stub({"/health": scripted([(200, {})])})
     try:
         url_file = tmp_path / SERVER_FILE
         with pytest.raises(LaunchError, match=r"no healthy PRM server in .* after 1 s \(no address written yet"):
