@@ -462,18 +462,19 @@ def problem_set(run) -> ProblemSet:
     logged "eval" dataset (the one logged with the records that were evaluated, where a partial merge
     logged another before), else, for runs from before datasets were logged, its tags
     (`ttc.problem_set`, `ttc.merged_problems`)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
     tags = run.data.tags
-    found = [d for d in (run.inputs.dataset_inputs if run.inputs else [])
-             if {t.key: t.value for t in d.tags}.get("mlflow.data.context") == names.DATASET_CONTEXT]
+    found = [(d.dataset, {t.key: t.value for t in d.tags}) for d in (run.inputs.dataset_inputs if run.inputs else [])]
+    found = [(dataset, its) for dataset, its in found if its.get(MLFLOW_DATASET_CONTEXT) == names.DATASET_CONTEXT]
     if found:
         graded = tags.get(names.TAG_EVALUATED) or tags.get(names.TAG_MERGED_DIGEST)
-        found.sort(key=lambda d: ({t.key: t.value for t in d.tags}.get(names.INPUT_TAG_RECORDS) != graded,
-                                  d.dataset.digest != tags.get(names.TAG_PROBLEM_SET)))
-        d = found[0]
-        problems = {t.key: t.value for t in d.tags}.get(names.INPUT_TAG_PROBLEMS)
-        if problems is None and d.dataset.profile:
-            problems = json.loads(d.dataset.profile).get("num_rows")
-        return ProblemSet(d.dataset.name, int(problems or 0), d.dataset.digest)
+        found.sort(key=lambda d: (d[1].get(names.INPUT_TAG_RECORDS) != graded, d[0].digest != tags.get(names.TAG_PROBLEM_SET)))
+        dataset, its = found[0]
+        problems = its.get(names.INPUT_TAG_PROBLEMS)
+        if problems is None and dataset.profile:
+            problems = json.loads(dataset.profile).get("num_rows")
+        return ProblemSet(dataset.name, int(problems or 0), dataset.digest)
     return tagged_problem_set(tags)
 
 
