@@ -9,6 +9,7 @@ server's Retry-After), each wait spread by a random 0.8-1x so that the tasks of 
 back at once; after the last try one error names the URL, what it answered and the tries. Anything
 else (a 4xx, an answer that is not JSON) fails at once. The key is read from the environment
 variable the recipe names, sent as a bearer token, and never logged nor put in a message.
+Requests in flight run on a `RequestPool` of daemon threads.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import http.client
 import json
 import logging
 import os
+import queue
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import Future
 
 log = logging.getLogger(__name__)
 
@@ -118,3 +122,31 @@ def request(url: str, api_key_env: str, body: dict | None = None, *, what: str, 
             time.sleep(pause)
     tries = attempt + 1
     raise error(f"{what} {url} failed: {failure}, after {tries} {'try' if tries == 1 else 'tries'}")
+
+
+class RequestPool:
+    """`size` daemon threads running submitted calls (at most `size` requests in flight). Daemon
+    threads, unlike a ThreadPoolExecutor's: a process stopped mid-search (SIGTERM, Ctrl-C) does not
+    wait at exit for requests still out to a server that may hang."""
+
+    def __init__(self, size: int, name: str):
+        self.size, self.name, self.jobs, self.threads = size, name, queue.SimpleQueue(), []
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self.jobs.put((future, fn, args))
+        if len(self.threads) < self.size:
+            thread = threading.Thread(target=self._work, daemon=True, name=f"{self.name}-{len(self.threads)}")
+            thread.start()
+            self.threads.append(thread)
+        return future
+
+    def _work(self) -> None:
+        while True:
+            future, fn, args = self.jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as err:  # noqa: BLE001 (handed to whoever collects it)
+                future.set_exception(err)

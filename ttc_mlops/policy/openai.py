@@ -31,8 +31,6 @@ at once. The key is read from the environment variable
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import urllib.error
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 
@@ -115,33 +113,6 @@ def check_server(settings: PolicySettings) -> str:
     return model_name(settings, served_models(settings))
 
 
-class _Pool:
-    """`size` daemon threads running submitted calls (at most `size` requests in flight). Daemon
-    threads: a process that stops mid-search does not wait at exit for requests still out."""
-
-    def __init__(self, size: int):
-        self.size, self.jobs, self.threads = size, queue.SimpleQueue(), []
-
-    def submit(self, fn, *args) -> Future:
-        future: Future = Future()
-        self.jobs.put((future, fn, args))
-        if len(self.threads) < self.size:
-            thread = threading.Thread(target=self._work, daemon=True, name=f"ttc-policy-{len(self.threads)}")
-            thread.start()
-            self.threads.append(thread)
-        return future
-
-    def _work(self) -> None:
-        while True:
-            future, fn, args = self.jobs.get()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as err:  # noqa: BLE001 (handed to whoever collects it)
-                future.set_exception(err)
-
-
 class OpenAIPolicy:
     def __init__(self, settings: PolicySettings):
         from transformers import AutoConfig, AutoTokenizer
@@ -163,7 +134,7 @@ class OpenAIPolicy:
             self.params = None
         self.prompt_tokens = 0  # prompt tokens the server ran (its prefix cache spares the rest, where it says so)
         self.prompt_tokens_full = 0  # every prompt token of every request
-        self.pool = _Pool(settings.concurrency)
+        self.pool = serving.RequestPool(settings.concurrency, 'ttc-policy')
         log.info("policy served by %s as %r (%d requests in flight at most)", settings.base_url, self.model,
                  settings.concurrency)
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 from .. import serving
@@ -187,6 +186,7 @@ class RemoteForward(ForwardPassBase):
         self.tokens_processed = 0  # tokens the server ran: what its usage reports (each sequence whole)
         self.in_flight = settings.batch_size
         self.client = Client(settings.base_url, settings.api_key_env)
+        self.pool = serving.RequestPool(self.in_flight, "ttc-prm")
         self.model = check_server(settings, self.hidden_size)
         log.info("PRM %s served by %s (as %r), %d requests in flight", settings.path, self.client.root, self.model,
                  self.in_flight)
@@ -195,10 +195,10 @@ class RemoteForward(ForwardPassBase):
         """Nothing kept here: the server's prefix cache is its own (and /pooling does not read it)."""
 
     def run(self, rows: list[Row]) -> Iterator[tuple[Row, object]]:
-        with ThreadPoolExecutor(max_workers=max(1, min(self.in_flight, len(rows)))) as pool:
-            for r, (states, ran) in zip(rows, pool.map(self._states, rows)):
-                self.tokens_processed += ran
-                yield r, states[r.wanted]
+        for r, future in zip(rows, [self.pool.submit(self._states, r) for r in rows]):
+            states, ran = future.result()
+            self.tokens_processed += ran
+            yield r, states[r.wanted]
 
     def _states(self, row: Row):
         """([len(row.ids), hidden size] final hidden states of one sequence, tokens the server ran)."""
