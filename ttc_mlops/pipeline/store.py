@@ -40,12 +40,62 @@ _READY: set[str] = set()  # tracking URIs this process has opened once
 SETTLE_S = 0.2
 
 
+_CLIENTS: dict[tuple[str, str], MlflowClient] = {}  # (tracking URI, registry URI) -> its client
+
+
 def client() -> MlflowClient:
+    """The client of the current tracking (and registry) URI, made once per URI in this process:
+    making one resolves its stores again (milliseconds; a merge or evaluate asks hundreds of times).
+    Credentials are read from the environment at each request, not here."""
     uri = tracking_uri()
-    if uri not in _READY:
-        _open_store(uri)
-        _READY.add(uri)
-    return MlflowClient()
+    key = (uri, mlflow.get_registry_uri())
+    made = _CLIENTS.get(key)
+    if made is None:
+        if uri not in _READY:
+            _open_store(uri)
+            _READY.add(uri)
+        while len(_CLIENTS) >= 8:  # a process that moves between stores keeps the latest few (as MLflow's own store cache)
+            _CLIENTS.pop(next(iter(_CLIENTS)))
+        made = _CLIENTS[key] = MlflowClient()
+    return made
+
+
+class _Fixed(NamedTuple):
+    experiment_id: str
+    artifact_uri: str
+
+
+_FIXED: dict[tuple[str, str], _Fixed] = {}  # (tracking URI, run id) -> what a run never changes
+
+
+def fixed(run_id: str) -> _Fixed:
+    """A run's experiment and artifact root, read once per process: neither changes after the run is
+    created, and each read is a round trip to the store (to the server, on a cluster)."""
+    key = (tracking_uri(), run_id)
+    if key not in _FIXED:
+        info = client().get_run(run_id).info
+        _FIXED[key] = _Fixed(info.experiment_id, info.artifact_uri)
+    return _FIXED[key]
+
+
+def _remember(run) -> None:
+    _FIXED[(tracking_uri(), run.info.run_id)] = _Fixed(run.info.experiment_id, run.info.artifact_uri)
+
+
+def list_artifact_names(run_id: str, folder: str | None = None) -> set[str]:
+    """The file and folder names directly in a run's artifact `folder` (its root by default), read
+    from the artifact store with the run's root known (`client().list_artifacts` reads the run
+    first, each time)."""
+    root = fixed(run_id).artifact_uri.rstrip("/")
+    found = mlflow.artifacts.list_artifacts(artifact_uri=f"{root}/{folder}" if folder else root,
+                                            tracking_uri=tracking_uri())
+    return {Path(f.path).name for f in found}
+
+
+def download_artifact(run_id: str, path: str, dst: str) -> str:
+    """One artifact of a run into `dst`; its local path."""
+    return mlflow.artifacts.download_artifacts(artifact_uri=f"{fixed(run_id).artifact_uri.rstrip('/')}/{path}",
+                                               dst_path=dst, tracking_uri=tracking_uri())
 
 
 def _open_store(uri: str) -> None:
@@ -494,7 +544,7 @@ def create_compare_run(experiment: str, tags: dict[str, str]) -> str:
 
 def chunk_runs(parent_id: str) -> list:
     c = client()
-    experiment_id = c.get_run(parent_id).info.experiment_id
+    experiment_id = fixed(parent_id).experiment_id
     return c.search_runs([experiment_id], max_results=10000,
                          filter_string=f"tags.`{names.TAG_PARENT}` = '{parent_id}' and tags.`{names.TAG_ROLE}` = '{names.ROLE_CHUNK}'")
 
@@ -508,11 +558,11 @@ def find_chunk_run(parent_id: str, start: int, end: int):
 
 def create_chunk_run(parent_id: str, recipe: Recipe, start: int, end: int, total: int) -> str:
     c = client()
-    parent = c.get_run(parent_id)
     tags = {names.TAG_ROLE: names.ROLE_CHUNK, names.TAG_PARENT: parent_id, names.TAG_ROWS: f"{start}:{end}",
             names.TAG_PROBLEMS: str(end - start), names.TAG_TOTAL: str(total), names.TAG_RUN_NAME: names.chunk_run_name(start, end),
             **config_tags(recipe)}
-    run = c.create_run(parent.info.experiment_id, tags=tags)
+    run = c.create_run(fixed(parent_id).experiment_id, tags=tags)
+    _remember(run)
     try:
         c.log_batch(run.info.run_id, params=recipe_params(recipe))
         log_text(run.info.run_id, recipe_yaml(recipe), names.RECIPE_ARTIFACT)
@@ -558,12 +608,10 @@ def load_records(run_id: str, name: str) -> list[Record] | None:
 
 def load_records_tolerant(run_id: str, name: str) -> tuple[list[Record] | None, str | None]:
     """The run's records up to the first unreadable one, and what was wrong (None: nothing)."""
-    c = client()
-    found = {Path(f.path).name for f in c.list_artifacts(run_id, names.RECORDS_DIR)}
-    if name not in found:
+    if name not in list_artifact_names(run_id, names.RECORDS_DIR):
         return None, None
     with tempfile.TemporaryDirectory() as tmp:
-        local = c.download_artifacts(run_id, f"{names.RECORDS_DIR}/{name}", tmp)
+        local = download_artifact(run_id, f"{names.RECORDS_DIR}/{name}", tmp)
         records, problem = read_records_tolerant(Path(local))
     where = f"{names.RECORDS_DIR}/{name} of run {run_id}"
     return records, None if problem is None else f"record file {where} is corrupt at {problem}"
@@ -571,13 +619,11 @@ def load_records_tolerant(run_id: str, name: str) -> tuple[list[Record] | None, 
 
 def load_run_text(run_id: str, artifact_file: str) -> str | None:
     """A text artifact of a run, or None where it has none."""
-    c = client()
     parent_dir = str(Path(artifact_file).parent) if "/" in artifact_file else None
-    found = {f.path for f in c.list_artifacts(run_id, parent_dir)}
-    if artifact_file not in found:
+    if Path(artifact_file).name not in list_artifact_names(run_id, parent_dir):
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        return Path(c.download_artifacts(run_id, artifact_file, tmp)).read_text()
+        return Path(download_artifact(run_id, artifact_file, tmp)).read_text()
 
 
 def log_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
