@@ -15,7 +15,9 @@ only; a family's module is imported when its PRM is built.
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 from dataclasses import dataclass
 
 from ..config import EMBEDDED_MODEL, RecipeError
@@ -54,21 +56,28 @@ class Family:
 
 
 def families() -> dict[str, Family]:
-    """Every family found: the built-in ones, then the plugins' (read from package metadata now)."""
-    from importlib.metadata import entry_points
-
+    """Every family found: the built-in ones, then the plugins' (read from package metadata once per
+    `sys.path`: a recipe check asks several times, and each read walks every installed package)."""
     found = {name: Family(name, target) for name, target in BUILTIN.items()}
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
-        dist = ep.dist.name if ep.dist is not None else "unknown package"
-        if ep.name in found:
-            if (ep.name, dist) not in _warned:
-                _warned.add((ep.name, dist))
-                kept = found[ep.name]
-                log.warning("PRM family %r from %s is ignored: the name is taken by %s", ep.name, dist,
+    for ep_name, value, dist in _plugin_entry_points(tuple(sys.path)):
+        if ep_name in found:
+            if (ep_name, dist) not in _warned:
+                _warned.add((ep_name, dist))
+                kept = found[ep_name]
+                log.warning("PRM family %r from %s is ignored: the name is taken by %s", ep_name, dist,
                             "a built-in family" if kept.dist is None else kept.dist)
             continue
-        found[ep.name] = Family(ep.name, ep.value, dist)
+        found[ep_name] = Family(ep_name, value, dist)
     return found
+
+
+@functools.lru_cache(maxsize=8)
+def _plugin_entry_points(path: tuple[str, ...]) -> tuple[tuple[str, str, str], ...]:
+    """(name, "module:Class", package) of every entry point in the group, on this `sys.path`."""
+    from importlib.metadata import entry_points
+
+    return tuple((ep.name, ep.value, ep.dist.name if ep.dist is not None else "unknown package")
+                 for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)))
 
 
 def family_for(prm_path: str, prm_family: str | None = None) -> str:
