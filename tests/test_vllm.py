@@ -328,19 +328,20 @@ def test_every_family_scores_on_vllm_as_on_transformers(family, family_checkpoin
 
 
 @pytest.mark.vllm
-def test_beam_search_gives_the_same_records_with_either_prm_backend(policy):
+@pytest.mark.parametrize("approach", ["beam_search", "dvts"])
+def test_a_search_gives_the_same_records_with_either_prm_backend(policy, approach):
     from ttc_mlops.data import Problem
     from ttc_mlops.prm import load_prm
     from ttc_mlops.strategies import STRATEGIES
 
-    r = Recipe(model_path=EMBEDDED_MODEL, prm_path=EMBEDDED_MODEL, approach="beam_search", n=4, beam_width=2,
+    r = Recipe(model_path=EMBEDDED_MODEL, prm_path=EMBEDDED_MODEL, approach=approach, n=4, beam_width=2,
                num_iterations=3, max_tokens=24, dtype="float32")
     problems = [Problem(str(i), q, "") for i, q in enumerate(["What is 12 * 13?", "Solve 2x + 3 = 11."])]
     records = {}
     for backend in ("transformers", "vllm"):
         prm = load_prm(r.model_copy(update={"prm_backend": backend}).prm_settings)
         policy.clear_cache()
-        records[backend] = [x.to_dict() for x in STRATEGIES["beam_search"](problems, policy, prm, r)]
+        records[backend] = [x.to_dict() for x in STRATEGIES[approach](problems, policy, prm, r)]
     assert _same(records["transformers"], records["vllm"], 1e-4)
 
 
