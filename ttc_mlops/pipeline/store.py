@@ -54,7 +54,7 @@ def client() -> MlflowClient:
         if uri not in _READY:
             _open_store(uri)
             _READY.add(uri)
-        while len(_CLIENTS) >= 8:  # a process that moves between stores keeps the latest few (as MLflow's own store cache)
+        while len(_CLIENTS) >= 8:  # a process that moves between stores (a test session) keeps the latest few
             _CLIENTS.pop(next(iter(_CLIENTS)))
         made = _CLIENTS[key] = MlflowClient()
     return made
@@ -82,20 +82,23 @@ def _remember(run) -> None:
     _FIXED[(tracking_uri(), run.info.run_id)] = _Fixed(run.info.experiment_id, run.info.artifact_uri)
 
 
-def list_artifact_names(run_id: str, folder: str | None = None) -> set[str]:
-    """The file and folder names directly in a run's artifact `folder` (its root by default), read
-    from the artifact store with the run's root known (`client().list_artifacts` reads the run
-    first, each time)."""
+def _artifact_uri(run_id: str, path: str | None = None) -> str:
+    """Where a run's artifact `path` (its root by default) lives, from the run's root read once
+    (`client().list_artifacts` / `download_artifacts` read the run first, each time)."""
     root = fixed(run_id).artifact_uri.rstrip("/")
-    found = mlflow.artifacts.list_artifacts(artifact_uri=f"{root}/{folder}" if folder else root,
-                                            tracking_uri=tracking_uri())
+    return f"{root}/{path}" if path else root
+
+
+def list_artifact_names(run_id: str, folder: str | None = None) -> set[str]:
+    """The file and folder names directly in a run's artifact `folder` (its root by default)."""
+    found = mlflow.artifacts.list_artifacts(artifact_uri=_artifact_uri(run_id, folder), tracking_uri=tracking_uri())
     return {Path(f.path).name for f in found}
 
 
 def download_artifact(run_id: str, path: str, dst: str) -> str:
     """One artifact of a run into `dst`; its local path."""
-    return mlflow.artifacts.download_artifacts(artifact_uri=f"{fixed(run_id).artifact_uri.rstrip('/')}/{path}",
-                                               dst_path=dst, tracking_uri=tracking_uri())
+    return mlflow.artifacts.download_artifacts(artifact_uri=_artifact_uri(run_id, path), dst_path=dst,
+                                               tracking_uri=tracking_uri())
 
 
 def _open_store(uri: str) -> None:
