@@ -367,7 +367,7 @@ def tidy(answer: str) -> str:
     return _WRAPPED.sub(r"\1", text).strip()
 
 
-@functools.lru_cache(maxsize=1 << 18)  # a pure function of the text; evaluate asks again at every N
+@functools.lru_cache(maxsize=1 << 18)  # a pure function of the text: a process that grades the same texts again (another evaluate, the tests) reuses it
 def answer_key(answer: str) -> tuple:
     """A canonical form of an answer, from one parse: ("num", re, im) for finite numbers (12
     significant digits), ("base", digits, base) for numerals such as 52_8, ("expr", sympy text) for
