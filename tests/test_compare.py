@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 from fakes import FakePolicy, FakePRM
 from typer.testing import CliRunner
 
@@ -34,6 +35,7 @@ def relabel(pid, strategy):
     store.set_tags(pid, {names.TAG_STRATEGY: strategy})
 
 
+@pytest.mark.slow
 def test_compare_draws_one_line_per_strategy_in_every_panel(mlflow_store, tmp_path):
     evaluated(n=4)
     evaluated(n=8)  # the same strategy at a larger N: one line, points from the N=8 run
@@ -69,6 +71,7 @@ def test_compare_names_what_is_missing(mlflow_store):
     assert out.exit_code == 1 and "has no evaluated parent runs" in out.output
 
 
+@pytest.mark.slow
 def test_compare_refuses_runs_of_different_problem_sets_unless_asked(mlflow_store, tmp_path):
     evaluated(n=4)
     relabel(evaluated(n=4, seed=7, num_samples=2), "dvts")  # DVTS on 2 problems beside best-of-N on 4
@@ -81,6 +84,7 @@ def test_compare_refuses_runs_of_different_problem_sets_unless_asked(mlflow_stor
     assert "  2  " in line  # each line says how many problems it graded
 
 
+@pytest.mark.slow
 def test_compare_keeps_benchmarks_apart(mlflow_store, tmp_path):
     import json
 

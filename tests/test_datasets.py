@@ -33,6 +33,7 @@ def eval_inputs(run) -> list:
             if {t.key: t.value for t in d.tags}.get("mlflow.data.context") == names.DATASET_CONTEXT]
 
 
+@pytest.mark.slow
 def test_chunks_and_parent_log_their_problems_as_datasets(mlflow_store):
     r = recipe(num_chunks=2, chunk=0)
     chunk = run_chunk(r, FakePolicy(SCRIPT), FakePRM(), progress=False)
@@ -50,6 +51,7 @@ def test_chunks_and_parent_log_their_problems_as_datasets(mlflow_store):
     assert store.problem_set(parent) == (BUILTIN_DATASET, 4, parent.data.tags[names.TAG_PROBLEM_SET])
 
 
+@pytest.mark.slow
 def test_experiments_open_in_the_machine_learning_view(mlflow_store):
     made = store.ensure_experiment("kind")
     assert store.client().get_experiment(made).tags[names.TAG_EXPERIMENT_KIND] == "custom_model_development"
@@ -82,6 +84,7 @@ def evaluated(register=True, **kw):
     return pid, evaluate_parent(pid, r, register=register, workers=1)
 
 
+@pytest.mark.slow
 def test_compare_reads_the_logged_dataset_and_old_runs_their_tags(mlflow_store):
     four, _ = evaluated(register=False)
     old, _ = evaluated(register=False, n=8)
@@ -96,6 +99,7 @@ def test_compare_reads_the_logged_dataset_and_old_runs_their_tags(mlflow_store):
     assert collect("datasets", allow_mixed=True)
 
 
+@pytest.mark.slow
 def test_the_best_alias_reads_problem_sets_as_compare_does(mlflow_store):
     half = {p.problem: [f"So \\boxed{{{p.answer if i % 2 == 0 else 0}}}[s=0.7]"] for i, p in enumerate(PROBLEMS)}
     small = {p.problem: [f"So \\boxed{{{p.answer}}}[s=0.7]"] for p in PROBLEMS}

@@ -86,6 +86,7 @@ def recipe(**kw):
                      "num_samples": 4, "n": 4, "experiment_name": "e", **kw})
 
 
+@pytest.mark.slow
 def test_evaluate_logs_metrics_with_step_n_on_the_merged_parent(mlflow_store):
     r = recipe()
     pid = run_chunk(r, FakePolicy(SCRIPT), FakePRM(), progress=False).parent_run_id

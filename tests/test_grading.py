@@ -193,12 +193,14 @@ def test_peer_suites_agree_but_for_the_listed_misses(path, size, completion, mis
         assert mine + listed_here >= raw, source  # it may lose only by the listed misses
 
 
+@pytest.mark.slow
 def test_every_math500_reference_solution_grades_right(math500_rows):
     rows = math500_rows
     verdicts = [bench_grading.ours(r["solution"], r["answer"]) for r in rows]
     assert len(rows) == 500 and sum(v is True for v in verdicts) == 500
 
 
+@pytest.mark.slow
 def test_perturbed_math500_answers_grade_wrong(math500_rows):
     changes = bench_grading.perturbed(math500_rows)
     kinds = {kind for kind, *_ in changes}

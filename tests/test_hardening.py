@@ -374,6 +374,7 @@ def overwrite_recipe(parent_id, text, tmp_path):
     store.client().log_artifact(parent_id, str(folder / names.RECIPE_ARTIFACT), f"{names.MODEL_ARTIFACT}/artifacts")
 
 
+@pytest.mark.slow
 def test_load_search_refuses_a_recipe_changed_after_registration(mlflow_store, tmp_path):
     from ttc_mlops.pipeline.model import VersionRefused, load_search
 
@@ -395,6 +396,7 @@ def test_load_search_refuses_a_recipe_changed_after_registration(mlflow_store, t
     assert load_search(uri, allow_code=True).recipe.trust_remote_code is True
 
 
+@pytest.mark.slow
 def test_load_search_refuses_a_model_folder_that_ships_python(mlflow_store, tmp_path):
     from ttc_mlops.pipeline.model import VersionRefused, load_search
 
@@ -411,6 +413,7 @@ def test_load_search_refuses_a_model_folder_that_ships_python(mlflow_store, tmp_
 # --- class 4: integrity of registration and merge
 
 
+@pytest.mark.slow
 def test_a_concurrent_second_registration_of_one_parent_finds_the_first(mlflow_store, monkeypatch):
     """The interleaving that lost: both evaluations found no version, then both created one."""
     from ttc_mlops.pipeline import model
@@ -450,6 +453,7 @@ def test_two_evaluations_of_one_parent_at_once_register_one_version(mlflow_store
     assert len(versions) == 1 and all(f"registered: models:/{name}/{versions[0].version} " in o for o, _ in outs)
 
 
+@pytest.mark.slow
 def test_best_is_chosen_within_one_problem_set(mlflow_store):
     half = {p.problem: [f"So \\boxed{{{p.answer if i % 2 == 0 else 0}}}[s=0.7]"] for i, p in enumerate(PROBLEMS)}
     two = registered(fake_recipe("best", num_samples=2, n=1), half)  # 1 of 2 right

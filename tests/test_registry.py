@@ -68,6 +68,7 @@ def round_trip(model):
     return out
 
 
+@pytest.mark.slow
 def test_register_load_by_alias_and_predict(mlflow_store, tiny_llama_dir):
     round_trip(tiny_llama_dir)  # a tiny random model: the real code path in seconds
 
@@ -84,6 +85,7 @@ def test_register_and_predict_with_the_embedded_model(mlflow_store, embedded_dir
     assert out["completion"][0] and 0 <= out["score"][0] <= 1
 
 
+@pytest.mark.slow
 def test_predict_names_the_missing_column(mlflow_store, tiny_llama_dir):
     import mlflow.pyfunc
 
@@ -92,6 +94,7 @@ def test_predict_names_the_missing_column(mlflow_store, tiny_llama_dir):
         mlflow.pyfunc.load_model(f"models:/{name}@best").predict(pd.DataFrame({"question": ["1+1?"]}))
 
 
+@pytest.mark.slow
 def test_a_whole_set_ttc_run_ends_merged_evaluated_and_registered(mlflow_store, tiny_llama_dir, tmp_path):
     import yaml
     from typer.testing import CliRunner

@@ -5,6 +5,7 @@
 
 import copy
 
+import pytest
 from fakes import FakePolicy, FakePRM
 
 from ttc_mlops import names
@@ -91,6 +92,7 @@ def test_trace_problems_never_changes_the_search_key():
     assert "trace_problems" not in beam_recipe().result_params()
 
 
+@pytest.mark.slow
 def test_evaluate_writes_one_trace_per_sampled_problem_linked_to_the_parent(mlflow_store):
     recipe = beam_recipe(trace_problems=4)
     pid = searched(recipe)
@@ -120,6 +122,7 @@ def test_evaluate_writes_one_trace_per_sampled_problem_linked_to_the_parent(mlfl
     assert [r.to_dict() for r in store.load_records(pid, names.MERGED_RECORDS)] == [r.to_dict() for r in merged]
 
 
+@pytest.mark.slow
 def test_traces_are_searchable_by_verdict_and_level(mlflow_store):
     recipe = beam_recipe(trace_problems=6)
     pid = searched(recipe)
@@ -132,6 +135,7 @@ def test_traces_are_searchable_by_verdict_and_level(mlflow_store):
         {p.problem_id for p in PROBLEMS[1:] if p.level == level}
 
 
+@pytest.mark.slow
 def test_evaluating_again_never_duplicates_and_a_new_sample_replaces(mlflow_store):
     recipe = beam_recipe(trace_problems=3)
     pid = searched(recipe)
@@ -144,6 +148,7 @@ def test_evaluating_again_never_duplicates_and_a_new_sample_replaces(mlflow_stor
     assert len(full_traces(pid)) == 5  # 0 writes none, and leaves what was written
 
 
+@pytest.mark.slow
 def test_an_old_run_is_traced_by_evaluating_it_again(mlflow_store):
     recipe = beam_recipe(trace_problems=0)
     pid = searched(recipe)

@@ -17,7 +17,7 @@ from ttc_mlops.config import Recipe, RecipeError, build_recipe
 pytestmark = pytest.mark.filterwarnings("ignore:You are importing from 'trl.experimental'",
                                         "ignore:`gradient_checkpointing` is deprecated")
 
-SEPARATOR = " ки"  # not TRL's default "\n", and two tokens here: the family must read it from the checkpoint
+SEPARATOR = " ки"  # not TRL's default "\n", and several tokens here: the family must read it from the checkpoint
 PAIRS = [(2, 3), (4, 1), (3, 3), (5, 2), (1, 6), (2, 2)]
 
 
@@ -146,7 +146,7 @@ def test_scores_are_the_models_at_trl_separators_and_a_grown_solution_runs_only_
             assert prm.tokens_processed - spent < len(ids)
     encoded, positions = prm.encode(problem, tuple(steps))
     assert encoded == _reference(trained, problem, steps)[1]
-    assert [encoded[p] for p in positions] == [prm.sep_ids[-1]] * 3 and len(prm.sep_ids) == 2
+    assert [encoded[p] for p in positions] == [prm.sep_ids[-1]] * 3 and len(prm.sep_ids) > 1
 
 
 @pytest.mark.slow  # the trl_prm fixture trains with TRL
