@@ -39,10 +39,6 @@ from .stepwise import ForwardPassBase, Row, checkpoint_tensor_names
 
 log = logging.getLogger(__name__)
 
-# The prefix cache reuses whole blocks. vLLM's CPU default is 128 tokens, more than a typical step:
-# 32 (the CPU attention's smallest) lets a beam's next iteration reuse all but its last few tokens.
-CPU_BLOCK = 32
-
 _engine_key: tuple | None = None
 _engine = None
 
@@ -78,7 +74,7 @@ def engine(settings: PRMSettings):
     _engine = LLM(model=model, runner="pooling", dtype=dtype, gpu_memory_utilization=settings.gpu_memory_utilization,
                   enable_prefix_caching=True, trust_remote_code=settings.trust_remote_code, enforce_eager=on_cpu,
                   pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL"), hf_overrides=overrides or None,
-                  **({"block_size": CPU_BLOCK} if on_cpu else {}))
+                  **({"block_size": policy_vllm.CPU_BLOCK} if on_cpu else {}))
     _engine_key = key
     atexit.unregister(shutdown)
     atexit.register(shutdown)  # after vLLM's own exit handlers, so it runs before them
