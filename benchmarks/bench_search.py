@@ -205,7 +205,7 @@ def main(argv=None) -> None:
     streams = isinstance(policy, Streaming)  # else batched search already runs in lockstep
     rows = []
     context_peak: dict[str, float] = {}
-    chain_peak: dict[str, tuple[int, int, float]] = {}  # strategy -> (critical tokens, rows, peak at those rows)
+    critical: dict[str, int | None] = {}  # strategy -> its critical path in tokens
     for name in strategies:
         step_level = STRATEGIES[name].tree
         # a transformers backend set to run in waves (HFPolicy.continuous = False): its continuous
@@ -240,15 +240,7 @@ def main(argv=None) -> None:
                 scorer.clear_cache()
                 context_peak[name] = peak_rate(policy, [sent[i] for i in at], peak_sampling, args.seed)
                 log.info("%s: peak at its own contexts %.1f tok/s", name, context_peak[name])
-                critical = critical_tokens(records, recipes[name].lookahead)
-                if critical:  # as many rows as the dependencies leave on average, same contexts
-                    k = max(1, min(len(sent), round(meter.completion_tokens / critical)))
-                    at = [round(i * (len(sent) - 1) / max(k - 1, 1)) for i in range(k)]
-                    fed.clear_cache()
-                    scorer.clear_cache()
-                    chain_peak[name] = (critical, k, peak_rate(policy, [sent[i] for i in at], peak_sampling, args.seed))
-                    log.info("%s: critical path %d tokens, %d rows a step on average at best, peak at those %.1f tok/s",
-                             name, critical, k, chain_peak[name][2])
+                critical[name] = critical_tokens(records, recipes[name].lookahead)
             rows.append({"strategy": name, "mode": mode, "problems/s": len(problems) / wall, "wall_s": wall,
                          "gen_s": meter.gen_s, "prm_s": meter.prm_s, "calls": meter.generate_calls,
                          "gen_tok": meter.completion_tokens,
@@ -298,14 +290,10 @@ def main(argv=None) -> None:
                   f"PRM is not running, the PRM at this run's {b['prm_tok/gen_tok'] / prm_s_per_tok:.0f} tok/s) "
                   f"{ceiling:.1f} tok/s = {ceiling / peak:.2f} of the peak; this run reached "
                   f"{b['tok/s wall'] / ceiling:.2f} of that ceiling")
-        if name in chain_peak:
-            critical, k, rate = chain_peak[name]
-            bound = 1 / (1 / rate + b["prm_s"] / max(b["gen_tok"], 1))
-            print(f"{name}: critical path {critical} tokens generated one after another (no schedule that waits for "
-                  f"its dependencies decodes in fewer steps), so at most {b['gen_tok'] / critical:.1f} rows a step on "
-                  f"average; the peak at {k} of its own requests is {rate:.1f} tok/s, a dependency-bound ceiling of "
-                  f"{bound:.1f} tok/s over wall with the PRM in between; this run reached {b['tok/s wall'] / bound:.2f} "
-                  f"of that")
+        if critical.get(name):
+            print(f"{name}: critical path {critical[name]} tokens generated one after another (no schedule that waits "
+                  f"for its dependencies decodes in fewer steps), so at most {b['gen_tok'] / critical[name]:.1f} rows "
+                  f"a step on average, against the peak call's {len(prompts)}")
         for other in mine[1:]:
             print(f"{name}: batched / {other['mode']} throughput = {b['problems/s'] / other['problems/s']:.2f}x "
                   f"(problems with the same records: {other.get('same_records')}, "
