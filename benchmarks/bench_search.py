@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     ap.add_argument("--prm-batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--save-records", type=Path, default=None,
+                    help="write each strategy's batched records to DIR/<strategy>.jsonl (for sim_speculation.py)")
     return ap.parse_args(argv)
 
 
@@ -231,6 +233,11 @@ def main(argv=None) -> None:
             prm_tokens = prm.tokens_processed - prm_before
             attended = getattr(prm, "attended", 0) - attended_before[0], getattr(prm, "attended_alone", 0) - attended_before[1]
             results[mode] = records
+            if mode == "batched" and args.save_records:
+                from ttc_mlops.records import write_records
+
+                args.save_records.mkdir(parents=True, exist_ok=True)
+                log.info("records: %s", write_records(records, args.save_records / f"{name}.jsonl"))
             if mode == "continuous":
                 policy.continuous = False
             if mode == "batched":  # the rate the backend reaches on the contexts this search fed it

@@ -42,3 +42,39 @@ def test_best_of_n_waits_for_its_longest_completion_and_the_longest_problem_coun
 
 def test_lookahead_is_not_counted_so_no_figure_is_given():
     assert critical_tokens([record([node(0, 3)])], lookahead=1) is None
+
+
+# --- benchmarks/sim_speculation.py: the schedule run_steps keeps, and the one that guesses
+
+def subtree(first_chosen: bool):
+    """One DVTS subtree: a 2-token and a 10-token candidate, then two 3-token ones."""
+    status = ["chosen", "rejected"] if first_chosen else ["rejected", "chosen"]
+    agg = [0.9, 0.1] if first_chosen else [0.1, 0.9]
+    tree = [node(0, 2, 0), node(0, 10, 0), node(1, 3, 0), node(1, 3, 0)]
+    for n, s, a in zip(tree, status, agg):
+        n.status, n.agg = s, a
+    return [record(tree)]
+
+
+def simulate(records, speculate):
+    from sim_speculation import groups_of, simulate
+
+    return simulate(groups_of(records), speculate, step_ms=10.0, row_ms=1.0, prm_call_ms=0.0, prm_candidate_ms=0.0)
+
+
+def test_the_plain_schedule_takes_the_critical_path_in_steps_and_the_generated_tokens_in_row_steps():
+    plain = simulate(subtree(first_chosen=True), speculate=False)
+    assert (plain["steps"], plain["row_steps"], plain["prm_calls"]) == (10 + 3, 2 + 10 + 3 + 3, 2)
+    assert plain["steps"] == critical_tokens(subtree(first_chosen=True), lookahead=0)
+    assert plain["s"] == (13 * 10.0 + 18 * 1.0) / 1000
+
+
+def test_a_right_guess_starts_the_next_iteration_beside_the_slow_candidate():
+    spec = simulate(subtree(first_chosen=True), speculate=True)
+    assert (spec["steps"], spec["row_steps"], spec["right"], spec["wrong"]) == (10, 18, 1, 0)
+
+
+def test_a_wrong_guess_is_aborted_and_costs_its_rows():
+    spec = simulate(subtree(first_chosen=False), speculate=True)
+    # the guess's two 3-token requests ran beside the slow candidate (steps 3-5) and gave nothing
+    assert (spec["steps"], spec["row_steps"], spec["right"], spec["wrong"]) == (13, 18 + 6, 0, 1)
