@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="problems (.jsonl)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     ap.add_argument("--prm-batch-size", type=int, default=16)
+    ap.add_argument("--vllm-enforce-eager", default="auto", choices=["auto", "true", "false"],
+                    help="the recipe's vllm_enforce_eager: false compiles the vLLM engines (auto: eager on a CPU)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--save-records", type=Path, default=None,
                     help="write each strategy's batched records to DIR/<strategy>.jsonl (for sim_speculation.py)")
@@ -183,7 +185,8 @@ def main(argv=None) -> None:
             "dtype": args.dtype,
             "dataset_name": args.data, "num_samples": args.problems, "n": args.n, "beam_width": args.beam_width,
             "num_iterations": args.num_iterations, "max_tokens": args.max_tokens, "seed": args.seed,
-            "prm_batch_size": args.prm_batch_size, "search_batch_size": args.problems}
+            "prm_batch_size": args.prm_batch_size, "search_batch_size": args.problems,
+            "vllm_enforce_eager": {"auto": None, "true": True, "false": False}[args.vllm_enforce_eager]}
     recipes = {s: build_recipe({**base, "approach": s}, source="bench_search flags") for s in strategies}
 
     from ttc_mlops.data import load_dataset_problems

@@ -84,3 +84,24 @@ def test_search_key_ignores_chunk_fields():
     c = Recipe(model_path=EMBEDDED_MODEL, dataset_start=0, dataset_end=10)
     assert a.search_key == b.search_key == c.search_key
     assert Recipe(model_path=EMBEDDED_MODEL, n=8).search_key != a.search_key
+
+
+def test_vllm_enforce_eager_reaches_both_engines_and_keeps_earlier_parents_unless_set():
+    default = Recipe(model_path=EMBEDDED_MODEL)
+    assert default.policy_settings.enforce_eager is None and default.prm_settings.enforce_eager is None
+    compiled = Recipe(model_path=EMBEDDED_MODEL, backend="vllm", vllm_enforce_eager=False)
+    assert compiled.policy_settings.enforce_eager is False and compiled.prm_settings.enforce_eager is False
+    # a field added after stores existed: unset, the search key is the one recipes had before it
+    before = {k: v for k, v in default.result_params().items() if k not in ("prm_backend", "vllm_enforce_eager")}
+    import hashlib
+    import json
+    assert default.search_key == hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert compiled.search_key != Recipe(model_path=EMBEDDED_MODEL, backend="vllm").search_key  # kernels round otherwise
+
+
+@pytest.mark.parametrize("overrides", [{"backend": "transformers", "prm_backend": "transformers"},
+                                       {"backend": "transformers", "prm_base_url": "http://127.0.0.1:8001"}])
+def test_vllm_enforce_eager_where_no_vllm_engine_runs_is_named(overrides):
+    with pytest.raises(RecipeError, match=r"vllm_enforce_eager=True sets how this process's vLLM engines run, but "
+                                          r"backend='transformers'"):
+        build_recipe({"vllm_enforce_eager": True, **overrides})

@@ -138,6 +138,44 @@ def test_beam_search_fed_continuously_matches_lockstep_waves(policy):
     assert [x.to_dict() for x in fed] == [x.to_dict() for x in waves]
 
 
+COMPILED = """
+import json
+from ttc_mlops.config import EMBEDDED_MODEL, Recipe
+from ttc_mlops.policy import Sampling, load_policy
+from ttc_mlops.prm import load_prm
+
+out = {}
+for eager in (True, False):
+    r = Recipe(model_path=EMBEDDED_MODEL, prm_path=EMBEDDED_MODEL, backend="vllm", prm_backend="vllm",
+               dtype="float32", vllm_enforce_eager=eager)
+    policy = load_policy(r.policy_settings)
+    prompt = policy.chat_prompt("", "What is 12 times 13? Show one step.")
+    (g,) = policy.generate([prompt], Sampling(temperature=0.0, max_tokens=24), [0])
+    prm = load_prm(r.prm_settings)
+    (scores,) = prm.score(["What is 12 times 13?"], [["12 times 13 is 156.\\n\\nSo the answer is \\\\boxed{156}."]])
+    out[eager] = {"engines": [e.llm_engine.vllm_config.model_config.enforce_eager for e in (policy.llm, prm.forward.llm)],
+                  "text": g.text, "scores": scores[0]}
+print("RESULT " + json.dumps([out[True], out[False]]))
+"""
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(NO_VLLM, reason="vllm is not installed (CI runs it in .venv-vllm)")
+def test_vllm_enforce_eager_false_compiles_both_engines_and_they_agree_with_eager_ones():
+    """`vllm_enforce_eager: false` on a CPU: the policy and the PRM engine compile (about 50 s each with
+    vLLM 0.32, which recompiles at every start), sample the same greedy text and score within 1e-4 in
+    float32. In its own process: one engine of each kind per process, and this module's stay up."""
+    import json
+
+    done = subprocess.run([sys.executable, "-c", COMPILED], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    eager, compiled = json.loads(done.stdout.split("RESULT ", 1)[1])
+    assert eager["engines"] == [True, True] and compiled["engines"] == [False, False]
+    assert compiled["text"] == eager["text"] and eager["text"]
+    assert len(compiled["scores"]) == len(eager["scores"]) == 2
+    assert max(abs(a - b) for a, b in zip(compiled["scores"], eager["scores"])) < 1e-4
+
+
 @pytest.mark.vllm
 @pytest.mark.skipif(NO_VLLM, reason="vllm is not installed (CI runs it in .venv-vllm)")
 def test_dvts_end_to_end_with_vllm(mlflow_store, tmp_path):

