@@ -170,7 +170,7 @@ class Recipe(BaseModel):
     # in-process vLLM engines (policy and PRM): true runs them eager, false compiles them (torch.compile;
     # on a GPU also CUDA graphs); None is vLLM's default (compiled) on a GPU and eager on a CPU, where
     # vLLM 0.32 recompiles at every start (about 50 s an engine: its compile cache does not load back)
-    # for 1.15-1.3x faster decoding (docs/benchmarks.md). A result field: compiled kernels round otherwise
+    # for 1.15-1.25x faster decoding (docs/benchmarks.md). A result field: compiled kernels round otherwise
     vllm_enforce_eager: bool | None = None
     # backend: openai: the API root of an OpenAI-compatible server running the policy (`vllm serve`,
     # SGLang; docs/served.md), e.g. http://host:8000/v1. model_path still names the weights it serves:

