@@ -236,14 +236,14 @@ def main(argv=None) -> None:
             prm_tokens = prm.tokens_processed - prm_before
             attended = getattr(prm, "attended", 0) - attended_before[0], getattr(prm, "attended_alone", 0) - attended_before[1]
             results[mode] = records
-            if mode == "batched" and args.save_records:
-                from ttc_mlops.records import write_records
-
-                args.save_records.mkdir(parents=True, exist_ok=True)
-                log.info("records: %s", write_records(records, args.save_records / f"{name}.jsonl"))
             if mode == "continuous":
                 policy.continuous = False
             if mode == "batched":  # the rate the backend reaches on the contexts this search fed it
+                if args.save_records:
+                    from ttc_mlops.records import write_records
+
+                    args.save_records.mkdir(parents=True, exist_ok=True)
+                    log.info("records: %s", write_records(records, args.save_records / f"{name}.jsonl"))
                 sent = recording.prompts
                 at = [round(i * (len(sent) - 1) / max(len(prompts) - 1, 1)) for i in range(len(prompts))]
                 fed.clear_cache()

@@ -1,3 +1,5 @@
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -93,8 +95,6 @@ def test_vllm_enforce_eager_reaches_both_engines_and_keeps_earlier_parents_unles
     assert compiled.policy_settings.enforce_eager is False and compiled.prm_settings.enforce_eager is False
     # a field added after stores existed: unset, the search key is the one recipes had before it
     before = {k: v for k, v in default.result_params().items() if k not in ("prm_backend", "vllm_enforce_eager")}
-    import hashlib
-    import json
     assert default.search_key == hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert compiled.search_key != Recipe(model_path=EMBEDDED_MODEL, backend="vllm").search_key  # kernels round otherwise
 

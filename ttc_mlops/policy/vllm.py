@@ -16,8 +16,9 @@ sets `vllm_enforce_eager: false` (vLLM 0.32 recompiles at every start there, abo
 for 1.15-1.25x faster decoding), on every core this process may use, with a 2 GiB KV cache in
 32-token blocks (`CPU_BLOCK`). The environment variables behind these are set here only where
 they are unset: VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_OMP_THREADS_BIND,
-VLLM_CPU_NUM_OF_RESERVED_CPU=0, VLLM_CPU_KVCACHE_SPACE=2. On a CPU prompts are also scheduled whole (no chunked prefill): vLLM
-0.32's CPU worker crashes on a seeded request whose prompt was split across steps.
+VLLM_CPU_NUM_OF_RESERVED_CPU=0, VLLM_CPU_KVCACHE_SPACE=2. On a CPU prompts are also scheduled
+whole (no chunked prefill): vLLM 0.32's CPU worker crashes on a seeded request whose prompt was
+split across steps.
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ def _cpu_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def runs_eager(settings, on_cpu: bool) -> bool:
+    """Whether an in-process engine (policy or PRM) runs eager: the recipe's `vllm_enforce_eager`,
+    else eager on a CPU (vLLM 0.32 recompiles there at every start) and vLLM's default elsewhere."""
+    return on_cpu if settings.enforce_eager is None else settings.enforce_eager
+
+
 def engine(settings: PolicySettings):
     """The process's engine for this recipe's model, started on first use. A recipe asking for a
     different model or memory share replaces it (one engine per process: they would not both fit)."""
@@ -102,7 +109,7 @@ def engine(settings: PolicySettings):
         if dtype == "auto":  # bf16 only where the CPU computes it natively, as the transformers backend
             dtype = str(pick_dtype("auto", "cpu")).removeprefix("torch.")
     model = resolve_model(settings.path)
-    eager = on_cpu if settings.enforce_eager is None else settings.enforce_eager
+    eager = runs_eager(settings, on_cpu)
     key = (model, dtype, settings.gpu_memory_utilization, settings.trust_remote_code, eager)
     if _engine_key == key:
         return _engine

